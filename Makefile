@@ -1,0 +1,59 @@
+# Every target bootstraps .venv on first use. MATRIX=path selects another matrix file;
+# INSTANCE=g5 (or INSTANCE="g5 p5") selects instance families.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MATRIX ?= matrix.yaml
+INSTANCE ?=
+LMI := $(BIN)/lmi --matrix $(MATRIX)
+SELECT := $(foreach i,$(INSTANCE),--instance $(i))
+
+.PHONY: help venv build render validate plan lint test bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+# The venv is rebuilt when pyproject.toml changes. Debian's python3 needs python3-venv for `-m venv`.
+$(VENV)/.ready: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+	  || { echo "error: $(PYTHON) is older than 3.10; set PYTHON=python3.10 or newer" >&2; exit 2; }
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); \
+	  else echo "error: '$(PYTHON) -m venv' failed; install your distribution's python3-venv" >&2; exit 2; fi; }
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.ready ## create .venv with the toolkit and its dev tools
+
+build: venv ## validate, render and plan the images of INSTANCE (all when unset)
+	$(LMI) validate
+	$(LMI) render $(SELECT)
+	$(LMI) plan $(SELECT)
+
+render: venv ## re-render images/ from the matrix and templates
+	$(LMI) render
+
+validate: venv ## check the matrix against the compatibility rules
+	$(LMI) validate --verbose
+
+plan: venv ## image ids, tags and content hashes
+	$(LMI) plan $(SELECT)
+
+lint: venv ## ruff, the render gate, and hadolint on every rendered Dockerfile
+	$(BIN)/ruff check buildkit tests bench
+	$(BIN)/lmi render --check
+	$(BIN)/hadolint --config .hadolint.yaml images/*/Dockerfile
+
+test: lint ## lint, then the test suite
+	$(BIN)/python -m pytest -q
+
+bench: venv ## measure validate + render of the whole matrix into bench/results.md
+	$(BIN)/python bench/render_bench.py
+
+clean: ## remove the venv and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,242 @@
+"""`lmi`: the command line. Each subcommand is one step of matrix -> specs -> contexts -> plan.
+
+Exit codes: 0 ok, 1 failure (e.g. `render --check` found drift), 2 invalid input or usage.
+Errors are one line each, without a traceback; --debug shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__, facts, matrix, render, versions
+from .errors import UserError
+from .rules import Combo, evaluate
+from .spec import ImageSpec, resolve
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+# --- loading and selecting -----------------------------------------------------------------------
+
+
+def _matrix_path(args: argparse.Namespace) -> Path:
+    return Path(args.matrix or os.environ.get("LMI_MATRIX") or "matrix.yaml")
+
+
+def _load(args: argparse.Namespace) -> tuple[matrix.Matrix, list[ImageSpec]]:
+    f = facts.load()
+    m = matrix.load(_matrix_path(args), f)
+    return m, resolve(m, f)
+
+
+def select(specs: list[ImageSpec], instances: Sequence[str], patterns: Sequence[str]) -> list[ImageSpec]:
+    """Images whose family is one of `instances` (if any) and whose id matches a glob (if any)."""
+    families = {s.family.name for s in specs}
+    for name in instances:
+        if name not in families:
+            raise UserError(f"--instance {name}: no image of the matrix is for that family; "
+                            f"{versions.did_you_mean(name, sorted(families))}")
+    chosen = [s for s in specs if (not instances or s.family.name in instances)
+              and (not patterns or any(fnmatch.fnmatchcase(s.id, p) for p in patterns))]
+    if not chosen:
+        wanted = " ".join([*(f"--instance {i}" for i in instances), *patterns])
+        raise UserError(f"no image matches {wanted}; `lmi matrix` lists the image ids")
+    return chosen
+
+
+def _selected(args: argparse.Namespace) -> tuple[matrix.Matrix, list[ImageSpec]]:
+    m, specs = _load(args)
+    return m, select(specs, args.instance or [], args.patterns or [])
+
+
+def _warn_unverified_downloads(specs: list[ImageSpec]) -> None:
+    missing: dict[str, list[str]] = {}
+    for s in specs:
+        if s.djl_sha256 is None:
+            missing.setdefault(s.djl, []).append(s.id)
+    for version, ids in sorted(missing.items()):
+        print(f"warning: no sha256 is recorded for DJL Serving {version} (buildkit/data/djl.yaml), used by "
+              f"{len(ids)} image(s): their builds warn and do not verify the package", file=sys.stderr)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+# --- subcommands ---------------------------------------------------------------------------------
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    _, specs = _selected(args)
+    if args.json:
+        print(json.dumps([s.claims() for s in specs], indent=2, sort_keys=True))
+        return EXIT_OK
+    rows = [[s.id, s.family.name, f"{s.family.gpu} sm_{s.family.sm.replace('.', '')}" if s.family.is_gpu else "-",
+             s.cuda_patch or "-", f"{s.torch}+{s.wheel_variant}", s.deepspeed, s.djl, s.python, s.os.name,
+             "yes" if s.needs_compat else "no"] for s in specs]
+    print(_table(rows, ["ID", "FAMILY", "GPU", "CUDA", "TORCH", "DEEPSPEED", "DJL", "PYTHON", "OS", "COMPAT"]))
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    m, specs = _load(args)
+    for s in specs:
+        for note in s.notes:
+            if args.verbose:
+                print(f"note: {s.id}: {note}")
+    print(f"ok: {len(specs)} images valid in {m.path} "
+          f"({len({s.line for s in specs})} lines x {len({s.family.name for s in specs})} families)")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    f = facts.load()
+    driver = args.driver
+    if args.inference_ami:
+        if args.inference_ami not in f.amis:
+            raise UserError(f"--inference-ami {args.inference_ami}: unknown; "
+                            f"{versions.did_you_mean(args.inference_ami, f.amis)}")
+        driver = f.amis[args.inference_ami]
+    combo = Combo(family=args.instance, djl=args.djl, deepspeed=args.deepspeed, torch=args.torch, cuda=args.cuda,
+                  python=args.python, os=args.os, torch_cuda=args.torch_cuda, driver=driver)
+    if args.instance == "cpu":
+        combo = Combo(**{**combo.__dict__, "cuda": None, "torch_cuda": None})
+    verdict = evaluate(combo, f)
+    if args.json:
+        print(json.dumps({
+            "valid": verdict.ok, "combination": {k: v for k, v in combo.__dict__.items() if v is not None},
+            "errors": [{"rule": e.rule, "message": e.message, "source": e.source, "try": e.fix}
+                       for e in verdict.errors],
+            "notes": verdict.notes, "cuda_compat": verdict.needs_compat, "host_driver": verdict.driver,
+            "torch_variant": verdict.wheel_variant, "torch_cuda_arch_list": verdict.arch_list,
+        }, indent=2))
+        return EXIT_OK if verdict.ok else EXIT_USAGE
+    if not verdict.ok:
+        for e in verdict.errors:
+            print(f"error: {e.text()}", file=sys.stderr)
+        return EXIT_USAGE
+    cuda = f"CUDA {f.toolkits[combo.cuda].patch}" if combo.cuda else "CPU"
+    summary = (f"ok: {combo.family} can run DJL Serving {combo.djl}, DeepSpeed {combo.deepspeed}, "
+               f"torch {combo.torch}+{verdict.wheel_variant}, {cuda}, Python {combo.python}, {combo.os}")
+    print(summary + (f" ({'; '.join(verdict.notes)})" if verdict.notes else ""))
+    return EXIT_OK
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    m, specs = _selected(args)
+    out = Path(args.out) if args.out else m.output
+    renderer = render.Renderer(m.templates)
+    contexts = [renderer.render(s) for s in specs]
+    whole = not args.instance and not args.patterns
+    if args.check:
+        problems = render.diff(contexts, out, prune=whole)
+        if problems:
+            for line in problems:
+                print(line, file=sys.stderr)
+            print(f"{out} is stale: run `lmi render` (or `make render`) and commit the result", file=sys.stderr)
+            return EXIT_FAIL
+        print(f"ok: {len(contexts)} contexts in {out} match a fresh render")
+        return EXIT_OK
+    _warn_unverified_downloads(specs)
+    changed = render.write(contexts, out, prune=whole and not args.out)
+    print(f"rendered {len(contexts)} contexts into {out} ({len(changed)} changed)")
+    for line in changed:
+        print(f"  {line}")
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    m, specs = _selected(args)
+    planned = render.plan(specs, render.Renderer(m.templates))
+    if args.json:
+        print(json.dumps([p.to_json() for p, _ in planned], indent=2, sort_keys=True))
+        return EXIT_OK
+    rows = [[p.spec.id, p.spec.tag, p.hash_tag.rsplit("-", 1)[1], ", ".join(p.spec.aliases) or "-"]
+            for p, _ in planned]
+    print(_table(rows, ["ID", "TAG", "CONTENT HASH", "ALIASES"]))
+    return EXIT_OK
+
+
+# --- argument parsing ----------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--matrix", default=argparse.SUPPRESS, metavar="PATH",
+                        help="matrix file (default: $LMI_MATRIX or ./matrix.yaml)")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
+    selectors = argparse.ArgumentParser(add_help=False)
+    selectors.add_argument("--instance", action="append", metavar="FAMILY", help="select a family (repeatable)")
+    selectors.add_argument("patterns", nargs="*", metavar="PATTERN", help="glob patterns on image ids")
+
+    parser = argparse.ArgumentParser(prog="lmi", parents=[common],
+                                     description="Build LMI container images for AWS GPU instances from one matrix.")
+    parser.add_argument("--version", action="version", version=f"lmi {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("matrix", parents=[common, selectors], help="list the images of the matrix")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_matrix)
+
+    p = sub.add_parser("validate", parents=[common], help="check every image against the compatibility rules")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print each image's notes")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("check", parents=[common], help="can I build this combination? (no matrix needed)")
+    for name, hint in (("instance", "g5"), ("cuda", "12.4"), ("torch", "2.4.0"), ("deepspeed", "0.15.1"),
+                       ("djl", "0.30.0"), ("python", "3.10"), ("os", "ubuntu22.04")):
+        p.add_argument(f"--{name}", required=name != "cuda", metavar=hint.upper() if name == "os" else hint)
+    p.add_argument("--torch-cuda", metavar="12.8", help="torch wheel CUDA variant, when not the toolkit's")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--driver", metavar="535.54.03", help="host driver (default: SageMaker's for the family)")
+    group.add_argument("--inference-ami", metavar="NAME", help="SageMaker InferenceAmiVersion of the endpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("render", parents=[common, selectors], help="render build contexts into images/")
+    p.add_argument("--out", metavar="DIR", help="render into DIR instead of the matrix's output")
+    p.add_argument("--check", action="store_true", help="exit 1 when the contexts differ from a fresh render")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("plan", parents=[common, selectors], help="image ids, tags and content hashes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.matrix = getattr(args, "matrix", None)
+    debug = getattr(args, "debug", False)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if debug:
+            raise
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as exc:  # a bug, not bad input: say so briefly; --debug shows where
+        if debug:
+            raise
+        print(f"lmi: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

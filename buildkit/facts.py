@@ -1,0 +1,295 @@
+"""Platform facts (buildkit/data/*.yaml) as typed, read-only records.
+
+The data files are the single place where compatibility knowledge lives; every rule reads them and
+cites the source recorded next to the fact.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import versions
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    gpu: str | None
+    sm: str | None
+    arch: str
+    max_gpus: int
+    default_driver: str | None
+    min_driver: str | None
+    legacy: str | None
+    unverified: str | None
+    sources: dict[str, str]
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.sm is not None
+
+
+@dataclass(frozen=True)
+class Toolkit:
+    version: str  # "12.1"
+    patch: str  # "12.1.1": the nvidia/cuda tag that exists
+    min_driver: str
+    nvcc_archs: tuple[str, ...]
+    compat_branches: tuple[str, ...]
+    ubuntu: tuple[str, ...]
+    cudnn: str
+
+    @property
+    def major(self) -> str:
+        return self.version.split(".")[0]
+
+    def base_image(self, flavor: str, ubuntu: str) -> str:
+        return f"nvidia/cuda:{self.patch}-{flavor}-ubuntu{ubuntu}"
+
+
+@dataclass(frozen=True)
+class ArchEntry:
+    sm: str
+    ptx: bool
+
+    @classmethod
+    def parse(cls, text: str) -> ArchEntry:
+        sm, _, suffix = text.partition("+")
+        return cls(sm=sm, ptx=suffix.upper() == "PTX")
+
+
+@dataclass(frozen=True)
+class Coverage:
+    covered: bool
+    via: str  # "cubin sm_86", "PTX compute_120" or ""
+
+    @property
+    def ptx_only(self) -> bool:
+        return self.via.startswith("PTX")
+
+
+def coverage(entries: tuple[ArchEntry, ...], sm: str) -> Coverage:
+    """Does a build for `entries` run on `sm`? A cubin X.y runs on X.z for z >= y; PTX of a lower CC JITs."""
+    want = versions.key(sm)
+    cubins = [e for e in entries if versions.key(e.sm)[0] == want[0] and versions.key(e.sm) <= want]
+    if cubins:
+        best = max(cubins, key=lambda e: versions.key(e.sm))
+        return Coverage(True, f"cubin sm_{best.sm.replace('.', '')}")
+    ptx = [e for e in entries if e.ptx and versions.key(e.sm) <= want]
+    if ptx:
+        return Coverage(True, f"PTX compute_{ptx[-1].sm.replace('.', '')}")
+    return Coverage(False, "")
+
+
+@dataclass(frozen=True)
+class WheelVariant:
+    name: str  # "cu121" or "cpu"
+    archs: dict[str, tuple[ArchEntry, ...]]  # cpu arch -> SM entries
+    source: str
+
+    @property
+    def cuda(self) -> str | None:
+        return variant_cuda(self.name)
+
+
+def variant_cuda(name: str) -> str | None:
+    """'cu121' -> '12.1', 'cu130' -> '13.0', 'cpu' -> None."""
+    if not name.startswith("cu"):
+        return None
+    digits = name[2:]
+    return f"{digits[:-1]}.{digits[-1]}"
+
+
+def variant_name(cuda: str | None) -> str:
+    return "cpu" if cuda is None else "cu" + cuda.replace(".", "")
+
+
+@dataclass(frozen=True)
+class TorchRelease:
+    minor: str
+    versions: tuple[str, ...]
+    python: tuple[str, str]
+    pypi_variant: str | None
+    variants: dict[str, WheelVariant]
+
+
+@dataclass(frozen=True)
+class DeepSpeedRelease:
+    minor: str
+    versions: tuple[str, ...]
+    python: tuple[str, str]
+    cuda12_minors: tuple[str, ...]
+    cuda12_minors_from: dict[str, tuple[str, ...]]
+
+    def accepted_cuda12_minors(self, version: str) -> tuple[str, ...]:
+        extra = [m for since, ms in self.cuda12_minors_from.items() if versions.at_least(version, since) for m in ms]
+        return tuple(self.cuda12_minors) + tuple(extra)
+
+
+@dataclass(frozen=True)
+class OpFloor:
+    op: str
+    sm: str
+    what: str
+
+
+@dataclass(frozen=True)
+class DjlRelease:
+    version: str
+    java: str
+    python: tuple[str, str]
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class OperatingSystem:
+    name: str
+    image: str
+    ubuntu: str
+    python: str
+    java_package: str
+    java: str
+    aio_package: str  # libaio, for DeepSpeed's async I/O op
+
+
+@dataclass(frozen=True)
+class Facts:
+    families: dict[str, Family]
+    amis: dict[str, str]  # InferenceAmiVersion -> driver
+    toolkits: dict[str, Toolkit]
+    minor_compat: dict[str, str]
+    torch: dict[str, TorchRelease]
+    torch_wheel_index: str
+    deepspeed: dict[str, DeepSpeedRelease]
+    op_floors: tuple[OpFloor, ...]
+    djl: dict[str, DjlRelease]
+    djl_package_url: str
+    djl_checksum_unknown: str
+    systems: dict[str, OperatingSystem]
+    sources: dict[str, dict[str, str]] = field(repr=False)
+
+    def source(self, topic: str, key: str) -> str:
+        """The recorded source of a fact: topic is the data file's stem, key its `sources` entry."""
+        return self.sources[topic][key]
+
+    def torch_release(self, version: str) -> TorchRelease | None:
+        release = self.torch.get(versions.minor(version))
+        return release if release and version in release.versions else None
+
+    def deepspeed_release(self, version: str) -> DeepSpeedRelease | None:
+        release = self.deepspeed.get(versions.minor(version))
+        return release if release and version in release.versions else None
+
+    @property
+    def torch_versions(self) -> list[str]:
+        return [v for r in self.torch.values() for v in r.versions]
+
+    @property
+    def deepspeed_versions(self) -> list[str]:
+        return [v for r in self.deepspeed.values() for v in r.versions]
+
+    @property
+    def python_versions(self) -> list[str]:
+        return [f"3.{m}" for m in range(6, 16)]
+
+
+def _read(name: str) -> dict:
+    with (DATA_DIR / f"{name}.yaml").open(encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+@functools.cache
+def load() -> Facts:
+    inst, cuda, torch, ds, djl, osd = (_read(n) for n in ("instances", "cuda", "torch", "deepspeed", "djl", "os"))
+    families = {
+        name: Family(
+            name=name,
+            gpu=f.get("gpu"),
+            sm=f.get("sm"),
+            arch=f["arch"],
+            max_gpus=f["max_gpus"],
+            default_driver=f.get("default_driver"),
+            min_driver=f.get("min_driver"),
+            legacy=f.get("legacy"),
+            unverified=f.get("unverified"),
+            sources={k: inst["sources"][v] for k, v in f["sources"].items()},
+        )
+        for name, f in inst["families"].items()
+    }
+    toolkits = {
+        ver: Toolkit(
+            version=ver,
+            patch=t["patch"],
+            min_driver=t["min_driver"],
+            nvcc_archs=tuple(t["nvcc_archs"]),
+            compat_branches=tuple(t["compat_branches"]),
+            ubuntu=tuple(t["ubuntu"]),
+            cudnn=t["cudnn"],
+        )
+        for ver, t in cuda["toolkits"].items()
+    }
+    torch_releases = {
+        minor: TorchRelease(
+            minor=minor,
+            versions=tuple(r["versions"]),
+            python=tuple(r["python"]),
+            pypi_variant=r.get("pypi_variant"),
+            variants={
+                "cpu": WheelVariant("cpu", {}, "variants"),
+                **{
+                    name: WheelVariant(
+                        name=name,
+                        archs={
+                            arch: tuple(ArchEntry.parse(e) for e in v[arch].split(";"))
+                            for arch in ("x86_64", "aarch64")
+                            if arch in v
+                        },
+                        source=v["source"],
+                    )
+                    for name, v in r["variants"].items()
+                },
+            },
+        )
+        for minor, r in torch["releases"].items()
+    }
+    ds_releases = {
+        minor: DeepSpeedRelease(
+            minor=minor,
+            versions=tuple(r["versions"]),
+            python=tuple(r["python"]),
+            cuda12_minors=tuple(r["cuda12_minors"]),
+            cuda12_minors_from={k: tuple(v) for k, v in (r.get("cuda12_minors_from") or {}).items()},
+        )
+        for minor, r in ds["releases"].items()
+    }
+    return Facts(
+        families=families,
+        amis={name: a["driver"] for name, a in inst["inference_amis"]["amis"].items()},
+        toolkits=toolkits,
+        minor_compat=dict(cuda["minor_compat"]),
+        torch=torch_releases,
+        torch_wheel_index=torch["wheel_index"],
+        deepspeed=ds_releases,
+        op_floors=tuple(OpFloor(op, f["sm"], f["what"]) for op, f in ds["op_floors"].items()),
+        djl={
+            ver: DjlRelease(version=ver, java=r["java"], python=tuple(r["python"]), sha256=r.get("sha256"))
+            for ver, r in djl["releases"].items()
+        },
+        djl_package_url=djl["package_url"],
+        djl_checksum_unknown=" ".join(djl["checksum_unknown_reason"].split()),
+        systems={name: OperatingSystem(name=name, **s) for name, s in osd["systems"].items()},
+        sources={
+            "instances": {**inst["sources"], "ami": inst["inference_amis"]["source"]},
+            "cuda": cuda["sources"],
+            "torch": torch["sources"],
+            "deepspeed": ds["sources"],
+            "djl": djl["sources"],
+            "os": osd["sources"],
+        },
+    )

@@ -1,0 +1,312 @@
+"""The version matrix (matrix.yaml): schema, parsing with file:line errors, and expansion of release
+lines x instance families into images.
+
+    schema: 1
+    repository: lmi-inference          # image repository name (registry comes later)
+    families:                          # the fleet; per-family host-driver overrides
+      g5: {}
+      g6e: {inference_ami: al2-ami-sagemaker-inference-gpu-3-1}
+    lines:
+      djl0.27:
+        djl: "0.27.0"
+        ...
+        exclude: {p6-b200: "why"}       # every family of the fleet not excluded is built
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import versions
+from .errors import UserError, where
+from .facts import Facts
+from .rules import Combo
+from .yamlio import LocDict, LocList, load_file
+
+SCHEMA_VERSION = 1
+TOP_KEYS = ("schema", "repository", "templates", "output", "families", "lines")
+FAMILY_KEYS = ("driver", "inference_ami")
+COMPONENTS = ("djl", "deepspeed", "torch", "cuda", "python", "os")
+LIBRARIES = ("transformers", "diffusers", "accelerate")
+OPTIONAL = ("torch_cuda", "pip")
+LINE_KEYS = COMPONENTS + LIBRARIES + OPTIONAL + ("include", "exclude", "overrides")
+OVERRIDE_KEYS = COMPONENTS + LIBRARIES + OPTIONAL
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_PIP_PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!-]+$")
+
+
+@dataclass(frozen=True)
+class Image:
+    """One expanded (line, family) pair, before validation."""
+
+    id: str
+    line: str
+    family: str
+    combo: Combo
+    libraries: dict[str, str]
+    pip: tuple[str, ...]
+    inference_ami: str | None
+    lines: dict[str, int] = field(compare=False)  # field -> matrix line it came from
+
+    def line_of(self, fld: str) -> int:
+        return self.lines.get(fld) or self.lines["family"]
+
+
+@dataclass(frozen=True)
+class Matrix:
+    path: Path
+    repository: str
+    templates: Path
+    output: Path
+    images: tuple[Image, ...]
+
+
+class _Problems:
+    """Collects every problem of a file so the user sees them all at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: list[str] = []
+
+    def add(self, line: int | None, message: str) -> None:
+        self.lines.append(f"{where(self.path, line)}: {message}")
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise UserError(*self.lines)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return "empty" if value is None else "a string"
+
+
+def _check_keys(node: LocDict, allowed: tuple[str, ...], what: str, p: _Problems) -> None:
+    for key in node:
+        if key not in allowed:
+            p.add(node.line_of(key), f"unknown key '{key}' in {what}; {versions.did_you_mean(key, allowed)}")
+
+
+def _string(node: LocDict, key: str, what: str, p: _Problems, version: bool = True) -> str | None:
+    value = node.get(key)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    line = node.line_of(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and version:
+        raw = node.raw.get(key, str(value))
+        p.add(line, f"{what}: {key} is the number {raw}, which YAML may change (12.10 becomes 12.1); "
+                    f"write it as a string: {key}: \"{raw}\"")
+    else:
+        p.add(line, f"{what}: {key} must be a non-empty string, got {_kind(value)}")
+    return None
+
+
+def _setting(doc: LocDict, key: str, default: str, p: _Problems) -> str:
+    if key not in doc:
+        return default
+    return _string(doc, key, "the matrix", p, version=False) or default
+
+
+def _mapping(value: Any, line: int, what: str, p: _Problems, example: str) -> LocDict | None:
+    if isinstance(value, LocDict):
+        return value
+    if value is None:
+        return None
+    p.add(getattr(value, "line", None) or line, f"{what} must be a mapping, got {_kind(value)}; e.g. {example}")
+    return None
+
+
+def load(path: Path, facts: Facts) -> Matrix:
+    """Read, check and expand a matrix file. Raises UserError listing every problem as file:line."""
+    doc = load_file(path)
+    p = _Problems(path)
+    if doc is None:
+        raise UserError(f"{path}: the file is empty; start from the matrix reference in README.md")
+    if not isinstance(doc, LocDict):
+        raise UserError(f"{where(path, getattr(doc, 'line', 1))}: the matrix must be a mapping with keys "
+                        f"{', '.join(TOP_KEYS)}, got {_kind(doc)}")
+    _check_keys(doc, TOP_KEYS, "the matrix", p)
+    if doc.get("schema") != SCHEMA_VERSION:
+        p.add(doc.line_of("schema") if "schema" in doc else 1,
+              f"schema must be {SCHEMA_VERSION}, got {doc.get('schema')!r}; add 'schema: {SCHEMA_VERSION}' at the top")
+    repository = "lmi-inference"
+    if "repository" in doc:
+        repository = _string(doc, "repository", "the matrix", p, version=False) or repository
+        if not re.match(r"^[a-z0-9]+([._/-][a-z0-9]+)*$", repository):
+            p.add(doc.line_of("repository"), f"repository '{repository}' is not a valid image repository name; "
+                                             "use lowercase letters, digits and . _ - /")
+    # Paths in the matrix are relative to the matrix file, so a test matrix can reuse ../templates.
+    templates = path.parent / _setting(doc, "templates", "templates", p)
+    output = path.parent / _setting(doc, "output", "images", p)
+
+    fleet = _families(doc, facts, p)
+    lines = _mapping(doc.get("lines"), doc.line_of("lines"), "lines", p, "lines: {djl0.27: {djl: \"0.27.0\", ...}}")
+    if "lines" not in doc:
+        p.add(1, "the matrix has no 'lines'; add at least one release line")
+    elif lines is not None and not lines:
+        p.add(doc.line_of("lines"), "lines is empty; add at least one release line")
+    p.raise_if_any()
+
+    images: list[Image] = []
+    for name, body in (lines or {}).items():
+        images.extend(_line(name, body, lines.line_of(name), fleet, p))
+    seen: dict[str, Image] = {}
+    for image in images:
+        if image.id in seen:
+            p.add(image.lines["family"], f"duplicate image id '{image.id}' (also at line "
+                                         f"{seen[image.id].lines['family']}); list each family once per line")
+        seen[image.id] = image
+    p.raise_if_any()
+    return Matrix(path=path, repository=repository, templates=templates, output=output, images=tuple(images))
+
+
+@dataclass(frozen=True)
+class _Fleet:
+    names: tuple[str, ...]
+    line: dict[str, int]
+    driver: dict[str, tuple[str, int]]  # family -> (driver, line)
+    ami: dict[str, str]
+
+
+def _families(doc: LocDict, facts: Facts, p: _Problems) -> _Fleet:
+    fleet = _Fleet((), {}, {}, {})
+    node = _mapping(doc.get("families"), doc.line_of("families"), "families", p, "families: {g5: {}, p5: {}}")
+    if "families" not in doc:
+        p.add(1, "the matrix has no 'families'; list the instance families to build for")
+    if node is None:
+        return fleet
+    names = []
+    for name, settings in node.items():
+        line = node.line_of(name)
+        if name not in facts.families:
+            p.add(line, f"unknown instance family '{name}'; {versions.did_you_mean(name, facts.families)}")
+            continue
+        names.append(name)
+        fleet.line[name] = line
+        settings = _mapping(settings, line, f"family '{name}'", p, "g6e: {inference_ami: ...}")
+        if not settings:
+            continue
+        _check_keys(settings, FAMILY_KEYS, f"family '{name}'", p)
+        if "driver" in settings and "inference_ami" in settings:
+            p.add(line, f"family '{name}' sets both driver and inference_ami; keep one")
+        elif "driver" in settings:
+            drv = _string(settings, "driver", f"family '{name}'", p)
+            if drv and not versions.is_numeric(drv):
+                p.add(settings.line_of("driver"), f"family '{name}': driver '{drv}' is not a driver version "
+                                                  "such as \"535.54.03\"")
+            elif drv:
+                fleet.driver[name] = (drv, settings.line_of("driver"))
+        elif "inference_ami" in settings:
+            ami = _string(settings, "inference_ami", f"family '{name}'", p, False)
+            if ami and ami not in facts.amis:
+                p.add(settings.line_of("inference_ami"), f"family '{name}': unknown inference_ami '{ami}'; "
+                      f"{versions.did_you_mean(ami, facts.amis)}")
+            elif ami:
+                fleet.ami[name] = ami
+                fleet.driver[name] = (facts.amis[ami], settings.line_of("inference_ami"))
+    return _Fleet(tuple(names), fleet.line, fleet.driver, fleet.ami)
+
+
+def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems) -> list[Image]:
+    what = f"line '{name}'"
+    if not _NAME.match(name):
+        p.add(line, f"{what}: line names are lowercase letters, digits and . _ - (they become image ids)")
+        return []
+    body = _mapping(body, line, what, p, f"{name}: {{djl: \"0.27.0\", ...}}")
+    if body is None:
+        if not p.lines:
+            p.add(line, f"{what} is empty; give its components ({', '.join(COMPONENTS + LIBRARIES)})")
+        return []
+    _check_keys(body, LINE_KEYS, what, p)
+    for key in COMPONENTS + LIBRARIES:
+        if key not in body:
+            p.add(line, f"{what} is missing '{key}'; add {key}: \"<version>\"")
+    values = {k: _string(body, k, what, p) for k in COMPONENTS + LIBRARIES + ("torch_cuda",) if k in body}
+    pip = _pins(body, what, p)
+
+    members = list(fleet.names)
+    if "include" in body:
+        include = body["include"]
+        if not isinstance(include, LocList) or not all(isinstance(x, str) for x in include):
+            p.add(body.line_of("include"), f"{what}: include must be a list of family names, got {_kind(include)}")
+        else:
+            members = []
+            for i, fam in enumerate(include):
+                if fam not in fleet.names:
+                    p.add(include.line_of(i), f"{what}: include names '{fam}', which is not in families; "
+                                              f"{versions.did_you_mean(fam, fleet.names)}")
+                else:
+                    members.append((fam, include.line_of(i)))
+    members = [m if isinstance(m, tuple) else (m, fleet.line[m]) for m in members]
+    exclude = _mapping(body.get("exclude"), body.line_of("exclude"), f"{what}: exclude", p,
+                       "exclude: {p3: \"why p3 cannot take this line\"}") or {}
+    for fam, reason in exclude.items():
+        if fam not in fleet.names:
+            p.add(exclude.line_of(fam), f"{what}: exclude names '{fam}', which is not in families; "
+                                        f"{versions.did_you_mean(fam, fleet.names)}")
+        if not isinstance(reason, str) or not reason.strip():
+            p.add(exclude.line_of(fam), f"{what}: exclude.{fam} must say why, as a string")
+    members = [(fam, ln) for fam, ln in members if fam not in exclude]
+
+    overrides = _mapping(body.get("overrides"), body.line_of("overrides"), f"{what}: overrides", p,
+                         "overrides: {p3: {torch: \"2.8.0\"}}") or {}
+    member_names = [fam for fam, _ in members]
+    for fam, ov in overrides.items():
+        if fam not in member_names:
+            p.add(overrides.line_of(fam), f"{what}: overrides names '{fam}', which this line does not build; "
+                                          f"{versions.did_you_mean(fam, member_names)}")
+        ov = _mapping(ov, overrides.line_of(fam), f"{what}: overrides.{fam}", p, "{torch: \"2.8.0\"}")
+        if ov:
+            _check_keys(ov, OVERRIDE_KEYS, f"{what}: overrides.{fam}", p)
+    if p.lines:
+        return []
+
+    images = []
+    for fam, fam_line in members:
+        ov = overrides.get(fam) or LocDict()
+        vals = dict(values)
+        origin = {k: body.line_of(k) for k in values}
+        for key in ov:
+            vals[key] = _string(ov, key, f"{what}: overrides.{fam}", p) if key != "pip" else vals.get(key)
+            origin[key] = ov.line_of(key)
+        fam_pip = _pins(ov, f"{what}: overrides.{fam}", p) if "pip" in ov else pip
+        gpu = fam != "cpu"
+        driver = fleet.driver.get(fam)
+        origin["family"] = fam_line
+        if driver:
+            origin["driver"] = driver[1]
+        combo = Combo(
+            family=fam, djl=vals.get("djl"), deepspeed=vals.get("deepspeed"), torch=vals.get("torch"),
+            cuda=vals.get("cuda") if gpu else None, python=vals.get("python"), os=vals.get("os"),
+            torch_cuda=vals.get("torch_cuda") if gpu else None, driver=driver[0] if driver else None,
+        )
+        images.append(Image(
+            id=f"{name}-{fam}", line=name, family=fam, combo=combo,
+            libraries={k: vals.get(k) for k in LIBRARIES}, pip=fam_pip, inference_ami=fleet.ami.get(fam),
+            lines=origin,
+        ))
+    return images
+
+
+def _pins(node: LocDict, what: str, p: _Problems) -> tuple[str, ...]:
+    if "pip" not in node:
+        return ()
+    value = node["pip"]
+    if not isinstance(value, LocList) or not all(isinstance(x, str) for x in value):
+        p.add(node.line_of("pip"), f"{what}: pip must be a list of pinned requirements such as "
+                                   f"\"numpy==1.26.4\", got {_kind(value)}")
+        return ()
+    for i, pin in enumerate(value):
+        if not _PIP_PIN.match(pin):
+            p.add(value.line_of(i), f"{what}: pip entry '{pin}' is not pinned; write it as name==version")
+    return tuple(value)

@@ -1,0 +1,344 @@
+"""Compatibility rules. Each rule reads the facts (buildkit/data) and reports findings that name the
+rule, the source of the fact it relied on, and the nearest choice that would pass.
+
+Rules run over a `Combo` (one image's components). `evaluate` returns a `Verdict`: the errors, the
+notes worth telling a user (cuda-compat needed, ops not built for this SM), and what the image needs
+(cuda-compat, the torch wheel variant, the arch list for source-built ops).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import versions
+from .facts import Facts, Family, Toolkit, TorchRelease, WheelVariant, coverage, variant_name
+
+COMPONENTS = ("djl", "deepspeed", "torch", "cuda", "python", "os")
+
+
+@dataclass(frozen=True)
+class Combo:
+    """One image's components. `cuda` is None for CPU images; `torch_cuda` selects a torch wheel
+    variant other than the toolkit's (e.g. cu128 on a 12.9 base); `driver` overrides the host driver."""
+
+    family: str
+    djl: str
+    deepspeed: str
+    torch: str
+    cuda: str | None
+    python: str
+    os: str
+    torch_cuda: str | None = None
+    driver: str | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: str
+    field: str  # the Combo field the finding is about, used to point at its matrix line
+    message: str
+    source: str
+    fix: str
+
+    def text(self) -> str:
+        return f"{self.message} ({self.rule}, {self.source}); try {self.fix}"
+
+
+@dataclass
+class Verdict:
+    errors: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    needs_compat: bool = False
+    driver: str | None = None
+    wheel_variant: str = "cpu"
+    arch_list: str | None = None  # TORCH_CUDA_ARCH_LIST for source-built ops: the family's SM only
+    skipped_ops: list[str] = field(default_factory=list)
+    ptx_only: bool = False  # the wheel reaches the SM only through PTX JIT
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+@dataclass
+class _Ctx:
+    combo: Combo
+    facts: Facts
+    verdict: Verdict
+    family: Family | None = None
+    toolkit: Toolkit | None = None
+    torch: TorchRelease | None = None
+    variant: WheelVariant | None = None
+
+    def error(self, rule: str, fld: str, message: str, source: str, fix: str) -> None:
+        self.verdict.errors.append(Finding(rule, fld, message, source, fix))
+
+
+def _sm(sm: str) -> str:
+    return "sm_" + sm.replace(".", "")
+
+
+# --- rule 6: every component is known --------------------------------------------------------------
+
+
+def _known(ctx: _Ctx) -> None:
+    c, f = ctx.combo, ctx.facts
+    checks: list[tuple[str, str | None, list[str], str]] = [
+        ("family", c.family, list(f.families), f.source("instances", "ec2")),
+        ("djl", c.djl, list(f.djl), f.source("djl", "python")),
+        ("deepspeed", c.deepspeed, f.deepspeed_versions, f.source("deepspeed", "tags")),
+        ("torch", c.torch, f.torch_versions, f.source("torch", "python")),
+        ("python", c.python, f.python_versions, f.source("torch", "python")),
+        ("os", c.os, list(f.systems), f.source("os", "ubuntu")),
+    ]
+    family = f.families.get(c.family)
+    if family is not None and family.is_gpu:
+        checks.append(("cuda", c.cuda, list(f.toolkits), f.source("cuda", "min-driver")))
+    for fld, value, known, source in checks:
+        if value is not None and value not in known:
+            options = " or ".join(versions.nearest(value, known))
+            ctx.error("known-version", fld, f"unknown {fld} '{value}'", source, options)
+    if c.torch_cuda is not None and c.torch_cuda not in f.toolkits:
+        options = " or ".join(versions.nearest(c.torch_cuda, f.toolkits))
+        ctx.error("known-version", "torch_cuda", f"unknown torch_cuda '{c.torch_cuda}'",
+                  f.source("torch", "variants"), options)
+    ctx.family = family
+    ctx.toolkit = f.toolkits.get(c.cuda) if c.cuda else None
+    ctx.torch = f.torch_release(c.torch)
+
+
+# --- the torch wheel variant must exist, and (rule 1) carry kernels for the family's SM ---------------
+
+
+def _wheel(ctx: _Ctx) -> None:
+    c, f, fam, rel = ctx.combo, ctx.facts, ctx.family, ctx.torch
+    if fam is None or rel is None:
+        return
+    wanted = "cpu" if not fam.is_gpu else variant_name(c.torch_cuda or c.cuda)
+    ctx.verdict.wheel_variant = wanted
+    variant = rel.variants.get(wanted)
+    if variant is None:
+        published = [v for v in rel.variants if v != "cpu"]
+        fix = " or ".join(f"cuda {v_cuda}" for v_cuda in versions.nearest(
+            c.torch_cuda or c.cuda or "", [name[2:-1] + "." + name[-1] for name in published]))
+        ctx.error("wheel-variant", "torch_cuda" if c.torch_cuda else "cuda",
+                  f"torch {c.torch} has no {wanted} wheel (published: {', '.join(published)})",
+                  f.source("torch", "variants"), fix)
+        return
+    ctx.variant = variant
+    if not fam.is_gpu:
+        return
+    entries = variant.archs.get(fam.arch)
+    source = f.source("torch", variant.source)
+    if entries is None:
+        ctx.error("arch-in-wheel", "torch",
+                  f"no {fam.arch} {wanted} wheel of torch {c.torch} is known to carry {_sm(fam.sm)} kernels",
+                  source, f"a source build of torch for {fam.arch}, or exclude {fam.name} from this line")
+        return
+    cov = coverage(entries, fam.sm)
+    if not cov.covered:
+        listed = ";".join(e.sm + ("+PTX" if e.ptx else "") for e in entries)
+        ctx.error("arch-in-wheel", "torch",
+                  f"torch {c.torch}+{wanted} ({fam.arch}) is built for {listed}, which has no kernels for "
+                  f"{fam.name}'s {fam.gpu} ({_sm(fam.sm)})", source, _wheel_fix(ctx))
+        return
+    if cov.ptx_only:
+        ctx.verdict.ptx_only = True
+        ctx.verdict.notes.append(f"torch runs on {_sm(fam.sm)} only through {cov.via} JIT (slow first start)")
+    if variant.source == "unverified":
+        ctx.verdict.notes.append(f"the arch list of torch {c.torch}+{wanted} is unverified")
+
+
+def _wheel_fix(ctx: _Ctx) -> str:
+    """Nearest torch/CUDA choice whose wheel covers the SM and whose nvcc can target it."""
+    c, f, fam = ctx.combo, ctx.facts, ctx.family
+    candidates: list[tuple[str, str]] = []
+    for rel in f.torch.values():
+        for var in rel.variants.values():
+            cuda = var.cuda
+            tk = f.toolkits.get(cuda) if cuda else None
+            entries = var.archs.get(fam.arch)
+            if tk and entries and coverage(entries, fam.sm).covered and fam.sm in tk.nvcc_archs:
+                candidates.append((rel.versions[-1], cuda))
+    same_torch = [cuda for t, cuda in candidates if versions.minor(t) == versions.minor(c.torch)]
+    if same_torch:
+        return " or ".join(f"cuda {cu}" for cu in versions.nearest(c.cuda or "", same_torch, 2))
+    if candidates:
+        best = versions.nearest(c.torch, [t for t, _ in candidates], 1)[0]
+        cudas = [cu for t, cu in candidates if t == best]
+        return f"torch {best} with cuda {cudas[-1]}, or exclude {fam.name} from this line"
+    return f"excluding {fam.name} from this line"
+
+
+# --- rule 2: the toolkit's nvcc can compile for the SM (DeepSpeed ops are built from source) ---------
+
+
+def _nvcc(ctx: _Ctx) -> None:
+    c, f, fam, tk = ctx.combo, ctx.facts, ctx.family, ctx.toolkit
+    if fam is None or not fam.is_gpu or tk is None:
+        return
+    if fam.sm not in tk.nvcc_archs:
+        able = [v for v, t in f.toolkits.items() if fam.sm in t.nvcc_archs]
+        fix = " or ".join(f"cuda {v}" for v in versions.nearest(c.cuda, able, 2)) if able else \
+            f"excluding {fam.name} from this line"
+        ctx.error("arch-in-nvcc", "cuda", f"nvcc {tk.version} cannot compile for {fam.name}'s {_sm(fam.sm)}",
+                  f.source("cuda", "nvcc-archs"), fix)
+        return
+    ctx.verdict.arch_list = fam.sm
+
+
+# --- rule 3: the host driver runs the toolkit, directly, through cuda-compat, or minor-version compat --
+
+
+def _driver(ctx: _Ctx) -> None:
+    c, f, fam, tk = ctx.combo, ctx.facts, ctx.family, ctx.toolkit
+    if fam is None or not fam.is_gpu or tk is None:
+        return
+    driver = c.driver or fam.default_driver
+    ami_fix = _ami_fix(f, max(tk.min_driver, fam.min_driver or "0", key=versions.key))
+    if driver is None:
+        ctx.error("host-driver", "driver",
+                  f"the default host driver of {fam.name} is not documented ({fam.unverified or 'unverified'})",
+                  fam.sources.get("default_driver", ""), f"setting families.{fam.name}.inference_ami: {ami_fix}")
+        return
+    ctx.verdict.driver = driver
+    if fam.min_driver and not versions.at_least(driver, fam.min_driver):
+        ctx.error("host-driver", "driver",
+                  f"{fam.gpu} needs driver >= {fam.min_driver}; host driver is {driver}",
+                  fam.sources.get("min_driver", ""), f"setting families.{fam.name}.inference_ami: {ami_fix}")
+        return
+    if versions.at_least(driver, tk.min_driver):
+        return
+    branch = driver.split(".")[0]
+    if branch in tk.compat_branches:
+        ctx.verdict.needs_compat = True
+        ctx.verdict.notes.append(f"needs cuda-compat on the default {driver} driver" if c.driver is None
+                                 else f"needs cuda-compat on driver {driver}")
+        return
+    floor = f.minor_compat.get(tk.major)
+    if floor and versions.at_least(driver, floor) and not ctx.verdict.ptx_only:
+        ctx.verdict.notes.append(
+            f"runs on driver {driver} through CUDA {tk.major}.x minor-version compatibility (no PTX JIT)")
+        return
+    runnable = [v for v, t in f.toolkits.items()
+                if versions.at_least(driver, t.min_driver) or branch in t.compat_branches]
+    cuda_fix = f"cuda {versions.nearest(tk.version, runnable, 1)[0]}, or " if runnable else ""
+    ctx.error("host-driver", "cuda",
+              f"CUDA {tk.patch} needs driver >= {tk.min_driver} and its cuda-compat accepts branches "
+              f"{', '.join('R' + b for b in tk.compat_branches)}; {fam.name} runs driver {driver}",
+              f"{f.source('cuda', 'min-driver')}; {f.source('cuda', 'compat-branches')}",
+              f"{cuda_fix}setting families.{fam.name}.inference_ami: {ami_fix}")
+
+
+def _ami_fix(facts: Facts, need: str) -> str:
+    """The InferenceAmiVersion with the oldest driver that still meets `need`."""
+    ok = sorted((versions.key(drv), name) for name, drv in facts.amis.items() if versions.at_least(drv, need))
+    return ok[0][1] if ok else "an AMI whose driver is >= " + need
+
+
+# --- rule 4: Python inside the OS, torch, DeepSpeed and DJL ranges -----------------------------------
+
+
+def _python(ctx: _Ctx) -> None:
+    c, f = ctx.combo, ctx.facts
+    if c.python not in f.python_versions:
+        return
+    system = f.systems.get(c.os)
+    if system and system.python != c.python:
+        others = [name for name, s in f.systems.items() if s.python == c.python]
+        fix = f"python {system.python}" + (f", or os {others[0]}" if others else "")
+        ctx.error("python-range", "python", f"{c.os} ships Python {system.python}, not {c.python}",
+                  f.source("os", "ubuntu"), fix)
+    ranges = []
+    if ctx.torch:
+        ranges.append(("torch " + c.torch, ctx.torch.python, f.source("torch", "python")))
+    ds = f.deepspeed_release(c.deepspeed)
+    if ds:
+        ranges.append(("DeepSpeed " + c.deepspeed, ds.python, f.source("deepspeed", "tags")))
+    djl = f.djl.get(c.djl)
+    if djl:
+        ranges.append(("DJL Serving " + c.djl, djl.python, f.source("djl", "python")))
+    for what, bounds, source in ranges:
+        if not versions.in_range(c.python, bounds):
+            inside = [p for p in f.python_versions if versions.in_range(p, bounds)]
+            ctx.error("python-range", "python", f"{what} supports Python {bounds[0]}-{bounds[1]}, not {c.python}",
+                      source, "python " + " or ".join(versions.nearest(c.python, inside, 2)))
+
+
+# --- rule 5: an nvidia/cuda base image exists for (CUDA, Ubuntu) -------------------------------------
+
+
+def _base(ctx: _Ctx) -> None:
+    c, f, tk = ctx.combo, ctx.facts, ctx.toolkit
+    system = f.systems.get(c.os)
+    if tk is None or system is None:
+        return
+    if system.ubuntu not in tk.ubuntu:
+        oses = [name for name, s in f.systems.items() if s.ubuntu in tk.ubuntu]
+        have = [v for v, t in f.toolkits.items() if system.ubuntu in t.ubuntu]
+        fix = " or ".join([f"os {o}" for o in oses] + [f"cuda {v}" for v in versions.nearest(tk.version, have, 1)])
+        ctx.error("base-image", "os", f"no nvidia/cuda:{tk.patch} image exists for Ubuntu {system.ubuntu} "
+                  f"(only {', '.join(tk.ubuntu)})", f.source("cuda", "base-tags"), fix)
+
+
+# --- DeepSpeed builds its ops with nvcc against torch: their CUDA versions must agree ----------------
+
+
+def _deepspeed_cuda(ctx: _Ctx) -> None:
+    c, f, fam, tk, var = ctx.combo, ctx.facts, ctx.family, ctx.toolkit, ctx.variant
+    ds = f.deepspeed_release(c.deepspeed)
+    if fam is None or not fam.is_gpu or tk is None or var is None or ds is None:
+        return
+    torch_cuda = var.cuda
+    if torch_cuda == tk.version:
+        pass
+    elif torch_cuda.split(".")[0] != tk.major:
+        ctx.error("deepspeed-cuda", "torch_cuda" if c.torch_cuda else "cuda",
+                  f"DeepSpeed cannot build ops with nvcc {tk.version} for torch built with CUDA {torch_cuda} "
+                  "(different major versions)", f.source("deepspeed", "tags"), f"torch_cuda {tk.version}")
+    else:
+        accepted = ds.accepted_cuda12_minors(c.deepspeed) if tk.major == "12" else ()
+        if not (torch_cuda in accepted and tk.version in accepted):
+            later = [v for v in f.deepspeed_versions
+                     if {torch_cuda, tk.version} <= set(f.deepspeed_release(v).accepted_cuda12_minors(v))]
+            fix = f"deepspeed {later[0]}" if later else f"torch_cuda {tk.version}"
+            ctx.error("deepspeed-cuda", "deepspeed",
+                      f"DeepSpeed {c.deepspeed} refuses nvcc {tk.version} with torch built for CUDA {torch_cuda}",
+                      f.source("deepspeed", "tags"), fix)
+    for floor in f.op_floors:
+        if versions.key(fam.sm) < versions.key(floor.sm):
+            ctx.verdict.skipped_ops.append(floor.op)
+    if ctx.verdict.skipped_ops:
+        ctx.verdict.notes.append(f"DeepSpeed ops not built for {_sm(fam.sm)}: {', '.join(ctx.verdict.skipped_ops)}")
+
+
+# --- DJL Serving needs a Java the OS provides ---------------------------------------------------------
+
+
+def _java(ctx: _Ctx) -> None:
+    c, f = ctx.combo, ctx.facts
+    djl, system = f.djl.get(c.djl), f.systems.get(c.os)
+    if djl and system and not versions.at_least(system.java, djl.java):
+        ctx.error("java", "os", f"DJL Serving {c.djl} needs Java >= {djl.java}; {c.os} provides {system.java}",
+                  f.source("djl", "java"), "a newer os")
+
+
+def _family_notes(ctx: _Ctx) -> None:
+    fam = ctx.family
+    if fam and fam.legacy:
+        ctx.verdict.notes.append(f"{fam.name} is legacy: {fam.legacy}")
+    if fam and not fam.is_gpu and ctx.combo.cuda:
+        ctx.verdict.notes.append("cpu images use the torch CPU build; cuda is ignored")
+
+
+RULES: tuple[Callable[[_Ctx], None], ...] = (_known, _wheel, _nvcc, _driver, _python, _base, _deepspeed_cuda,
+                                              _java, _family_notes)
+
+
+def evaluate(combo: Combo, facts: Facts) -> Verdict:
+    ctx = _Ctx(combo=combo, facts=facts, verdict=Verdict())
+    for rule in RULES:
+        rule(ctx)
+    return ctx.verdict
+

@@ -1,0 +1,197 @@
+"""Validated image specs: everything a build needs to know about one image, derived from the matrix
+and the facts. Nothing here is written by hand; change matrix.yaml or buildkit/data instead."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+from . import versions
+from .errors import UserError, where
+from .facts import Facts, Family, OperatingSystem
+from .matrix import Image, Matrix
+from .rules import evaluate
+
+LABEL_PREFIX = "io.lmi"
+SAGEMAKER_BIND_LABEL = "com.amazonaws.sagemaker.capabilities.accept-bind-to-port"
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    id: str
+    line: str
+    family: Family
+    repository: str
+    djl: str
+    deepspeed: str
+    torch: str
+    cuda: str | None  # toolkit major.minor; None for CPU images
+    cuda_patch: str | None
+    python: str
+    os: OperatingSystem
+    java: str
+    libraries: dict[str, str]
+    pip: tuple[str, ...]
+    wheel_variant: str  # cu121 / cu128 / cpu
+    torch_requirement: str  # the pip requirement that selects the right wheel
+    torch_index: str | None  # extra index for variants that PyPI does not carry; None: PyPI's default
+    builder_image: str | None  # devel image that prebuilds DeepSpeed ops; None for CPU images
+    runtime_image: str
+    arch_list: str | None  # TORCH_CUDA_ARCH_LIST: the family's SM only
+    needs_compat: bool
+    driver: str | None
+    inference_ami: str | None
+    djl_url: str
+    djl_sha256: str | None
+    djl_sha256_missing: str | None  # why no checksum is recorded (the build warns)
+    skipped_ops: tuple[str, ...]
+    notes: tuple[str, ...]
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def tag(self) -> str:
+        """The immutable full tag."""
+        py = self.python.replace(".", "")
+        return (f"{self.djl}-deepspeed{self.deepspeed}-torch{self.torch}-{self.wheel_variant}-py{py}-"
+                f"{self.os.name}-{self.family.name}")
+
+    @property
+    def compat_package(self) -> str | None:
+        return f"cuda-compat-{self.cuda.replace('.', '-')}" if self.cuda else None
+
+    @property
+    def bases(self) -> tuple[str, ...]:
+        return tuple(b for b in (self.builder_image, self.runtime_image) if b)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        fam = self.family
+        what = f"{fam.name} ({fam.gpu}, sm_{fam.sm.replace('.', '')})" if fam.is_gpu else "CPU instances"
+        components = {
+            "id": self.id, "line": self.line, "family": fam.name, "arch": fam.arch,
+            "sm": fam.sm or "none", "cuda": self.cuda_patch or "none", "cuda-compat": str(self.needs_compat).lower(),
+            "torch": self.torch, "torch-variant": self.wheel_variant, "deepspeed": self.deepspeed,
+            "djl-serving": self.djl, "python": self.python, "os": self.os.name, "java": self.java,
+            **self.libraries,
+        }
+        labels = {
+            "org.opencontainers.image.title": self.repository,
+            "org.opencontainers.image.description": (
+                f"DJL Serving {self.djl} with DeepSpeed {self.deepspeed} and PyTorch {self.torch} "
+                f"({self.wheel_variant}) for {what}"),
+            "org.opencontainers.image.version": self.tag,
+            "org.opencontainers.image.licenses": "Apache-2.0",
+            "org.opencontainers.image.base.name": self.runtime_image,
+            SAGEMAKER_BIND_LABEL: "true",
+            **{f"{LABEL_PREFIX}.{k}": v for k, v in components.items()},
+        }
+        return dict(sorted(labels.items()))
+
+    def claims(self) -> dict:
+        """What the image says it is, as written into its build context (image.json) for smoke tests."""
+        return {
+            "id": self.id, "repository": self.repository, "tag": self.tag, "family": self.family.name,
+            "sm": self.family.sm, "arch": self.family.arch, "gpu": self.family.gpu,
+            "versions": {"djl_serving": self.djl, "deepspeed": self.deepspeed, "torch": self.torch,
+                         "cuda": self.cuda, "python": self.python, "java": self.java, **self.libraries},
+            "torch_variant": self.wheel_variant, "cuda_compat": self.needs_compat,
+            "host_driver": self.driver, "inference_ami": self.inference_ami,
+            "deepspeed_ops_skipped": list(self.skipped_ops), "labels": self.labels,
+        }
+
+
+def resolve(matrix: Matrix, facts: Facts) -> list[ImageSpec]:
+    """Validate every image of the matrix and turn it into a spec. Raises UserError with one line per
+    problem, `matrix.yaml:LINE: image <id>: <what> (<rule>, <source>); try <fix>`."""
+    problems, specs = [], []
+    for image in matrix.images:
+        verdict = evaluate(image.combo, facts)
+        if verdict.errors:
+            problems.extend(f"{where(matrix.path, image.line_of(e.field))}: image {image.id}: {e.text()}"
+                            for e in verdict.errors)
+            continue
+        specs.append(_spec(image, matrix.repository, facts, verdict))
+    if problems:
+        raise UserError(*problems)
+    return with_aliases(specs)
+
+
+def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
+    combo, family = image.combo, facts.families[image.family]
+    system = facts.systems[combo.os]
+    toolkit = facts.toolkits.get(combo.cuda) if family.is_gpu else None
+    release = facts.torch_release(combo.torch)
+    variant = verdict.wheel_variant
+    on_pypi = release.pypi_variant == variant
+    djl = facts.djl[combo.djl]
+    return ImageSpec(
+        id=image.id, line=image.line, family=family, repository=repository,
+        djl=combo.djl, deepspeed=combo.deepspeed, torch=combo.torch,
+        cuda=toolkit.version if toolkit else None, cuda_patch=toolkit.patch if toolkit else None,
+        python=combo.python, os=system, java=system.java, libraries=dict(image.libraries), pip=image.pip,
+        wheel_variant=variant,
+        torch_requirement=f"torch=={combo.torch}" if on_pypi else f"torch=={combo.torch}+{variant}",
+        torch_index=None if on_pypi else f"{facts.torch_wheel_index}/{variant}",
+        builder_image=toolkit.base_image("devel", system.ubuntu) if toolkit else None,
+        runtime_image=toolkit.base_image("runtime", system.ubuntu) if toolkit else system.image,
+        arch_list=verdict.arch_list, needs_compat=verdict.needs_compat, driver=verdict.driver,
+        inference_ami=image.inference_ami,
+        djl_url=facts.djl_package_url.format(version=combo.djl), djl_sha256=djl.sha256,
+        djl_sha256_missing=None if djl.sha256 else facts.djl_checksum_unknown,
+        skipped_ops=tuple(verdict.skipped_ops), notes=tuple(verdict.notes),
+    )
+
+
+def _newness(spec: ImageSpec) -> tuple:
+    return (versions.key(spec.djl), versions.key(spec.deepspeed), versions.key(spec.torch),
+            versions.key(spec.cuda or "0"), spec.id)
+
+
+def with_aliases(specs: Iterable[ImageSpec]) -> list[ImageSpec]:
+    """Floating aliases, docker-library style: each alias belongs to the newest image that claims it."""
+    specs = list(specs)
+    owner: dict[str, ImageSpec] = {}
+    for spec in sorted(specs, key=_newness):
+        fam = spec.family.name
+        for alias in (f"deepspeed{versions.minor(spec.deepspeed)}-{fam}", f"djl{versions.minor(spec.djl)}-{fam}",
+                      f"{fam}-latest"):
+            owner[alias] = spec  # later (newer) specs overwrite older claims
+    return [replace(s, aliases=tuple(sorted(a for a, o in owner.items() if o.id == s.id))) for s in specs]
+
+
+def content_hash(files: dict[str, bytes], build_args: dict[str, str], bases: Iterable[str],
+                 modes: dict[str, int] | None = None) -> str:
+    """sha256 over everything that goes into a build: the rendered context (paths, bytes and modes),
+    the build arguments and the base image references. Same input, same hash; any change, a new one."""
+    doc = {
+        "files": {p: hashlib.sha256(b).hexdigest() for p, b in sorted(files.items())},
+        "modes": {p: m for p, m in sorted((modes or {}).items())},
+        "args": dict(sorted(build_args.items())),
+        "bases": list(bases),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    spec: ImageSpec
+    content_hash: str
+    build_args: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def hash_tag(self) -> str:
+        return f"{self.spec.id}-{self.content_hash[:16]}"
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """All tags, immutable first: full tag, content-hash tag, then the floating aliases."""
+        return (self.spec.tag, self.hash_tag, *self.spec.aliases)
+
+    def to_json(self) -> dict:
+        s = self.spec
+        return {"id": s.id, "family": s.family.name, "repository": s.repository, "tag": s.tag,
+                "hash_tag": self.hash_tag, "aliases": list(s.aliases), "content_hash": self.content_hash,
+                "bases": list(s.bases), "torch_cuda_arch_list": s.arch_list, "cuda_compat": s.needs_compat,
+                "build_args": self.build_args, "labels": s.labels, "notes": list(s.notes)}

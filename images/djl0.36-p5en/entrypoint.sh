@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Entrypoint of djl0.36-p5en: SageMaker runs the container as `docker run <image> serve`.
+# Rendered from templates/entrypoint.sh.j2.
+set -euo pipefail
+
+# CUDA 12.8 forward compatibility: the NVIDIA Container Toolkit (>= 1.17.4) no longer mounts
+# the compat libraries, so use them here, and only when the host driver is older than they are.
+compat_dir=/usr/local/cuda/compat
+compat_lib=$(find "$compat_dir" -maxdepth 1 -name 'libcuda.so.*.*' 2>/dev/null | sort -V | tail -n 1)
+host_driver=$(sed -n 's/.*Kernel Module *\([0-9][0-9.]*\).*/\1/p' /proc/driver/nvidia/version 2>/dev/null | head -n 1)
+if [[ -n "$compat_lib" && -n "$host_driver" ]]; then
+  compat_driver=${compat_lib##*/libcuda.so.}
+  if [[ "$(printf '%s\n%s\n' "$host_driver" "$compat_driver" | sort -V | head -n 1)" == "$host_driver" \
+        && "$host_driver" != "$compat_driver" ]]; then
+    echo "host driver $host_driver is older than CUDA 12.8's $compat_driver: using cuda-compat" >&2
+    export LD_LIBRARY_PATH="$compat_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
+fi
+
+if [[ "${1:-}" == "serve" ]]; then
+  shift
+  # DJL Serving exits with 77 to ask for a restart (e.g. after a model update).
+  code=77
+  while [[ $code -eq 77 ]]; do
+    set +e
+    /usr/bin/djl-serving "$@"
+    code=$?
+    set -e
+  done
+  exit "$code"
+fi
+exec "$@"

@@ -1,0 +1,101 @@
+"""The `lmi` command line, run for real: check, matrix, plan, selectors, exit codes, --debug."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from conftest import LINE_027, lmi
+
+CHECK = ["check", "--instance", "g5", "--cuda", "12.4", "--torch", "2.4.0", "--deepspeed", "0.15.1",
+         "--djl", "0.30.0", "--python", "3.10", "--os", "ubuntu22.04"]
+
+
+def test_check_valid_combination_is_one_line_with_notes() -> None:
+    result = lmi(*CHECK)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ok: g5 can run DJL Serving 0.30.0")
+    assert "needs cuda-compat on the default 470 driver" in lines[0]
+
+
+def test_check_invalid_combination_exits_2_with_reasons() -> None:
+    args = [a if a != "12.4" else "12.9" for a in CHECK]
+    result = lmi(*args, "--torch-cuda", "12.4")
+    assert result.returncode == 2
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    reasons = result.stderr.splitlines()
+    assert any("(host-driver," in r and "; try " in r for r in reasons)
+    assert any("(deepspeed-cuda," in r for r in reasons)
+
+
+def test_check_json() -> None:
+    ok = json.loads(lmi(*CHECK, "--json").stdout)
+    assert ok["valid"] and ok["cuda_compat"] and ok["torch_variant"] == "cu124"
+    assert ok["torch_cuda_arch_list"] == "8.6" and ok["host_driver"] == "470"
+    result = lmi(*[a if a != "g5" else "p6-b200" for a in CHECK], "--json")
+    assert result.returncode == 2
+    bad = json.loads(result.stdout)
+    assert not bad["valid"] and {"arch-in-wheel", "arch-in-nvcc", "host-driver"} <= {e["rule"] for e in bad["errors"]}
+
+
+def test_check_with_inference_ami_and_cpu() -> None:
+    args = [a if a != "g5" else "g6e" for a in CHECK]
+    assert lmi(*args).returncode == 2  # g6e's default driver is undocumented
+    result = lmi(*args, "--inference-ami", "al2-ami-sagemaker-inference-gpu-3-1")
+    assert result.returncode == 0 and "cuda-compat" not in result.stdout  # 550 >= 12.4's minimum
+    cpu = lmi("check", "--instance", "cpu", "--torch", "2.9.1", "--deepspeed", "0.18.9", "--djl", "0.36.0",
+              "--python", "3.12", "--os", "ubuntu24.04")
+    assert cpu.returncode == 0 and "CPU" in cpu.stdout
+
+
+def test_check_missing_flag_is_a_usage_error() -> None:
+    result = lmi("check", "--instance", "g5")
+    assert result.returncode == 2 and "required" in result.stderr
+
+
+def test_matrix_table_json_and_selectors() -> None:
+    table = lmi("matrix", "--instance", "g5").stdout.splitlines()
+    assert table[0].split()[:3] == ["ID", "FAMILY", "GPU"] and len(table) == 3
+    data = json.loads(lmi("matrix", "--json", "djl0.36-p5*").stdout)
+    assert [d["id"] for d in data] == ["djl0.36-p5", "djl0.36-p5e", "djl0.36-p5en"]
+    both = json.loads(lmi("matrix", "--json", "--instance", "g5", "--instance", "cpu").stdout)
+    assert {d["family"] for d in both} == {"g5", "cpu"}
+
+
+def test_unknown_selector_exits_2() -> None:
+    result = lmi("plan", "--instance", "g7")
+    assert result.returncode == 2 and "did you mean" in result.stderr and "Traceback" not in result.stderr
+    result = lmi("plan", "nothing-*")
+    assert result.returncode == 2 and "no image matches nothing-*" in result.stderr
+
+
+def test_plan_json_has_tags_hashes_and_args() -> None:
+    plan = json.loads(lmi("plan", "--json", "--instance", "p5").stdout)
+    assert {p["id"] for p in plan} == {"djl0.27-p5", "djl0.36-p5"}
+    for p in plan:
+        assert len(p["content_hash"]) == 64 and p["hash_tag"] == f"{p['id']}-{p['content_hash'][:16]}"
+        assert p["torch_cuda_arch_list"] == "9.0"
+    again = json.loads(lmi("plan", "--json", "--instance", "p5").stdout)
+    assert again == plan  # deterministic across processes
+
+
+def test_validate_production_and_verbose_notes() -> None:
+    result = lmi("validate", "--verbose")
+    assert result.returncode == 0
+    assert result.stdout.splitlines()[-1].startswith("ok: 23 images valid")
+    assert "note: djl0.36-g4dn: DeepSpeed ops not built for sm_75" in result.stdout
+
+
+def test_lmi_matrix_env_and_debug(write_matrix) -> None:
+    path = write_matrix("schema: 1\nfamilies: {g5: {}}\nlines:" + LINE_027.replace('"3.10"', "3.10"))
+    env = {**os.environ, "LMI_MATRIX": str(path)}
+    quiet = lmi("validate", env=env)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr and "python is the number 3.10" in quiet.stderr
+    loud = lmi("validate", "--debug", env=env)
+    assert loud.returncode != 0 and "Traceback" in loud.stderr and "UserError" in loud.stderr
+
+
+def test_no_command_is_usage() -> None:
+    result = lmi()
+    assert result.returncode == 2 and "usage: lmi" in result.stderr

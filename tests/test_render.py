@@ -1,0 +1,225 @@
+"""Rendering: golden files, determinism, the CI gate, atomic writes, and what every Dockerfile must be."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, lmi
+
+from buildkit import matrix, render
+from buildkit.errors import UserError
+from buildkit.spec import resolve
+
+GOLDEN = ROOT / "tests" / "golden"
+HADOLINT = Path(sys.executable).parent / "hadolint"
+
+
+@pytest.fixture(scope="module")
+def production(facts):
+    m = matrix.load(ROOT / "matrix.yaml", facts)
+    specs = resolve(m, facts)
+    renderer = render.Renderer(m.templates)
+    return [(s, renderer.render(s)) for s in specs]
+
+
+def test_golden_rendering(facts, request) -> None:
+    m = matrix.load(GOLDEN / "matrix.yaml", facts)
+    contexts = [render.Renderer(ROOT / "templates").render(s) for s in resolve(m, facts)]
+    assert [c.id for c in contexts] == ["ds012-g4dn", "ds012-p5", "ds018-g6e", "ds018-cpu"]
+    if request.config.getoption("--update-golden"):
+        render.write(contexts, GOLDEN / "rendered", prune=True)
+    problems = render.diff(contexts, GOLDEN / "rendered", prune=True)
+    assert not problems, "golden files differ; if the template change is intended, run pytest --update-golden"
+
+
+def test_render_is_deterministic(tmp_path, facts) -> None:
+    for out in ("a", "b"):
+        result = lmi("render", "--out", str(tmp_path / out))
+        assert result.returncode == 0, result.stderr
+    a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*"))
+    b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*"))
+    assert a == b and a
+    for rel in a:
+        if (tmp_path / "a" / rel).is_file():
+            assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_committed_images_match_a_fresh_render() -> None:
+    result = lmi("render", "--check")
+    assert result.returncode == 0, result.stderr
+    assert "match a fresh render" in result.stdout
+
+
+def test_render_check_catches_drift(tmp_path) -> None:
+    shutil.copytree(ROOT / "images", tmp_path / "images")
+    shutil.copytree(ROOT / "templates", tmp_path / "templates")
+    shutil.copy(ROOT / "matrix.yaml", tmp_path / "matrix.yaml")
+    dockerfile = tmp_path / "images" / "djl0.27-g5" / "Dockerfile"
+    dockerfile.write_text(dockerfile.read_text().replace("EXPOSE 8080", "EXPOSE 8081"))
+    (tmp_path / "images" / "djl0.19-g5").mkdir()
+    (tmp_path / "images" / "djl0.36-g5" / "entrypoint.sh").chmod(0o644)
+    result = lmi("--matrix", str(tmp_path / "matrix.yaml"), "render", "--check")
+    assert result.returncode == 1
+    assert "djl0.27-g5/Dockerfile: differs from a fresh render" in result.stderr
+    assert "djl0.19-g5: no longer in the matrix" in result.stderr
+    assert "djl0.36-g5/entrypoint.sh: executable bit differs" in result.stderr
+    # Rendering repairs all of it, and the stale context is removed.
+    assert lmi("--matrix", str(tmp_path / "matrix.yaml"), "render").returncode == 0
+    assert lmi("--matrix", str(tmp_path / "matrix.yaml"), "render", "--check").returncode == 0
+    assert not (tmp_path / "images" / "djl0.19-g5").exists()
+
+
+def test_selective_render_leaves_other_contexts(tmp_path) -> None:
+    out = tmp_path / "out"
+    (out / "keep-me").mkdir(parents=True)
+    assert lmi("render", "--instance", "g5", "--out", str(out)).returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["djl0.27-g5", "djl0.36-g5", "keep-me"]
+
+
+def test_strict_undefined_names_the_template(tmp_path, facts) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(ROOT / "templates", templates)
+    (templates / "config.properties.j2").write_text("x={{ spec.no_such_field }}\n")
+    spec = resolve(matrix.load(ROOT / "matrix.yaml", facts), facts)[0]
+    with pytest.raises(UserError, match=r"templates/config.properties.j2.*no_such_field"):
+        render.Renderer(templates).render(spec)
+
+
+# --- what every production Dockerfile must be -----------------------------------------------------
+
+
+def _instructions(dockerfile: str) -> list[str]:
+    """Logical instructions (continuations joined, comments dropped)."""
+    text = re.sub(r"\\\n\s*", " ", dockerfile)
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_layer_order_and_contract(production) -> None:
+    for spec, ctx in production:
+        dockerfile = ctx.files["Dockerfile"].decode()
+        assert "# syntax" not in dockerfile, spec.id
+        steps = _instructions(dockerfile)
+        runtime = steps[next(i for i, s in enumerate(steps) if s.endswith("AS runtime")):]
+        order = [next(i for i, s in enumerate(runtime) if marker(s)) for marker in (
+            lambda s: "venv" in s and s.startswith("RUN apt-get"),  # OS + Python
+            lambda s: "pip install" in s and "torch==" in s,  # torch
+            lambda s: "deepspeed" in s and s.startswith("RUN"),  # DeepSpeed
+            lambda s: "requirements.txt" in s and s.startswith("RUN"),  # other Python deps
+            lambda s: "djl-serving.deb" in s,  # Java + DJL Serving
+            lambda s: s.startswith("COPY entrypoint.sh"),  # entrypoint/config
+        )]
+        assert order == sorted(order), (spec.id, order)
+        assert "EXPOSE 8080" in runtime
+        assert runtime[-2:] == ['ENTRYPOINT ["/usr/local/bin/dockerd-entrypoint.sh"]', 'CMD ["serve"]']
+        user = [s for s in runtime if s.startswith("USER ")]
+        assert user == ["USER 1001:1001"], spec.id
+        assert any(s.startswith("HEALTHCHECK") and "/ping" in s for s in runtime)
+        assert "/opt/ml/model" in dockerfile
+
+
+def test_every_download_step_takes_the_ca_as_a_secret(production) -> None:
+    for spec, ctx in production:
+        for step in _instructions(ctx.files["Dockerfile"].decode()):
+            if step.startswith("RUN") and ("pip install" in step or "pip wheel" in step or "curl -" in step):
+                assert "--mount=type=secret,id=ca,required=false" in step, (spec.id, step)
+                assert "PIP_CERT=/run/secrets/ca" in step
+        assert "ca-certificates.crt" not in "".join(s for s in _instructions(ctx.files["Dockerfile"].decode())
+                                                   if s.startswith(("COPY", "ADD", "ENV", "ARG")))
+
+
+def test_deepspeed_ops_prebuilt_for_the_family_sm_only(production) -> None:
+    for spec, ctx in production:
+        dockerfile = ctx.files["Dockerfile"].decode()
+        if spec.family.is_gpu:
+            assert "AS deepspeed-builder" in dockerfile
+            assert f'TORCH_CUDA_ARCH_LIST="{spec.family.sm}" DS_BUILD_OPS=1' in dockerfile
+            assert "--no-build-isolation" in dockerfile
+            assert "--mount=type=bind,from=deepspeed-builder" in dockerfile
+            assert "FROM ${BUILDER_IMAGE}" in dockerfile and spec.builder_image.endswith(
+                f"devel-ubuntu{spec.os.ubuntu}")
+        else:
+            assert "deepspeed-builder" not in dockerfile and "DS_BUILD_OPS=0" in dockerfile
+
+
+def test_cuda_compat_only_where_the_driver_needs_it(production) -> None:
+    seen = set()
+    for spec, ctx in production:
+        dockerfile, entrypoint = ctx.files["Dockerfile"].decode(), ctx.files["entrypoint.sh"].decode()
+        seen.add(spec.needs_compat)
+        if not spec.family.is_gpu:
+            assert "cuda-compat-" not in dockerfile and "compat" not in entrypoint
+        elif spec.needs_compat:
+            assert f"install -y --no-install-recommends python{spec.python}" in dockerfile
+            assert spec.compat_package in dockerfile and "purge" not in dockerfile
+            assert "LD_LIBRARY_PATH" in entrypoint
+        else:
+            assert f"apt-get purge -y {spec.compat_package}" in dockerfile
+            assert "LD_LIBRARY_PATH" not in entrypoint
+    assert seen == {True, False}
+
+
+def test_image_json_carries_the_claims(production) -> None:
+    for spec, ctx in production:
+        claims = json.loads(ctx.files["image.json"])
+        assert claims["versions"]["torch"] == spec.torch and claims["cuda_compat"] == spec.needs_compat
+        assert claims["labels"] == spec.labels
+
+
+def test_djl_download_without_checksum_warns(production) -> None:
+    for spec, ctx in production:
+        dockerfile = ctx.files["Dockerfile"].decode()
+        if spec.djl_sha256:
+            assert "sha256sum -c -" in dockerfile
+        else:
+            assert "WARNING: no sha256 is recorded for DJL Serving" in dockerfile
+
+
+def test_entrypoint_scripts_are_valid_bash(production, tmp_path) -> None:
+    for spec, ctx in production:
+        script = tmp_path / f"{spec.id}.sh"
+        script.write_bytes(ctx.files["entrypoint.sh"])
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, (spec.id, result.stderr)
+
+
+def test_entrypoint_runs_other_commands_and_picks_compat(tmp_path, production) -> None:
+    """Run the compat entrypoint for real with a fake /proc and compat dir substituted in."""
+    spec, ctx = next((s, c) for s, c in production if s.needs_compat)
+    compat = tmp_path / "compat"
+    compat.mkdir()
+    (compat / "libcuda.so.530.30.02").write_text("")
+    for host, expect in (("470.256.02", str(compat)), ("535.54.03", "")):
+        proc = tmp_path / f"version-{host}"
+        proc.write_text(f"NVRM version: NVIDIA UNIX x86_64 Kernel Module  {host}  Thu Jan 1\n")
+        script = ctx.files["entrypoint.sh"].decode().replace("/usr/local/cuda/compat", str(compat)).replace(
+            "/proc/driver/nvidia/version", str(proc))
+        path = tmp_path / "entry.sh"
+        path.write_text(script)
+        result = subprocess.run(["bash", str(path), "bash", "-c", 'echo "LD=${LD_LIBRARY_PATH:-}"'],
+                                capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"LD={expect}", (host, result.stdout, result.stderr)
+
+
+@pytest.mark.integration
+def test_hadolint_clean_on_every_rendered_dockerfile() -> None:
+    dockerfiles = sorted(str(p) for p in (ROOT / "images").glob("*/Dockerfile"))
+    assert len(dockerfiles) >= 20
+    result = subprocess.run([str(HADOLINT), "--config", str(ROOT / ".hadolint.yaml"), *dockerfiles],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.integration
+def test_hadolint_would_catch_a_bad_dockerfile(tmp_path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu:22.04\nRUN pip install torch\nUSER root\n")
+    result = subprocess.run([str(HADOLINT), "--config", str(ROOT / ".hadolint.yaml"), str(bad)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "DL3013" in result.stdout
