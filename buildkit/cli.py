@@ -14,8 +14,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, facts, matrix, render, versions
+from . import __version__, build, engine, facts, matrix, render, versions
 from .errors import UserError
+from .progress import progress_for
 from .rules import Combo, evaluate
 from .spec import ImageSpec, resolve
 
@@ -165,6 +166,122 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_engine(args: argparse.Namespace) -> int:
+    print(engine.ensure_engine())
+    client = engine.detect_client(args.docker or os.environ.get("DOCKER"))
+    print(f"builds with {client.path} ({client.kind}, client {client.version})")
+    return EXIT_OK
+
+
+def _build_options(args: argparse.Namespace, m: matrix.Matrix) -> build.BuildOptions:
+    extra = {}
+    for pair in args.build_arg or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--build-arg {pair}: expected KEY=VALUE")
+        extra[key] = value
+    return build.BuildOptions(
+        jobs=args.jobs, force=getattr(args, "force", False), base_mirror=args.base_mirror or m.base_mirror,
+        pip_index_url=args.pip_index_url, wheelhouse=Path(args.wheelhouse) if args.wheelhouse else None,
+        ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None, build_args=extra, registry=args.registry,
+    )
+
+
+def _planned_for_build(args: argparse.Namespace, client: engine.Client | None):
+    """Selected specs, planned with the build args they will be built with (which enter the hash)."""
+    m, specs = _selected(args)
+    specs = build.select_shard(specs, getattr(args, "shard", None))
+    if not specs:
+        raise UserError(f"shard {args.shard} has no images; use fewer shards")
+    options = _build_options(args, m)
+    wheelhouse_ref = build.wheelhouse_image(client, options.wheelhouse) if options.wheelhouse and client else None
+    renderer = render.Renderer(m.templates)
+    planned = []
+    for spec in specs:
+        ctx = renderer.render(spec)
+        bargs = build.build_args(spec, options, m.build_args, wheelhouse_ref)
+        planned.append((render.PlannedImage(spec, render.content_hash(ctx.files, bargs, spec.bases, ctx.modes),
+                                            bargs), ctx))
+    return m, options, planned
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    client = engine.detect_client(args.docker or os.environ.get("DOCKER"))
+    m, options, planned = _planned_for_build(args, client)
+    contexts = [ctx for _, ctx in planned]
+    stale = render.diff(contexts, m.output, prune=False)
+    if stale:
+        changed = render.write(contexts, m.output, prune=False)
+        print(f"rendered {len(changed)} stale context(s) into {m.output}: {', '.join(changed)}")
+    _warn_unverified_downloads([p.spec for p, _ in planned])
+    work = [(p, m.output / p.spec.id) for p, _ in planned]
+    progress = progress_for([p.spec.id for p, _ in planned], plain=True if args.plain else None)
+    try:
+        with progress:
+            results = build.Builder(client, options, progress).build_all(work)
+    except build.BuildInterrupted as stop:
+        _summary(stop.results)
+        print("interrupted: running builds were stopped; nothing half-built was tagged", file=sys.stderr)
+        return 130
+    _summary(results)
+    failed = [r for r in results if r.state == "failed"]
+    for r in failed:
+        print(f"\nfailed: {r.id}: {r.reason}\n  log: {r.log}", file=sys.stderr)
+        for line in r.tail:
+            print(f"  | {line}", file=sys.stderr)
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def _summary(results: list[build.Result]) -> None:
+    rows = [[r.id, r.state, f"{r.seconds:.0f}s" if r.seconds else "-",
+             (r.tags[0] if r.tags else r.reason) or "-"] for r in results]
+    print(_table(rows, ["IMAGE", "RESULT", "TIME", "TAG / REASON"]))
+    counts = {state: sum(r.state == state for r in results) for state in ("built", "skipped", "failed")}
+    print(", ".join(f"{n} {state}" for state, n in counts.items()))
+
+
+def cmd_bake(args: argparse.Namespace) -> int:
+    """A docker buildx bake file: one target per image, for remote or Kubernetes BuildKit builders."""
+    m, options, planned = _planned_for_build(args, None)
+    targets = {}
+    for p, _ in planned:
+        repo = build.repository(p.spec, options.registry)
+        target = {
+            "context": os.path.relpath(m.output / p.spec.id),
+            "dockerfile": "Dockerfile",
+            "tags": [f"{repo}:{t}" for t in p.tags],
+            "args": p.build_args,
+            "labels": {"io.lmi.content-hash": p.content_hash},
+            "network": "host",
+            "secret": [f"id=ca,src={options.ca_bundle or build.DEFAULT_CA_BUNDLE}"],
+        }
+        if options.registry:
+            cache = f"{repo}:buildcache-{p.spec.id}"
+            target["cache-from"] = [f"type=registry,ref={cache}"]
+            target["cache-to"] = [f"type=registry,ref={cache},mode=max"]
+        targets[bake_target(p.spec.id)] = target
+    print(json.dumps({"group": {"default": {"targets": list(targets)}}, "target": targets}, indent=2))
+    return EXIT_OK
+
+
+def bake_target(image_id: str) -> str:
+    return image_id.replace(".", "_")  # bake target names allow [A-Za-z0-9_-] only
+
+
+def cmd_ci_matrix(args: argparse.Namespace) -> int:
+    """JSON for a CI job matrix: one entry per image, with the runner labels its family needs."""
+    m, options, planned = _planned_for_build(args, None)
+    include = []
+    for p, _ in planned:
+        fam = p.spec.family
+        runner = ["self-hosted", "linux", fam.arch.replace("x86_64", "x64").replace("aarch64", "arm64")]
+        runner += ["gpu", fam.name] if fam.is_gpu else ["cpu"]
+        include.append({"id": p.spec.id, "family": fam.name, "gpu": fam.is_gpu, "runs-on": runner,
+                        "tag": p.spec.tag, "content_hash": p.content_hash})
+    print(json.dumps({"include": include}, indent=None if args.compact else 2))
+    return EXIT_OK
+
+
 # --- argument parsing ----------------------------------------------------------------------------
 
 
@@ -210,6 +327,38 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", parents=[common, selectors], help="image ids, tags and content hashes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
+
+    engine_opts = argparse.ArgumentParser(add_help=False)
+    engine_opts.add_argument("--docker", metavar="PATH", help="docker CLI to build with (default: detected; "
+                             "also $DOCKER)")
+    build_opts = argparse.ArgumentParser(add_help=False)
+    build_opts.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="parallel builds")
+    build_opts.add_argument("--registry", metavar="HOST/PREFIX", help="name images for this registry")
+    build_opts.add_argument("--base-mirror", metavar="PREFIX", help="pull base images through this prefix")
+    build_opts.add_argument("--pip-index-url", metavar="URL", help="package index used inside the builds")
+    build_opts.add_argument("--wheelhouse", metavar="DIR", help="wheels to prefer, mounted into the builds")
+    build_opts.add_argument("--ca-bundle", metavar="FILE",
+                            help=f"CA bundle passed as a BuildKit secret (default: {build.DEFAULT_CA_BUNDLE})")
+    build_opts.add_argument("--build-arg", action="append", metavar="KEY=VALUE", help="extra build argument")
+    build_opts.add_argument("--shard", metavar="I/N", help="build only the I-th of N slices of the selection")
+
+    p = sub.add_parser("engine", parents=[common, engine_opts],
+                       help="make sure a docker engine answers (installs and starts Debian's docker.io if needed)")
+    p.set_defaults(func=cmd_engine)
+
+    p = sub.add_parser("build", parents=[common, selectors, engine_opts, build_opts],
+                       help="build the selected images with BuildKit")
+    p.add_argument("--force", action="store_true", help="rebuild even when the content-hash tag exists")
+    p.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("bake", parents=[common, selectors, build_opts],
+                       help="print a docker buildx bake file for the selected images")
+    p.set_defaults(func=cmd_bake)
+
+    p = sub.add_parser("ci-matrix", parents=[common, selectors, build_opts], help="JSON for a CI job matrix")
+    p.add_argument("--compact", action="store_true", help="one line (for $GITHUB_OUTPUT)")
+    p.set_defaults(func=cmd_ci_matrix)
     return parser
 
 

@@ -151,7 +151,7 @@ class DjlRelease:
 class OperatingSystem:
     name: str
     image: str
-    ubuntu: str
+    ubuntu: str | None  # None: no nvidia/cuda base exists for it (CPU images only)
     python: str
     java_package: str
     java: str

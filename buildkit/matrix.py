@@ -27,7 +27,7 @@ from .rules import Combo
 from .yamlio import LocDict, LocList, load_file
 
 SCHEMA_VERSION = 1
-TOP_KEYS = ("schema", "repository", "templates", "output", "families", "lines")
+TOP_KEYS = ("schema", "repository", "templates", "output", "base_mirror", "build_args", "families", "lines")
 FAMILY_KEYS = ("driver", "inference_ami")
 COMPONENTS = ("djl", "deepspeed", "torch", "cuda", "python", "os")
 LIBRARIES = ("transformers", "diffusers", "accelerate")
@@ -62,6 +62,8 @@ class Matrix:
     templates: Path
     output: Path
     images: tuple[Image, ...]
+    base_mirror: str | None = None  # prefix for base images (a pull-through cache, a local mirror)
+    build_args: dict[str, str] = field(default_factory=dict)  # extra build args for every image
 
 
 class _Problems:
@@ -149,6 +151,8 @@ def load(path: Path, facts: Facts) -> Matrix:
     templates = path.parent / _setting(doc, "templates", "templates", p)
     output = path.parent / _setting(doc, "output", "images", p)
 
+    base_mirror = _string(doc, "base_mirror", "the matrix", p, version=False) if "base_mirror" in doc else None
+    build_args = _build_args(doc, p)
     fleet = _families(doc, facts, p)
     lines = _mapping(doc.get("lines"), doc.line_of("lines"), "lines", p, "lines: {djl0.27: {djl: \"0.27.0\", ...}}")
     if "lines" not in doc:
@@ -167,7 +171,22 @@ def load(path: Path, facts: Facts) -> Matrix:
                                          f"{seen[image.id].lines['family']}); list each family once per line")
         seen[image.id] = image
     p.raise_if_any()
-    return Matrix(path=path, repository=repository, templates=templates, output=output, images=tuple(images))
+    return Matrix(path=path, repository=repository, templates=templates, output=output, images=tuple(images),
+                  base_mirror=base_mirror, build_args=build_args)
+
+
+def _build_args(doc: LocDict, p: _Problems) -> dict[str, str]:
+    node = _mapping(doc.get("build_args"), doc.line_of("build_args"), "build_args", p,
+                    "build_args: {PIP_INDEX_URL: \"https://...\"}") or {}
+    args = {}
+    for key, value in node.items():
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            p.add(node.line_of(key), f"build_args: '{key}' is not a valid build argument name")
+        elif not isinstance(value, str):
+            p.add(node.line_of(key), f"build_args: {key} must be a string, got {_kind(value)}; quote it")
+        else:
+            args[key] = value
+    return args
 
 
 @dataclass(frozen=True)
@@ -229,7 +248,7 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems) -> list[
         return []
     _check_keys(body, LINE_KEYS, what, p)
     for key in COMPONENTS + LIBRARIES:
-        if key not in body:
+        if key not in body and key != "cuda":
             p.add(line, f"{what} is missing '{key}'; add {key}: \"<version>\"")
     values = {k: _string(body, k, what, p) for k in COMPONENTS + LIBRARIES + ("torch_cuda",) if k in body}
     pip = _pins(body, what, p)
@@ -268,6 +287,8 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems) -> list[
         ov = _mapping(ov, overrides.line_of(fam), f"{what}: overrides.{fam}", p, "{torch: \"2.8.0\"}")
         if ov:
             _check_keys(ov, OVERRIDE_KEYS, f"{what}: overrides.{fam}", p)
+    if "cuda" not in body and any(fam != "cpu" for fam, _ in members):
+        p.add(line, f"{what} builds GPU families but has no 'cuda'; add cuda: \"<version>\" (or build only cpu)")
     if p.lines:
         return []
 

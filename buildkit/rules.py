@@ -274,12 +274,12 @@ def _base(ctx: _Ctx) -> None:
     system = f.systems.get(c.os)
     if tk is None or system is None:
         return
-    if system.ubuntu not in tk.ubuntu:
+    if system.ubuntu is None or system.ubuntu not in tk.ubuntu:
         oses = [name for name, s in f.systems.items() if s.ubuntu in tk.ubuntu]
         have = [v for v, t in f.toolkits.items() if system.ubuntu in t.ubuntu]
         fix = " or ".join([f"os {o}" for o in oses] + [f"cuda {v}" for v in versions.nearest(tk.version, have, 1)])
-        ctx.error("base-image", "os", f"no nvidia/cuda:{tk.patch} image exists for Ubuntu {system.ubuntu} "
-                  f"(only {', '.join(tk.ubuntu)})", f.source("cuda", "base-tags"), fix)
+        ctx.error("base-image", "os", f"no nvidia/cuda:{tk.patch} image exists for {c.os} "
+                  f"(only Ubuntu {', '.join(tk.ubuntu)})", f.source("cuda", "base-tags"), fix)
 
 
 # --- DeepSpeed builds its ops with nvcc against torch: their CUDA versions must agree ----------------

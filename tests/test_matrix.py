@@ -112,7 +112,7 @@ def test_top_level_list(write_matrix) -> None:
 def test_unknown_keys_suggest(write_matrix) -> None:
     text = FLEET + LINE_027.replace('    cuda: "12.1"', '    cudaa: "12.1"')
     err = bad(write_matrix(text), r"matrix\.yaml:\d+: unknown key 'cudaa' in line 'djl0.27'; did you mean 'cuda'")
-    assert "missing 'cuda'" in err
+    assert "builds GPU families but has no 'cuda'" in err
 
 
 def test_unknown_top_level_key(write_matrix) -> None:
@@ -193,3 +193,17 @@ def test_paths_are_relative_to_the_matrix_and_typed(write_matrix, facts) -> None
     m = load(write_matrix("output: out\n" + FLEET + LINE_027), facts)
     assert m.output == m.path.parent / "out" and m.templates == m.path.parent / "templates"
     bad(write_matrix("output: 3\n" + FLEET + LINE_027), r"matrix\.yaml:1: the matrix: output must be a non-empty")
+
+
+def test_cpu_only_line_needs_no_cuda(write_matrix, facts) -> None:
+    text = FLEET + LINE_027.replace('    cuda: "12.1"\n', "") + "    include: [cpu]\n"
+    images = load(write_matrix(text), facts).images
+    assert [i.id for i in images] == ["djl0.27-cpu"] and images[0].combo.cuda is None
+
+
+def test_base_mirror_and_build_args(write_matrix, facts) -> None:
+    m = load(write_matrix("base_mirror: mirror.example/hub\nbuild_args: {PIP_INDEX_URL: \"https://i\"}\n"
+                          + FLEET + LINE_027), facts)
+    assert m.base_mirror == "mirror.example/hub" and m.build_args == {"PIP_INDEX_URL": "https://i"}
+    bad(write_matrix("build_args: {PIP_INDEX_URL: 3, bad-name: x}\n" + FLEET + LINE_027),
+        r"matrix\.yaml:1: build_args: PIP_INDEX_URL must be a string", r"'bad-name' is not a valid build argument")

@@ -171,13 +171,11 @@ def test_image_json_carries_the_claims(production) -> None:
         assert claims["labels"] == spec.labels
 
 
-def test_djl_download_without_checksum_warns(production) -> None:
+def test_djl_download_is_verified_or_warns(production) -> None:
     for spec, ctx in production:
         dockerfile = ctx.files["Dockerfile"].decode()
-        if spec.djl_sha256:
-            assert "sha256sum -c -" in dockerfile
-        else:
-            assert "WARNING: no sha256 is recorded for DJL Serving" in dockerfile
+        assert f"ARG DJL_SERVING_SHA256={spec.djl_sha256 or ''}\n" in dockerfile
+        assert 'sha256sum -c -' in dockerfile and "WARNING: no sha256 is recorded for DJL Serving" in dockerfile
 
 
 def test_entrypoint_scripts_are_valid_bash(production, tmp_path) -> None:

@@ -1,0 +1,283 @@
+"""Build rendered contexts with BuildKit: parallel, keep-going, incremental by content hash.
+
+An image whose content-hash tag already exists is skipped, so a no-change re-run builds nothing. A
+build is tagged only after it succeeded, and the content-hash tag goes last: an interrupted run never
+leaves an image that a later run would mistake for complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import engine
+from .engine import Client
+from .errors import UserError
+from .progress import Progress
+from .spec import ImageSpec, PlannedImage
+
+DEFAULT_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+STEP = re.compile(r"^#\d+ \[([^\]]+)\] (.*)$")
+UNPULLABLE = re.compile(r"failed to resolve source metadata for ([^\s:]+(?::[^\s:]+)?)|"
+                        r"pull access denied for ([^\s,]+)|([^\s]+): not found")
+TAIL_LINES = 12
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    jobs: int = 1
+    force: bool = False
+    base_mirror: str | None = None
+    pip_index_url: str | None = None
+    wheelhouse: Path | None = None
+    ca_bundle: Path | None = None  # passed as the BuildKit secret `ca`; never a build arg
+    build_args: dict[str, str] = field(default_factory=dict)
+    registry: str | None = None  # image name prefix, e.g. 127.0.0.1:5000/team
+    log_dir: Path = Path(".lmi/logs")
+
+
+@dataclass
+class Result:
+    id: str
+    state: str  # built | skipped | failed | interrupted
+    seconds: float = 0.0
+    log: Path | None = None
+    image_id: str | None = None
+    tags: tuple[str, ...] = ()
+    reason: str = ""
+    tail: list[str] = field(default_factory=list)
+
+
+def repository(spec: ImageSpec, registry: str | None) -> str:
+    return f"{registry.rstrip('/')}/{spec.repository}" if registry else spec.repository
+
+
+def build_args(spec: ImageSpec, options: BuildOptions, matrix_args: dict[str, str], wheelhouse_ref: str | None
+               ) -> dict[str, str]:
+    """The build args of one image: they change its content hash, so they are computed before planning."""
+    args = dict(matrix_args)
+    mirror = options.base_mirror
+    if mirror:
+        if spec.builder_image:
+            args["BUILDER_IMAGE"] = engine.mirrored(spec.builder_image, mirror)
+        args["RUNTIME_IMAGE"] = engine.mirrored(spec.runtime_image, mirror)
+    if options.pip_index_url:
+        args["PIP_INDEX_URL"] = options.pip_index_url
+    if wheelhouse_ref:
+        args["WHEELHOUSE"] = wheelhouse_ref
+        args["PIP_FIND_LINKS"] = "/wheelhouse"
+    args.update(options.build_args)
+    return args
+
+
+def wheelhouse_image(client: Client, directory: Path) -> str:
+    """Package a wheel directory as a scratch image the Dockerfiles mount at /wheelhouse; its tag is the
+    hash of the wheels, so a changed wheelhouse changes every content hash that uses it."""
+    if not directory.is_dir():
+        raise UserError(f"{directory}: wheelhouse directory not found; pass an existing folder to --wheelhouse")
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(directory)).encode())
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+    ref = f"lmi-wheelhouse:{digest.hexdigest()[:16]}"
+    if not engine.image_exists(engine.sdk(), ref):
+        result = subprocess.run([*client.build_command(), "-q", "-t", ref, "-f", "-", str(directory)],
+                                input=b"FROM scratch\nCOPY . /\n", capture_output=True, env=client.env)
+        if result.returncode:
+            raise UserError(f"{directory}: could not package the wheelhouse: "
+                            f"{result.stderr.decode(errors='replace').strip()[-300:]}")
+    return ref
+
+
+def _command(client: Client, planned: PlannedImage, context: Path, options: BuildOptions, iidfile: Path,
+             ca: Path | None) -> list[str]:
+    spec = planned.spec
+    cmd = [*client.build_command(), "--network=host", "--progress=plain", "--iidfile", str(iidfile),
+           "--label", f"io.lmi.content-hash={planned.content_hash}",
+           "--label", f"org.opencontainers.image.created={datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}"]
+    if ca:
+        cmd += ["--secret", f"id=ca,src={ca}"]
+    for key, value in sorted(planned.build_args.items()):
+        cmd += ["--build-arg", f"{key}={value}"]
+    if options.registry:
+        repo = repository(spec, options.registry)
+        if client.supports_cache_export:
+            cache = f"{repo}:buildcache-{spec.id}"
+            cmd += ["--cache-from", f"type=registry,ref={cache}", "--cache-to", f"type=registry,ref={cache},mode=max"]
+        else:  # classic BuildKit: cache metadata inline in the pushed image, reused from the floating alias
+            cmd += ["--build-arg", "BUILDKIT_INLINE_CACHE=1"] + [
+                arg for alias in spec.aliases[:1] for arg in ("--cache-from", f"{repo}:{alias}")]
+    return [*cmd, str(context)]
+
+
+class Builder:
+    """Runs the builds of one `lmi build` invocation."""
+
+    def __init__(self, client: Client, options: BuildOptions, progress: Progress) -> None:
+        self.client = client
+        self.options = options
+        self.progress = progress
+        self.sdk = engine.sdk()
+        self.stopping = threading.Event()
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+        ca = options.ca_bundle if options.ca_bundle is not None else DEFAULT_CA_BUNDLE
+        self.ca = ca if ca and ca.is_file() else None
+        if options.ca_bundle is not None and self.ca is None:
+            raise UserError(f"{options.ca_bundle}: CA bundle not found; pass an existing file to --ca-bundle")
+
+    def build_all(self, work: list[tuple[PlannedImage, Path]]) -> list[Result]:
+        results: dict[str, Result] = {}
+        pool = ThreadPoolExecutor(max_workers=max(1, self.options.jobs), thread_name_prefix="lmi-build")
+        futures: dict[Future, str] = {pool.submit(self._one, p, ctx): p.spec.id for p, ctx in work}
+        try:
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    results[futures[fut]] = fut.result()
+        except KeyboardInterrupt:
+            self.interrupt()
+            for fut in futures:
+                fut.cancel()
+            for fut, image_id in futures.items():
+                if not fut.cancelled():
+                    results[image_id] = fut.result()
+            for image_id in futures.values():
+                results.setdefault(image_id, Result(image_id, "interrupted", reason="not started"))
+            raise BuildInterrupted([results[p.spec.id] for p, _ in work]) from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return [results[p.spec.id] for p, _ in work]
+
+    def interrupt(self) -> None:
+        """Stop every running build (its whole process group) and tag nothing more."""
+        self.stopping.set()
+        with self._lock:
+            procs = list(self._procs.values())
+        for proc in procs:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+
+    def _one(self, planned: PlannedImage, context: Path) -> Result:
+        spec = planned.spec
+        repo = repository(spec, self.options.registry)
+        if self.stopping.is_set():
+            return Result(spec.id, "interrupted", reason="not started")
+        if not self.options.force and engine.image_exists(self.sdk, f"{repo}:{planned.hash_tag}"):
+            self.progress.finish(spec.id, "skipped", f"{repo}:{planned.hash_tag} exists")
+            return Result(spec.id, "skipped", tags=tuple(f"{repo}:{t}" for t in planned.tags),
+                          reason="content hash unchanged")
+        self.options.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.options.log_dir / f"{spec.id}.log"
+        self.progress.start(spec.id)
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="lmi-") as tmp:
+            iidfile = Path(tmp) / "iid"
+            cmd = _command(self.client, planned, context, self.options, iidfile, self.ca)
+            code = self._run(spec.id, cmd, log)
+            image_id = iidfile.read_text().strip() if code == 0 and iidfile.exists() else None
+        seconds = time.monotonic() - started
+        if self.stopping.is_set():
+            self.progress.finish(spec.id, "interrupted")
+            return Result(spec.id, "interrupted", seconds, log, reason="interrupted")
+        if image_id is None:
+            tail = _tail(log)
+            reason = _explain(tail, spec, self.options.base_mirror) or f"build failed (exit {code})"
+            self.progress.finish(spec.id, "failed", reason)
+            return Result(spec.id, "failed", seconds, log, reason=reason, tail=tail)
+        tags = self._tag(image_id, repo, planned)
+        self.progress.finish(spec.id, "built", f"{repo}:{spec.tag}")
+        return Result(spec.id, "built", seconds, log, image_id, tags)
+
+    def _run(self, image_id: str, cmd: list[str], log: Path) -> int:
+        with log.open("w", encoding="utf-8") as out:
+            out.write("$ " + " ".join(cmd) + "\n")
+            out.flush()
+            # A session of its own: Ctrl-C reaches us, and we stop the whole build tree ourselves.
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.client.env,
+                                    start_new_session=True, text=True, errors="replace")
+            with self._lock:
+                self._procs[image_id] = proc
+            try:
+                for line in proc.stdout:
+                    out.write(line)
+                    match = STEP.match(line.strip())
+                    if match:
+                        self.progress.step(image_id, f"{match.group(1)} {match.group(2)}"[:100])
+                return proc.wait()
+            finally:
+                with self._lock:
+                    self._procs.pop(image_id, None)
+
+    def _tag(self, image_id: str, repo: str, planned: PlannedImage) -> tuple[str, ...]:
+        image = self.sdk.images.get(image_id)
+        ordered = [planned.spec.tag, *planned.spec.aliases, planned.hash_tag]  # content hash last: "complete"
+        for tag in ordered:
+            image.tag(repo, tag)
+        return tuple(f"{repo}:{t}" for t in ordered)
+
+
+class BuildInterrupted(Exception):
+    def __init__(self, results: list[Result]) -> None:
+        super().__init__("interrupted")
+        self.results = results
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
+def _tail(log: Path) -> list[str]:
+    lines = log.read_text(errors="replace").splitlines()
+    return lines[-TAIL_LINES:]
+
+
+def _explain(tail: list[str], spec: ImageSpec, mirror: str | None) -> str:
+    """Turn BuildKit's failure into what the user can do about it, where we recognise it."""
+    text = "\n".join(tail)
+    match = UNPULLABLE.search(text)
+    bases = [engine.mirrored(b, mirror) for b in spec.bases]
+    if match and any(b.split("/")[-1].split(":")[0] in text for b in bases):
+        base = next((b for b in bases if b.split("/")[-1] in text), bases[-1])
+        return (f"base image {base} cannot be pulled: set a mirror with --base-mirror PREFIX (e.g. an ECR "
+                f"pull-through cache), or `docker load` the image and build again")
+    for line in reversed(tail):
+        if "ERROR" in line or "error" in line:
+            return line.strip()[:300]
+    return ""
+
+
+def select_shard(items: list, shard: str | None) -> list:
+    """`I/N`: the I-th of N deterministic slices (1-based), for CI fan-out."""
+    if not shard:
+        return items
+    match = re.fullmatch(r"(\d+)/(\d+)", shard)
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise UserError(f"--shard {shard}: expected I/N with 1 <= I <= N, e.g. --shard 2/4")
+    index, count = int(match.group(1)), int(match.group(2))
+    return [item for i, item in enumerate(items) if i % count == index - 1]
+
+
+ProgressFactory = Callable[[list[str]], Progress]
