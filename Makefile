@@ -10,8 +10,15 @@ MATRIX ?= matrix.yaml
 INSTANCE ?=
 LMI := $(BIN)/lmi --matrix $(MATRIX)
 SELECT := $(foreach i,$(INSTANCE),--instance $(i))
+# Extra flags for `lmi build`, e.g. BUILD_FLAGS="-j 2 --force".
+BUILD_FLAGS ?=
 
-.PHONY: help venv build render validate plan lint test bench clean
+# The local test matrix builds offline: its stand-ins are prepared first, and torch comes from pip's
+# local wheel folder (PIP_FIND_LINKS), unless WHEELHOUSE says otherwise.
+LOCAL := $(findstring matrix.local,$(MATRIX))
+WHEELHOUSE ?= $(if $(LOCAL),$(firstword $(PIP_FIND_LINKS)))
+
+.PHONY: help venv engine build render validate plan lint test bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,10 +37,13 @@ $(VENV)/.ready: pyproject.toml
 
 venv: $(VENV)/.ready ## create .venv with the toolkit and its dev tools
 
-build: venv ## validate, render and plan the images of INSTANCE (all when unset)
+engine: venv ## make sure a Docker engine with BuildKit answers (installs and starts docker.io if needed)
+	$(BIN)/lmi engine
+
+build: engine ## validate, then build the images of INSTANCE (all when unset) with BuildKit
 	$(LMI) validate
-	$(LMI) render $(SELECT)
-	$(LMI) plan $(SELECT)
+	$(if $(LOCAL),$(BIN)/python -m tests.local.prepare --matrix $(MATRIX) --serve 3600)
+	$(LMI) build $(SELECT) $(if $(WHEELHOUSE),--wheelhouse $(WHEELHOUSE)) $(BUILD_FLAGS)
 
 render: venv ## re-render images/ from the matrix and templates
 	$(LMI) render
@@ -49,11 +59,12 @@ lint: venv ## ruff, the render gate, and hadolint on every rendered Dockerfile
 	$(BIN)/lmi render --check
 	$(BIN)/hadolint --config .hadolint.yaml images/*/Dockerfile
 
-test: lint ## lint, then the test suite
+test: lint engine ## lint, then the test suite (engine tests build real images)
 	$(BIN)/python -m pytest -q
 
-bench: venv ## measure validate + render of the whole matrix into bench/results.md
+bench: engine ## measure render and build speed into bench/results.md
 	$(BIN)/python bench/render_bench.py
+	$(BIN)/python bench/build_bench.py
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

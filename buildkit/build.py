@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import engine
+from . import cache, engine
 from .engine import Client
 from .errors import UserError
 from .progress import Progress
@@ -30,8 +30,8 @@ from .spec import ImageSpec, PlannedImage
 
 DEFAULT_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 STEP = re.compile(r"^#\d+ \[([^\]]+)\] (.*)$")
-UNPULLABLE = re.compile(r"failed to resolve source metadata for ([^\s:]+(?::[^\s:]+)?)|"
-                        r"pull access denied for ([^\s,]+)|([^\s]+): not found")
+PULL_FAILURE = re.compile(r"failed to resolve source metadata|pull access denied|manifest unknown|not found|"
+                          r"failed to do request|no such host|connection refused|unauthorized", re.I)
 TAIL_LINES = 12
 
 
@@ -82,26 +82,35 @@ def build_args(spec: ImageSpec, options: BuildOptions, matrix_args: dict[str, st
     return args
 
 
-def wheelhouse_image(client: Client, directory: Path) -> str:
-    """Package a wheel directory as a scratch image the Dockerfiles mount at /wheelhouse; its tag is the
-    hash of the wheels, so a changed wheelhouse changes every content hash that uses it."""
+def wheelhouse_ref(directory: Path) -> str:
+    """The wheelhouse's identity: a tag made of the hash of its wheels, so a changed wheelhouse changes the
+    content hash of every image that uses it (lmi build and bake compute the same one)."""
     if not directory.is_dir():
         raise UserError(f"{directory}: wheelhouse directory not found; pass an existing folder to --wheelhouse")
-    digest = hashlib.sha256()
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            digest.update(str(path.relative_to(directory)).encode())
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+
+    def digest() -> str:
+        h = hashlib.sha256()
+        for path in files:
+            h.update(str(path.relative_to(directory)).encode())
             with path.open("rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-    ref = f"lmi-wheelhouse:{digest.hexdigest()[:16]}"
-    if not engine.image_exists(engine.sdk(), ref):
-        result = subprocess.run([*client.build_command(), "-q", "-t", ref, "-f", "-", str(directory)],
-                                input=b"FROM scratch\nCOPY . /\n", capture_output=True, env=client.env)
-        if result.returncode:
-            raise UserError(f"{directory}: could not package the wheelhouse: "
-                            f"{result.stderr.decode(errors='replace').strip()[-300:]}")
-    return ref
+                    h.update(chunk)
+        return h.hexdigest()[:16]
+
+    return "lmi-wheelhouse:" + cache.memo("wheelhouse", str(directory.resolve()), cache.signature(files), digest)
+
+
+def ensure_wheelhouse_image(client: Client, directory: Path, ref: str) -> None:
+    """Package the wheel folder as a scratch image that the Dockerfiles mount at /wheelhouse (classic
+    BuildKit clients have no named build contexts)."""
+    if engine.image_exists(engine.sdk(), ref):
+        return
+    result = subprocess.run([*client.build_command(), "-q", "-t", ref, "-f", "-", str(directory)],
+                            input=b"FROM scratch\nCOPY . /\n", capture_output=True, env=client.env)
+    if result.returncode:
+        raise UserError(f"{directory}: could not package the wheelhouse: "
+                        f"{result.stderr.decode(errors='replace').strip()[-300:]}")
 
 
 def _command(client: Client, planned: PlannedImage, context: Path, options: BuildOptions, iidfile: Path,
@@ -203,7 +212,7 @@ class Builder:
             return Result(spec.id, "interrupted", seconds, log, reason="interrupted")
         if image_id is None:
             tail = _tail(log)
-            reason = _explain(tail, spec, self.options.base_mirror) or f"build failed (exit {code})"
+            reason = _explain(tail, planned) or f"build failed (exit {code})"
             self.progress.finish(spec.id, "failed", reason)
             return Result(spec.id, "failed", seconds, log, reason=reason, tail=tail)
         tags = self._tag(image_id, repo, planned)
@@ -254,17 +263,18 @@ def _tail(log: Path) -> list[str]:
     return lines[-TAIL_LINES:]
 
 
-def _explain(tail: list[str], spec: ImageSpec, mirror: str | None) -> str:
+def _explain(tail: list[str], planned: PlannedImage) -> str:
     """Turn BuildKit's failure into what the user can do about it, where we recognise it."""
     text = "\n".join(tail)
-    match = UNPULLABLE.search(text)
-    bases = [engine.mirrored(b, mirror) for b in spec.bases]
-    if match and any(b.split("/")[-1].split(":")[0] in text for b in bases):
-        base = next((b for b in bases if b.split("/")[-1] in text), bases[-1])
-        return (f"base image {base} cannot be pulled: set a mirror with --base-mirror PREFIX (e.g. an ECR "
-                f"pull-through cache), or `docker load` the image and build again")
+    spec, args = planned.spec, planned.build_args
+    bases = [args.get("BUILDER_IMAGE", spec.builder_image), args.get("RUNTIME_IMAGE", spec.runtime_image)]
+    for base in filter(None, bases):
+        name = base.rsplit(":", 1)[0] if "@" not in base else base.split("@")[0]
+        if PULL_FAILURE.search(text) and (name in text or name.split("/", 1)[-1] in text):
+            return (f"base image {base} cannot be pulled: set a mirror with --base-mirror PREFIX (e.g. an ECR "
+                    "pull-through cache), or `docker load` the image and build again")
     for line in reversed(tail):
-        if "ERROR" in line or "error" in line:
+        if "ERROR" in line or "error:" in line.lower():
             return line.strip()[:300]
     return ""
 

@@ -194,7 +194,9 @@ def _planned_for_build(args: argparse.Namespace, client: engine.Client | None):
     if not specs:
         raise UserError(f"shard {args.shard} has no images; use fewer shards")
     options = _build_options(args, m)
-    wheelhouse_ref = build.wheelhouse_image(client, options.wheelhouse) if options.wheelhouse and client else None
+    wheelhouse_ref = build.wheelhouse_ref(options.wheelhouse) if options.wheelhouse else None
+    if wheelhouse_ref and client:
+        build.ensure_wheelhouse_image(client, options.wheelhouse, wheelhouse_ref)
     renderer = render.Renderer(m.templates)
     planned = []
     for spec in specs:
@@ -206,6 +208,7 @@ def _planned_for_build(args: argparse.Namespace, client: engine.Client | None):
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    engine.sdk()  # a stopped daemon is reported as such, not as a client that cannot build
     client = engine.detect_client(args.docker or os.environ.get("DOCKER"))
     m, options, planned = _planned_for_build(args, client)
     contexts = [ctx for _, ctx in planned]
@@ -255,6 +258,8 @@ def cmd_bake(args: argparse.Namespace) -> int:
             "network": "host",
             "secret": [f"id=ca,src={options.ca_bundle or build.DEFAULT_CA_BUNDLE}"],
         }
+        if options.wheelhouse:  # buildx: the folder itself replaces the `wheelhouse` stage
+            target["contexts"] = {"wheelhouse": str(options.wheelhouse.resolve())}
         if options.registry:
             cache = f"{repo}:buildcache-{p.spec.id}"
             target["cache-from"] = [f"type=registry,ref={cache}"]

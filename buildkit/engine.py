@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import cache
 from .errors import UserError
 
 # How the project starts its own engine where none answers: no bridge, no iptables or forwarding, so
@@ -55,8 +56,11 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def candidates(override: str | None) -> list[str]:
-    """CLI binaries to try, in order: the override, `docker` on PATH, Debian's /usr/bin/docker."""
-    found = [override] if override else []
+    """CLI binaries to try: an explicit override alone (the user asked for it), else `docker` on PATH,
+    then Debian's /usr/bin/docker."""
+    if override:
+        return [override]
+    found: list[str] = []
     for name in ("docker", "/usr/bin/docker"):
         path = shutil.which(name)
         if path and os.path.realpath(path) not in {os.path.realpath(p) for p in found}:
@@ -64,25 +68,43 @@ def candidates(override: str | None) -> list[str]:
     return found
 
 
+def _examine(path: str) -> list:
+    """[kind or None, version, why not] for one CLI binary: buildx, else a real BuildKit probe build."""
+    version = _run([path, "version", "--format", "{{.Client.Version}}"]).stdout.strip() or "unknown"
+    if _run([path, "buildx", "version"]).returncode == 0:
+        return ["buildx", version, ""]
+    probe = subprocess.run([path, "build", "-q", "-"], input=PROBE_DOCKERFILE, capture_output=True,
+                           env={**os.environ, "DOCKER_BUILDKIT": "1"}, timeout=120)
+    if probe.returncode == 0:
+        return ["buildkit", version, ""]
+    reason = (probe.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+    return [None, version, f"no buildx, and DOCKER_BUILDKIT=1 build failed: {reason}"]
+
+
 @functools.cache
 def detect_client(override: str | None = None) -> Client:
     tried = []
     for path in candidates(override):
-        version = _run([path, "version", "--format", "{{.Client.Version}}"]).stdout.strip() or "unknown"
-        if _run([path, "buildx", "version"]).returncode == 0:
-            return Client(path, "buildx", version)
-        probe = subprocess.run([path, "build", "-q", "-"], input=PROBE_DOCKERFILE, capture_output=True,
-                               env={**os.environ, "DOCKER_BUILDKIT": "1"}, timeout=120)
-        if probe.returncode == 0:
-            return Client(path, "buildkit", version)
-        reason = (probe.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-        tried.append(f"{path} (client {version}): no buildx, and DOCKER_BUILDKIT=1 build failed: {reason}")
+        # Remembered per binary identity (and buildx plugin dirs), so a re-run does not probe again; a new
+        # or upgraded client or plugin is examined afresh.
+        watched = [Path(path).resolve()] + [p for p in _buildx_plugins() if p.exists()]
+        kind, version, why = cache.memo("clients", path, cache.signature(watched), lambda p=path: _examine(p),
+                                        keep=lambda found: found[0] is not None)
+        if kind:
+            return Client(path, kind, version)
+        tried.append(f"{path} (client {version}): {why}")
     if not tried:
         raise EngineError("no docker client found; run `make engine` (installs Debian's docker.io) or put a "
                           "docker CLI with buildx on PATH")
     raise EngineError("no docker client here can build with BuildKit: " + "; ".join(tried) +
                       ". Install the buildx plugin, or use Debian's docker.io client (--docker /usr/bin/docker, "
                       "or the DOCKER environment variable)")
+
+
+def _buildx_plugins() -> list[Path]:
+    dirs = [Path.home() / ".docker/cli-plugins", Path("/usr/local/lib/docker/cli-plugins"),
+            Path("/usr/libexec/docker/cli-plugins"), Path("/usr/lib/docker/cli-plugins")]
+    return [d / "docker-buildx" for d in dirs]
 
 
 def sdk():

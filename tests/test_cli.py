@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from conftest import LINE_027, lmi
 
@@ -99,3 +100,47 @@ def test_lmi_matrix_env_and_debug(write_matrix) -> None:
 def test_no_command_is_usage() -> None:
     result = lmi()
     assert result.returncode == 2 and "usage: lmi" in result.stderr
+
+
+def test_bake_file_has_a_target_per_image() -> None:
+    bake = json.loads(lmi("bake", "--instance", "p5", "--registry", "reg.example/team", "--base-mirror",
+                          "mirror.example/hub").stdout)
+    assert bake["group"]["default"]["targets"] == ["djl0_27-p5", "djl0_36-p5"]
+    target = bake["target"]["djl0_36-p5"]
+    assert target["context"] == "images/djl0.36-p5" and os.path.isfile(os.path.join(target["context"], "Dockerfile"))
+    assert target["tags"][0] == "reg.example/team/lmi-inference:0.36.0-deepspeed0.18.9-torch2.9.1-cu128-py312-" \
+                                "ubuntu24.04-p5"
+    assert "reg.example/team/lmi-inference:p5-latest" in target["tags"]
+    assert target["args"]["RUNTIME_IMAGE"] == "mirror.example/hub/nvidia/cuda:12.8.1-runtime-ubuntu24.04"
+    assert target["args"]["BUILDER_IMAGE"] == "mirror.example/hub/nvidia/cuda:12.8.1-devel-ubuntu24.04"
+    assert target["secret"][0].startswith("id=ca,src=") and target["network"] == "host"
+    assert target["cache-to"] == ["type=registry,ref=reg.example/team/lmi-inference:buildcache-djl0.36-p5,mode=max"]
+    assert re.fullmatch(r"[0-9a-f]{64}", target["labels"]["io.lmi.content-hash"])
+
+
+def test_bake_hash_matches_plan_when_no_build_args() -> None:
+    bake = json.loads(lmi("bake", "--instance", "g5").stdout)
+    plan = {p["id"]: p["content_hash"] for p in json.loads(lmi("plan", "--json", "--instance", "g5").stdout)}
+    assert bake["target"]["djl0_27-g5"]["labels"]["io.lmi.content-hash"] == plan["djl0.27-g5"]
+
+
+def test_ci_matrix_runner_labels_and_shards() -> None:
+    full = json.loads(lmi("ci-matrix").stdout)["include"]
+    assert len(full) == 23
+    g5 = next(e for e in full if e["id"] == "djl0.36-g5")
+    assert g5["runs-on"] == ["self-hosted", "linux", "x64", "gpu", "g5"] and g5["gpu"]
+    cpu = next(e for e in full if e["family"] == "cpu")
+    assert cpu["runs-on"] == ["self-hosted", "linux", "x64", "cpu"] and not cpu["gpu"]
+    shards = [json.loads(lmi("ci-matrix", "--shard", f"{i}/3").stdout)["include"] for i in (1, 2, 3)]
+    ids = [e["id"] for shard in shards for e in shard]
+    assert sorted(ids) == sorted(e["id"] for e in full) and len(ids) == len(set(ids))
+    assert lmi("ci-matrix", "--shard", "4/3").returncode == 2
+    compact = lmi("ci-matrix", "--compact", "--instance", "g5").stdout
+    assert compact.count("\n") == 1
+
+
+def test_build_flags_are_validated_before_any_engine_work() -> None:
+    result = lmi("bake", "--build-arg", "NOEQUALS")
+    assert result.returncode == 2 and "expected KEY=VALUE" in result.stderr
+    result = lmi("bake", "--wheelhouse", "/no/such/folder")
+    assert result.returncode == 2 and "wheelhouse directory not found" in result.stderr

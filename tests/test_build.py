@@ -1,0 +1,276 @@
+"""The build engine against the real Docker Engine with BuildKit, on the local test matrix.
+
+These tests build real images from the production templates (tests/matrix.local.yaml swaps only the
+base image, the torch wheel source and the DJL Serving package, which cannot be fetched here).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import tarfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import LMI, ROOT, lmi
+
+from buildkit import engine
+from tests.local import prepare
+
+pytestmark = pytest.mark.engine
+TORCH_WHEEL = "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+
+
+def _wheelhouse() -> Path | None:
+    for folder in os.environ.get("PIP_FIND_LINKS", "").split():
+        if (Path(folder) / TORCH_WHEEL).is_file():
+            return Path(folder)
+    return None
+
+
+@pytest.fixture(scope="session")
+def local(tmp_path_factory):
+    """Engine up, Debian base made, stand-in DJL packages built and served on loopback."""
+    wheelhouse = _wheelhouse()
+    if wheelhouse is None:
+        pytest.skip(f"no {TORCH_WHEEL} in $PIP_FIND_LINKS: the local matrix takes torch from that wheel")
+    try:
+        engine.ensure_engine()
+    except engine.EngineError as exc:
+        pytest.skip(f"no docker engine can run here: {exc}")
+    info = prepare.prepare(prepare.LOCAL_MATRIX)
+    for version in ("0.31.0",):  # for the DJL-bump test
+        prepare.standin_deb(version)
+    server = None
+    if prepare.port_free(info["port"]):
+        server = prepare.PackageServer(prepare.PACKAGES, info["port"], lifetime_s=1800).__enter__()
+    yield {"wheelhouse": wheelhouse, "port": info["port"], "dir": tmp_path_factory.mktemp("local")}
+    if server:
+        server.__exit__()
+
+
+def local_matrix(directory: Path, repo: str, extra_lines: str = "", rerun_djl_step: bool = False,
+                 **changes: str) -> Path:
+    """The local matrix under another repository name (so tests do not see each other's tags).
+    rerun_djl_step adds a nonce to the DJL package URL, so BuildKit's cache cannot answer that step."""
+    text = prepare.LOCAL_MATRIX.read_text()
+    if rerun_djl_step:
+        text = text.replace('_all.deb"', f'_all.deb?run={uuid.uuid4().hex}"')
+    text = text.replace("repository: lmi-local", f"repository: {repo}")
+    text = text.replace("templates: ../templates", f"templates: {ROOT / 'templates'}")
+    text = text.replace("output: ../.lmi/images-local", f"output: {directory / 'images'}")
+    for old, new in changes.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    path = directory / f"{repo}.yaml"
+    path.write_text(text + extra_lines)
+    return path
+
+
+def build(matrix: Path, local, *args: str, **kw) -> subprocess.CompletedProcess:
+    return lmi("--matrix", str(matrix), "build", "--plain", "--wheelhouse", str(local["wheelhouse"]), *args, **kw)
+
+
+def docker(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([engine.detect_client().path, *args], capture_output=True, text=True, timeout=300)
+
+
+def tags_of(repo: str) -> set[str]:
+    out = docker("images", repo, "--format", "{{.Tag}}").stdout.split()
+    return set(out)
+
+
+@pytest.fixture
+def repo():
+    name = f"lmi-test-{uuid.uuid4().hex[:8]}"
+    yield name
+    for tag in tags_of(name):
+        docker("rmi", "-f", f"{name}:{tag}")
+
+
+def test_build_tags_labels_then_skip_then_force(local, repo) -> None:
+    matrix = local_matrix(local["dir"], repo)
+    first = build(matrix, local)
+    assert first.returncode == 0, first.stdout + first.stderr
+    plan = json.loads(lmi("--matrix", str(matrix), "plan", "--json").stdout)[0]
+    tags = tags_of(repo)
+    assert {"0.32.0-deepspeed0.18.9-torch2.13.0-cpu-py311-debian12-cpu", "deepspeed0.18-cpu", "djl0.32-cpu",
+            "cpu-latest"} <= tags
+    assert any(t.startswith("local-cpu-") for t in tags)
+    labels = json.loads(docker("inspect", f"{repo}:djl0.32-cpu", "--format", "{{json .Config.Labels}}").stdout)
+    assert labels["io.lmi.torch"] == "2.13.0" and labels["io.lmi.deepspeed"] == "0.18.9"
+    assert labels["io.lmi.djl-serving"] == "0.32.0" and labels["io.lmi.python"] == "3.11"
+    assert labels["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
+    assert re.fullmatch(r"[0-9a-f]{64}", labels["io.lmi.content-hash"])
+    assert plan["tag"] in tags
+    config = json.loads(docker("inspect", f"{repo}:djl0.32-cpu", "--format", "{{json .Config}}").stdout)
+    assert config["User"] == "1001:1001" and "8080/tcp" in config["ExposedPorts"]
+    image_id = docker("inspect", f"{repo}:djl0.32-cpu", "--format", "{{.Id}}").stdout.strip()
+
+    again = build(matrix, local)
+    assert again.returncode == 0
+    assert re.search(r"local-cpu\s+skipped", again.stdout) and "0 built, 1 skipped" in again.stdout
+    assert docker("inspect", f"{repo}:djl0.32-cpu", "--format", "{{.Id}}").stdout.strip() == image_id
+
+    forced = build(matrix, local, "--force")
+    assert forced.returncode == 0 and "1 built" in forced.stdout
+
+
+def test_djl_bump_reuses_torch_and_deepspeed_layers(local, repo) -> None:
+    base = local_matrix(local["dir"], repo)
+    assert build(base, local).returncode == 0
+    bump = {'djl: "0.32.0"': 'djl: "0.31.0"', "djl-serving_0.32.0-1_all.deb": "djl-serving_0.31.0-1_all.deb"}
+    bumped = local_matrix(local["dir"], repo, rerun_djl_step=True, **bump)
+    result = build(bumped, local)
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = (ROOT / ".lmi" / "logs" / "local-cpu.log").read_text()
+    steps = {}
+    for match in re.finditer(r"^#(\d+) \[runtime\s+\d+/\d+\] (RUN .*)$", log, re.M):
+        steps[match.group(1)] = match.group(2)
+    cached = set(re.findall(r"^#(\d+) CACHED$", log, re.M))
+    by_kind = {kind: [n for n, step in steps.items() if marker in step] for kind, marker in (
+        ("torch", '"torch=='), ("deepspeed", "deepspeed=="), ("libraries", "requirements.txt"),
+        ("djl", "djl-serving.deb"))}
+    assert all(by_kind.values()), by_kind
+    for kind in ("torch", "deepspeed", "libraries"):
+        assert set(by_kind[kind]) <= cached, (kind, log[-2000:])
+    assert not set(by_kind["djl"]) & cached  # only the DJL step and what follows ran again
+    assert "0.31.0-deepspeed0.18.9" in " ".join(tags_of(repo))
+
+
+def test_broken_image_fails_alone_with_its_log(local, repo) -> None:
+    broken = """
+  broken:
+    djl: "0.32.0"
+    deepspeed: "0.18.9"
+    torch: "2.13.0"
+    python: "3.11"
+    os: debian12
+    transformers: "4.57.3"
+    diffusers: "0.35.2"
+    accelerate: "0.0.404"
+"""
+    matrix = local_matrix(local["dir"], repo, extra_lines=broken)
+    result = build(matrix, local, "-j", "2")
+    assert result.returncode == 1
+    assert re.search(r"local-cpu\s+built", result.stdout), result.stdout
+    assert re.search(r"broken-cpu\s+failed", result.stdout)
+    assert "failed: broken-cpu:" in result.stderr and "log: " in result.stderr
+    assert "accelerate==0.0.404" in result.stderr  # the tail of its log names what failed
+    assert "Traceback" not in result.stderr
+    tags = tags_of(repo)
+    assert not any(t.startswith("broken-cpu-") for t in tags) and "djl0.32-cpu" in tags
+
+
+def test_ca_bundle_never_reaches_a_layer(local, repo, tmp_path) -> None:
+    marker = f"lmi-ca-marker-{uuid.uuid4().hex}"
+    bundle = tmp_path / "ca.crt"
+    bundle.write_text(Path("/etc/ssl/certs/ca-certificates.crt").read_text() + f"# {marker}\n")
+    deb = prepare.standin_deb("0.32.0")
+    digest = hashlib.sha256(deb.read_bytes()).hexdigest()
+    # The DJL step runs for real (nonce), mounts the CA secret and downloads with it.
+    matrix = local_matrix(local["dir"], repo, rerun_djl_step=True)
+    result = build(matrix, local, "--ca-bundle", str(bundle), "--build-arg", f"DJL_SERVING_SHA256={digest}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = (ROOT / ".lmi" / "logs" / "local-cpu.log").read_text()
+    assert "/tmp/djl-serving.deb: OK" in log  # verified against the checksum this time
+    assert marker not in docker("history", "--no-trunc", f"{repo}:djl0.32-cpu").stdout
+    assert marker not in docker("inspect", f"{repo}:djl0.32-cpu").stdout
+    saved = tmp_path / "image.tar"
+    assert docker("save", "-o", str(saved), f"{repo}:djl0.32-cpu").returncode == 0
+    needle = marker.encode()
+    with tarfile.open(saved) as outer:
+        for member in outer.getmembers():
+            if member.isfile():
+                data = outer.extractfile(member).read()
+                assert needle not in data, member.name
+                if member.name.endswith("layer.tar"):
+                    with tarfile.open(fileobj=io.BytesIO(data)) as layer:
+                        for f in layer.getmembers():
+                            if f.isfile():
+                                assert needle not in layer.extractfile(f).read(), (member.name, f.name)
+
+
+def test_wrong_checksum_fails_the_build(local, repo) -> None:
+    matrix = local_matrix(local["dir"], repo, rerun_djl_step=True)
+    result = build(matrix, local, "--build-arg", "DJL_SERVING_SHA256=" + "0" * 64)
+    assert result.returncode == 1
+    assert "FAILED" in result.stderr or "did NOT match" in result.stderr
+    assert not tags_of(repo)
+
+
+def test_unpullable_base_says_how_out(local, repo) -> None:
+    # A mirror on a closed loopback port: the pull fails at once, and no traffic leaves the machine.
+    matrix = local_matrix(local["dir"], repo, **{"base_mirror: lmi-local": "base_mirror: 127.0.0.1:9/none"})
+    result = build(matrix, local)
+    assert result.returncode == 1
+    assert "base image 127.0.0.1:9/none/library/debian:12 cannot be pulled" in result.stderr
+    assert "--base-mirror" in result.stderr and "docker load" in result.stderr
+
+
+class _Slow(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        time.sleep(60)
+        self.send_error(500)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_ctrl_c_stops_the_build_and_tags_nothing(local, repo) -> None:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/slow.deb"
+    matrix = local_matrix(local["dir"], repo, **{"http://127.0.0.1:38771/djl-serving_0.32.0-1_all.deb": url})
+    proc = subprocess.Popen([str(LMI), "--matrix", str(matrix), "build", "--plain", "--wheelhouse",
+                             str(local["wheelhouse"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    log = ROOT / ".lmi" / "logs" / "local-cpu.log"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (log.exists() and "slow.deb" in log.read_text(errors="replace")
+                                               and "curl" in log.read_text(errors="replace")):
+        time.sleep(0.5)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    httpd.shutdown()
+    assert proc.returncode == 130, out + err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not tags_of(repo)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(matrix.parent / "images" / "local-cpu") not in ps  # no build left running
+
+
+def test_stopped_engine_is_a_clear_error(tmp_path) -> None:
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-such.sock"}
+    result = lmi("--matrix", str(prepare.LOCAL_MATRIX), "build", env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "the docker engine does not answer" in result.stderr and "make engine" in result.stderr
+
+
+def test_client_without_buildkit_is_passed_over(local, tmp_path) -> None:
+    fake = tmp_path / "docker"
+    fake.write_text("#!/bin/sh\n"
+                    "case \"$1\" in version) echo 99.0.0;; buildx) echo \"unknown command: buildx\" >&2; exit 1;;\n"
+                    "build) echo 'ERROR: BuildKit is enabled but the buildx component is missing or broken.' >&2;"
+                    " exit 1;; esac\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    detected = subprocess.run([str(LMI), "engine"], capture_output=True, text=True, env=env, timeout=120)
+    assert detected.returncode == 0, detected.stderr
+    assert "builds with /usr/bin/docker (buildkit" in detected.stdout  # the fake one first on PATH is skipped
+    forced = subprocess.run([str(LMI), "engine", "--docker", str(fake)], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert forced.returncode == 2 and "Traceback" not in forced.stderr
+    assert f"{fake} (client 99.0.0): no buildx, and DOCKER_BUILDKIT=1 build failed: ERROR: BuildKit is enabled" \
+        in forced.stderr
+    assert "Install the buildx plugin" in forced.stderr
