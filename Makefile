@@ -10,15 +10,16 @@ MATRIX ?= matrix.yaml
 INSTANCE ?=
 LMI := $(BIN)/lmi --matrix $(MATRIX)
 SELECT := $(foreach i,$(INSTANCE),--instance $(i))
-# Extra flags for `lmi build`, e.g. BUILD_FLAGS="-j 2 --force".
+# Extra flags for `lmi build` and `lmi test`, e.g. BUILD_FLAGS="-j 2 --force", TEST_FLAGS="--gpu required".
 BUILD_FLAGS ?=
+TEST_FLAGS ?=
 
 # The local test matrix builds offline: its stand-ins are prepared first, and torch comes from pip's
 # local wheel folder (PIP_FIND_LINKS), unless WHEELHOUSE says otherwise.
 LOCAL := $(findstring matrix.local,$(MATRIX))
 WHEELHOUSE ?= $(if $(LOCAL),$(firstword $(PIP_FIND_LINKS)))
 
-.PHONY: help venv engine build render validate plan lint test bench clean
+.PHONY: help venv engine build test-images render validate plan lint test bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,7 +33,7 @@ $(VENV)/.ready: pyproject.toml
 	    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); \
 	  else echo "error: '$(PYTHON) -m venv' failed; install your distribution's python3-venv" >&2; exit 2; fi; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,host]'
 	@touch $@
 
 venv: $(VENV)/.ready ## create .venv with the toolkit and its dev tools
@@ -44,6 +45,9 @@ build: engine ## validate, then build the images of INSTANCE (all when unset) wi
 	$(LMI) validate
 	$(if $(LOCAL),$(BIN)/python -m tests.local.prepare --matrix $(MATRIX) --serve 3600)
 	$(LMI) build $(SELECT) $(if $(WHEELHOUSE),--wheelhouse $(WHEELHOUSE)) $(BUILD_FLAGS)
+
+test-images: engine ## smoke-test the built images of INSTANCE (cpu, gpu where usable, serving)
+	$(LMI) test $(SELECT) --junit .lmi/smoke-junit.xml $(TEST_FLAGS)
 
 render: venv ## re-render images/ from the matrix and templates
 	$(LMI) render

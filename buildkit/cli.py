@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, build, engine, facts, matrix, render, versions
+from . import __version__, build, engine, facts, matrix, render, smoke, versions
 from .errors import UserError
 from .progress import progress_for
 from .rules import Combo, evaluate
@@ -287,6 +287,48 @@ def cmd_ci_matrix(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_test(args: argparse.Namespace) -> int:
+    tiers = tuple(t.strip() for t in args.tier.split(",") if t.strip())
+    unknown = [t for t in tiers if t not in smoke.TIERS]
+    if unknown or not tiers:
+        raise UserError(f"--tier {args.tier}: unknown tier {', '.join(unknown) or '(none)'}; "
+                        f"choose from {', '.join(smoke.TIERS)}")
+    m, specs = _selected(args)
+    if args.image and len(specs) != 1:
+        raise UserError(f"--image {args.image} tests one image, but the selection has {len(specs)}; "
+                        "select exactly one with --instance or a pattern")
+    gpu, reason = False, "--gpu off"
+    if args.gpu != "off" and "gpu" in tiers:
+        gpu, reason = smoke.gpu_runtime()
+        if args.gpu == "required" and not gpu:
+            raise UserError(f"--gpu required, but no GPU runtime is usable here: {reason}")
+    runner = smoke.Runner(check_timeout=args.check_timeout, serving_timeout=args.serving_timeout)
+    records = []
+    try:
+        for spec in specs:
+            image = args.image or f"{build.repository(spec, args.registry)}:{spec.tag}"
+            print(f"testing {spec.id} ({image}): tiers {', '.join(tiers)}", flush=True)
+            record = smoke.smoke_image(runner, image, spec, tiers, gpu, reason)
+            records.append(record)
+            for o in record.outcomes:
+                if o["passed"] is False or args.verbose:
+                    state = {True: "pass", False: "FAIL", None: "skip"}[o["passed"]]
+                    print(f"  {state} {o['tier']}/{o['name']}: {o['message']}")
+    except KeyboardInterrupt:
+        print("interrupted: removing the test containers", file=sys.stderr)
+        return 130
+    finally:
+        runner.cleanup()
+        if args.junit and records:
+            smoke.junit(records, Path(args.junit))
+    rows = [[r.spec_id, "passed" if r.passed else "FAILED", str(sum(o["passed"] is True for o in r.outcomes)),
+             str(sum(o["passed"] is False for o in r.outcomes)), str(sum(o["passed"] is None for o in r.outcomes)),
+             r.image_id.split(":")[-1][:12]] for r in records]
+    print(_table(rows, ["IMAGE", "RESULT", "PASSED", "FAILED", "SKIPPED", "IMAGE ID"]))
+    print(f"records: {smoke.RECORD_DIR}/<image id>.json" + (f"; JUnit: {args.junit}" if args.junit else ""))
+    return EXIT_OK if all(r.passed for r in records) else EXIT_FAIL
+
+
 # --- argument parsing ----------------------------------------------------------------------------
 
 
@@ -356,6 +398,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even when the content-hash tag exists")
     p.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("test", parents=[common, selectors], help="smoke-test built images (cpu, gpu, serving)")
+    p.add_argument("--tier", default="cpu,gpu,serving", help="comma-separated tiers (default: all)")
+    p.add_argument("--gpu", choices=("auto", "required", "off"), default="auto",
+                   help="auto: run the gpu tier where a GPU runtime is usable; required: fail without one")
+    p.add_argument("--image", metavar="REF", help="test this image instead of the selected spec's tag")
+    p.add_argument("--registry", metavar="HOST/PREFIX", help="the images are named for this registry")
+    p.add_argument("--junit", metavar="FILE", help="write JUnit XML for CI")
+    p.add_argument("--check-timeout", type=float, default=300.0, metavar="S", help="seconds per check")
+    p.add_argument("--serving-timeout", type=float, default=180.0, metavar="S", help="seconds for /ping to answer")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every check, not only failures")
+    p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("bake", parents=[common, selectors, build_opts],
                        help="print a docker buildx bake file for the selected images")

@@ -27,12 +27,16 @@ from .rules import Combo
 from .yamlio import LocDict, LocList, load_file
 
 SCHEMA_VERSION = 1
-TOP_KEYS = ("schema", "repository", "templates", "output", "base_mirror", "build_args", "families", "lines")
+TOP_KEYS = ("schema", "repository", "templates", "output", "base_mirror", "build_args", "size_budget_gb", "families",
+            "lines")
+CHECK_KEYS = ("name", "command", "expect", "exit_code", "file", "exists", "contains", "executable")
+# Size budgets when the matrix sets none: the LMI GPU images AWS ships are 10-20 GB; CPU images far less.
+DEFAULT_BUDGET_GB = {"gpu": 20.0, "cpu": 6.0}
 FAMILY_KEYS = ("driver", "inference_ami")
 COMPONENTS = ("djl", "deepspeed", "torch", "cuda", "python", "os")
 LIBRARIES = ("transformers", "diffusers", "accelerate")
 OPTIONAL = ("torch_cuda", "pip")
-LINE_KEYS = COMPONENTS + LIBRARIES + OPTIONAL + ("include", "exclude", "overrides")
+LINE_KEYS = COMPONENTS + LIBRARIES + OPTIONAL + ("include", "exclude", "overrides", "checks", "size_budget_gb")
 OVERRIDE_KEYS = COMPONENTS + LIBRARIES + OPTIONAL
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _PIP_PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!-]+$")
@@ -50,6 +54,8 @@ class Image:
     pip: tuple[str, ...]
     inference_ami: str | None
     lines: dict[str, int] = field(compare=False)  # field -> matrix line it came from
+    checks: tuple[dict, ...] = ()  # user smoke checks of the line
+    size_budget_gb: float = 0.0
 
     def line_of(self, fld: str) -> int:
         return self.lines.get(fld) or self.lines["family"]
@@ -152,6 +158,7 @@ def load(path: Path, facts: Facts) -> Matrix:
     output = path.parent / _setting(doc, "output", "images", p)
 
     base_mirror = _string(doc, "base_mirror", "the matrix", p, version=False) if "base_mirror" in doc else None
+    budget = _budget(doc, "the matrix", p)
     build_args = _build_args(doc, p)
     fleet = _families(doc, facts, p)
     lines = _mapping(doc.get("lines"), doc.line_of("lines"), "lines", p, "lines: {djl0.27: {djl: \"0.27.0\", ...}}")
@@ -163,7 +170,7 @@ def load(path: Path, facts: Facts) -> Matrix:
 
     images: list[Image] = []
     for name, body in (lines or {}).items():
-        images.extend(_line(name, body, lines.line_of(name), fleet, p))
+        images.extend(_line(name, body, lines.line_of(name), fleet, p, budget))
     seen: dict[str, Image] = {}
     for image in images:
         if image.id in seen:
@@ -236,7 +243,47 @@ def _families(doc: LocDict, facts: Facts, p: _Problems) -> _Fleet:
     return _Fleet(tuple(names), fleet.line, fleet.driver, fleet.ami)
 
 
-def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems) -> list[Image]:
+def _budget(node: LocDict, what: str, p: _Problems) -> float | None:
+    if "size_budget_gb" not in node:
+        return None
+    value = node["size_budget_gb"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        p.add(node.line_of("size_budget_gb"), f"{what}: size_budget_gb must be a positive number of GB, "
+                                              f"got {_kind(value)}")
+        return None
+    return float(value)
+
+
+def _checks(node: LocDict, what: str, p: _Problems) -> tuple[dict, ...]:
+    """User smoke checks: `command` (+ `expect` regex, `exit_code`) or `file` (+ `exists`, `contains`)."""
+    if "checks" not in node:
+        return ()
+    items = node["checks"]
+    if not isinstance(items, LocList):
+        p.add(node.line_of("checks"), f"{what}: checks must be a list, got {_kind(items)}")
+        return ()
+    out = []
+    for i, item in enumerate(items):
+        line = items.line_of(i)
+        if not isinstance(item, LocDict) or ("command" in item) == ("file" in item):
+            p.add(line, f"{what}: each check is a mapping with either 'command' or 'file', e.g. "
+                        "{command: \"java -version\", expect: \"17\"}")
+            continue
+        _check_keys(item, CHECK_KEYS, f"{what}: check", p)
+        for key in ("expect", "contains"):
+            if key in item:
+                try:
+                    re.compile(str(item[key]))
+                except re.error as exc:
+                    p.add(item.line_of(key), f"{what}: check {key} is not a valid regular expression: {exc}")
+        kind = "command" if "command" in item else "file"
+        record = {"name": str(item.get("name") or f"user-{i + 1}-{kind}"), "tier": "cpu", "kind": kind}
+        record.update({("path" if k == "file" else k): v for k, v in item.items() if k != "name"})
+        out.append(record)
+    return tuple(out)
+
+
+def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: float | None) -> list[Image]:
     what = f"line '{name}'"
     if not _NAME.match(name):
         p.add(line, f"{what}: line names are lowercase letters, digits and . _ - (they become image ids)")
@@ -252,6 +299,8 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems) -> list[
             p.add(line, f"{what} is missing '{key}'; add {key}: \"<version>\"")
     values = {k: _string(body, k, what, p) for k in COMPONENTS + LIBRARIES + ("torch_cuda",) if k in body}
     pip = _pins(body, what, p)
+    checks = _checks(body, what, p)
+    line_budget = _budget(body, what, p) or budget
 
     members = list(fleet.names)
     if "include" in body:
@@ -314,7 +363,8 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems) -> list[
         images.append(Image(
             id=f"{name}-{fam}", line=name, family=fam, combo=combo,
             libraries={k: vals.get(k) for k in LIBRARIES}, pip=fam_pip, inference_ami=fleet.ami.get(fam),
-            lines=origin,
+            lines=origin, checks=checks,
+            size_budget_gb=line_budget or DEFAULT_BUDGET_GB["gpu" if gpu else "cpu"],
         ))
     return images
 

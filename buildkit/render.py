@@ -27,6 +27,7 @@ TEMPLATES = {
 }
 BUILDER_TEMPLATES = {"build-requirements.txt": "build-requirements.txt.j2"}  # only images with a builder stage
 EXECUTABLE = {"entrypoint.sh"}
+CHECK_MODULE = Path(__file__).with_name("incheck.py")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Renderer:
                                 "fix the template") from exc
             files[name] = text.encode()
         files["image.json"] = (json.dumps(spec.claims(), indent=2, sort_keys=True) + "\n").encode()
+        files["lmi_check.py"] = CHECK_MODULE.read_bytes()  # the in-image smoke checks, verbatim
         return Context(spec.id, files)
 
 

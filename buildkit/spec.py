@@ -49,6 +49,8 @@ class ImageSpec:
     skipped_ops: tuple[str, ...]
     notes: tuple[str, ...]
     aliases: tuple[str, ...] = ()
+    checks: tuple[dict, ...] = ()  # user smoke checks from the matrix
+    size_budget_gb: float = 20.0
 
     @property
     def tag(self) -> str:
@@ -141,6 +143,7 @@ def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
         djl_url=facts.djl_package_url.format(version=combo.djl), djl_sha256=djl.sha256,
         djl_sha256_missing=None if djl.sha256 else facts.djl_checksum_unknown,
         skipped_ops=tuple(verdict.skipped_ops), notes=tuple(verdict.notes),
+        checks=image.checks, size_budget_gb=image.size_budget_gb,
     )
 
 

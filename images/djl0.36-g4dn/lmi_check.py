@@ -1,0 +1,449 @@
+#!/usr/bin/env python3
+"""lmi in-image checks: does this environment hold what its claims say?
+
+One module, two places: copied into every build context (and image, at /opt/lmi/lmi_check.py) and run
+there by `lmi test`, or run directly on a host (`python -m buildkit.incheck`), e.g. on a GPU machine.
+It needs nothing beyond the Python standard library and what the image itself carries.
+
+    python lmi_check.py --claims /opt/lmi/image.json --checks checks.json [--timeout 300]
+
+`--checks` is a JSON list of check records, as `lmi test` generates them from the matrix:
+    {"name": "torch-version", "tier": "cpu", "kind": "builtin"}
+    {"name": "...", "tier": "cpu", "kind": "command", "command": "java -version", "expect": "17\\\\."}
+    {"name": "...", "tier": "cpu", "kind": "file", "path": "/opt/djl/conf/config.properties",
+     "exists": true, "contains": "inference_address"}
+Prints one JSON object per check on stdout ({"name", "tier", "passed", "message", "seconds"}); exits 0
+when every check passed, 1 otherwise. Each check runs under a timeout: a check that hangs is stopped,
+reported, and the remaining checks still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+from importlib import metadata
+
+BUILTINS: dict[str, tuple[str, object]] = {}  # name -> (tier, function(claims) -> message)
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def builtin(name: str, tier: str):
+    def register(fn):
+        BUILTINS[name] = (tier, fn)
+        return fn
+
+    return register
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise CheckFailed(message)
+
+
+def _versions(claims: dict) -> dict:
+    return claims.get("versions", {})
+
+
+def _compare(what: str, expected: str | None, found: str | None) -> str:
+    expect(found == expected, f"{what}: the matrix says {expected}, the image has {found}")
+    return f"{what} {found}"
+
+
+# --- cpu tier: claims ---------------------------------------------------------------------------------
+
+
+@builtin("python-version", "cpu")
+def python_version(claims):
+    found = ".".join(platform.python_version().split(".")[:2])
+    return _compare("Python", _versions(claims)["python"], found)
+
+
+@builtin("torch-version", "cpu")
+def torch_version(claims):
+    return _compare("torch", _versions(claims)["torch"], metadata.version("torch").split("+")[0])
+
+
+@builtin("torch-cuda", "cpu")
+def torch_cuda(claims):
+    import torch
+
+    variant = claims.get("torch_variant", "cpu")
+    want = None if variant == "cpu" else f"{variant[2:-1]}.{variant[-1]}"
+    return _compare("torch.version.cuda", want, torch.version.cuda)
+
+
+def _dist_check(dist: str, key: str):
+    def check(claims):
+        return _compare(dist, _versions(claims)[key], metadata.version(dist))
+
+    return check
+
+
+for _dist, _key in (("deepspeed", "deepspeed"), ("transformers", "transformers"), ("diffusers", "diffusers"),
+                    ("accelerate", "accelerate")):
+    builtin(f"{_dist}-version", "cpu")(_dist_check(_dist, _key))
+
+
+@builtin("djl-serving-version", "cpu")
+def djl_serving_version(claims):
+    want = _versions(claims).get("djl_serving")
+    out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "djl-serving"], capture_output=True, text=True)
+    found = out.stdout.strip().split("-")[0] or None
+    return _compare("DJL Serving", want, found)
+
+
+@builtin("java-version", "cpu")
+def java_version(claims):
+    out = subprocess.run(["java", "-version"], capture_output=True, text=True)
+    match = re.search(r'version "(\d+)', out.stderr + out.stdout)
+    return _compare("Java", _versions(claims).get("java"), match.group(1) if match else None)
+
+
+@builtin("pip-check", "cpu")
+def pip_check(claims):
+    out = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    expect(out.returncode == 0, "pip check: " + (out.stdout + out.stderr).strip()[:500])
+    return "pip check: no broken requirements"
+
+
+@builtin("imports", "cpu")
+def imports(claims):
+    import accelerate  # noqa: F401
+    import deepspeed  # noqa: F401
+    import diffusers  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    return "torch, deepspeed, transformers, diffusers and accelerate import"
+
+
+def _tiny_model():
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=128, n_positions=32)
+    return GPT2LMHeadModel(config).eval(), torch.randint(0, 128, (2, 16))
+
+
+@builtin("tiny-forward", "cpu")
+def tiny_forward(claims):
+    import torch
+
+    model, ids = _tiny_model()  # built on the fly from a config: no hub download
+    with torch.no_grad():
+        logits = model(ids).logits
+    expect(tuple(logits.shape) == (2, 16, 128), f"logits shape {tuple(logits.shape)}")
+    expect(bool(torch.isfinite(logits).all()), "non-finite logits")
+    return "a 2-layer GPT-2 from a config ran a forward pass on the CPU"
+
+
+@builtin("cuda-compat-files", "cpu")
+def cuda_compat_files(claims):
+    libs = glob.glob("/usr/local/cuda/compat/libcuda.so.*")
+    if claims.get("cuda_compat"):
+        expect(bool(libs), "the spec needs cuda-compat, but /usr/local/cuda/compat has no libcuda")
+        return f"cuda-compat present: {os.path.basename(sorted(libs)[-1])}"
+    expect(not libs, f"cuda-compat present but not needed: {libs}")
+    return "no cuda-compat, as the spec says"
+
+
+# --- gpu tier -------------------------------------------------------------------------------------------
+
+
+def _sm(claims) -> tuple[int, int]:
+    major, minor = claims["sm"].split(".")
+    return int(major), int(minor)
+
+
+@builtin("nvidia-smi", "gpu")
+def nvidia_smi(claims):
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=60)
+    expect(out.returncode == 0, f"nvidia-smi failed: {out.stderr.strip()[:300]}")
+    return out.stdout.strip().replace("\n", "; ")
+
+
+@builtin("cuda-available", "gpu")
+def cuda_available(claims):
+    import torch
+
+    expect(torch.cuda.is_available(), "torch.cuda.is_available() is False")
+    return f"{torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}"
+
+
+@builtin("compute-capability", "gpu")
+def compute_capability(claims):
+    import torch
+
+    found = torch.cuda.get_device_capability(0)
+    expect(found == _sm(claims), f"the device is sm_{found[0]}{found[1]}, the image is for sm_{claims['sm']}")
+    return f"sm_{found[0]}{found[1]} as the family says"
+
+
+@builtin("arch-list", "gpu")
+def arch_list(claims):
+    import torch
+
+    major, minor = _sm(claims)
+    archs = torch.cuda.get_arch_list()
+    cubins = [a for a in archs if a.startswith("sm_") and int(a[3:-1] or 0) == major and int(a[-1]) <= minor]
+    ptx = [a for a in archs if a.startswith("compute_") and (int(a[8:-1]), int(a[-1])) <= (major, minor)]
+    expect(bool(cubins or ptx), f"sm_{major}{minor} is not covered by {archs}")
+    return f"covered by {(cubins or ptx)[-1]} in {archs}"
+
+
+@builtin("bf16", "gpu")
+def bf16(claims):
+    import torch
+
+    should = _sm(claims) >= (8, 0)
+    supported = torch.cuda.is_bf16_supported()
+    expect(supported == should, f"bf16 supported={supported}, expected {should} for sm_{claims['sm']}")
+    if supported:
+        a = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+        ref = a.float() @ a.float()
+        err = ((a @ a).float() - ref).abs().max().item()
+        expect(err < 1.0, f"bf16 matmul error {err}")
+    return f"bf16 {'works' if supported else 'absent'}, as sm_{claims['sm']} implies"
+
+
+@builtin("deepspeed-ops", "gpu")
+def deepspeed_ops(claims):
+    from deepspeed.ops.op_builder import InferenceBuilder
+
+    skipped = set(claims.get("deepspeed_ops_skipped", []))
+    if "transformer_inference" in skipped:
+        return "transformer_inference is not built for this SM"
+    builder = InferenceBuilder()
+    start = time.monotonic()
+    builder.load(verbose=False)
+    took = time.monotonic() - start
+    # A prebuilt op loads in well under a second; a JIT compile takes minutes.
+    expect(took < 30, f"InferenceBuilder took {took:.0f} s to load: it was JIT-compiled, not prebuilt")
+    return f"transformer_inference loaded in {took:.1f} s (prebuilt)"
+
+
+@builtin("deepspeed-inference", "gpu")
+def deepspeed_inference(claims):
+    import deepspeed
+    import torch
+
+    model, ids = _tiny_model()
+    model, ids = model.half().cuda(), ids.cuda()
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    engine = deepspeed.init_inference(model, dtype=torch.half, replace_with_kernel_inject=True)
+    with torch.no_grad():
+        out = engine(ids).logits.float()
+    err = (out - ref).abs().max().item()
+    expect(err < 5e-2, f"DeepSpeed inference differs from torch by {err}")
+    return f"DeepSpeed kernel-injected inference matches torch (max abs diff {err:.2e})"
+
+
+def _allreduce_worker(rank, world, port, results):
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.cuda.set_device(rank)
+    t = torch.full((4,), float(rank + 1), device="cuda")
+    dist.all_reduce(t)
+    results[rank] = t[0].item()
+    dist.destroy_process_group()
+
+
+@builtin("nccl-allreduce", "gpu")
+def nccl_allreduce(claims):
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    world = torch.cuda.device_count()
+    if world < 2:
+        return f"{world} GPU visible: no all-reduce to test"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_allreduce_worker, args=(world, port, results), nprocs=world, join=True)
+    want = world * (world + 1) / 2
+    expect(all(v == want for v in results.values()), f"all-reduce gave {dict(results)}, expected {want}")
+    return f"NCCL all-reduce over {world} GPUs"
+
+
+@builtin("cuda-compat-active", "gpu")
+def cuda_compat_active(claims):
+    libs = sorted(glob.glob("/usr/local/cuda/compat/libcuda.so.*.*"))
+    active = "/usr/local/cuda/compat" in os.environ.get("LD_LIBRARY_PATH", "")
+    if not libs:
+        expect(not active, "LD_LIBRARY_PATH names cuda-compat, which the image does not have")
+        return "no cuda-compat in the image"
+    out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=60)
+    host = out.stdout.strip().splitlines()[0]
+    compat = libs[-1].rsplit("libcuda.so.", 1)[1]
+    older = [int(x) for x in host.split(".")] < [int(x) for x in compat.split(".")]
+    expect(active == older, f"host driver {host}, cuda-compat {compat}: compat active={active}, expected {older}")
+    return f"host driver {host} vs cuda-compat {compat}: compat {'used' if active else 'not used'}"
+
+
+# --- user checks ----------------------------------------------------------------------------------------
+
+
+def run_command(record):
+    out = subprocess.run(record["command"], shell=True, capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    expect(out.returncode == record.get("exit_code", 0), f"exit {out.returncode}: {text.strip()[-300:]}")
+    if record.get("expect"):
+        expect(re.search(record["expect"], text) is not None,
+               f"output does not match /{record['expect']}/: {text.strip()[-300:]}")
+    return f"`{record['command']}` ok"
+
+
+def run_file(record):
+    path, exists = record["path"], record.get("exists", True)
+    expect(os.path.exists(path) == exists, f"{path} {'is missing' if exists else 'exists'}")
+    if exists and record.get("executable"):
+        expect(os.access(path, os.X_OK), f"{path} is not executable")
+    if exists and record.get("contains"):
+        with open(path, errors="replace") as fh:
+            expect(re.search(record["contains"], fh.read()) is not None,
+                   f"{path} does not contain /{record['contains']}/")
+    return f"{path} {'present' if exists else 'absent'}"
+
+
+def run_one(record, claims):
+    kind = record.get("kind", "builtin")
+    if kind == "builtin":
+        return BUILTINS[record["name"]][1](claims)
+    return {"command": run_command, "file": run_file}[kind](record)
+
+
+# --- the worker and its supervisor ---------------------------------------------------------------------
+
+
+def worker(records, claims) -> None:
+    """Run checks in order, announcing each, so the supervisor knows which one hangs. Events go to the
+    original stdout; fd 1 is pointed at stderr, so what libraries print (DeepSpeed logs to stdout, C
+    code too) cannot corrupt them."""
+    events = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def send(event: dict) -> None:
+        events.write(json.dumps(event) + "\n")
+        events.flush()
+
+    for record in records:
+        send({"start": record["name"]})
+        start = time.monotonic()
+        try:
+            message, passed = run_one(record, claims), True
+        except CheckFailed as exc:
+            message, passed = str(exc), False
+        except Exception as exc:  # an import error or a crash is a failed check, not a crashed run
+            message, passed = f"{type(exc).__name__}: {exc}", False
+        send({"name": record["name"], "tier": record.get("tier", "cpu"), "passed": passed, "message": message,
+              "seconds": round(time.monotonic() - start, 2)})
+
+
+def supervise(records, claims_text, timeout, emit) -> bool:
+    """Run the records in a worker process; a check running past `timeout` is killed and reported, and
+    a fresh worker carries on with the rest."""
+    remaining = list(records)
+    ok = True
+    while remaining:
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "--claims-json", claims_text],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        proc.stdin.write(json.dumps(remaining))
+        proc.stdin.close()
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda out=proc.stdout, into=lines: into.extend(out), daemon=True)
+        seen, current, started = 0, None, time.monotonic()
+        reader.start()
+        while True:
+            reader.join(0.1)
+            while seen < len(lines):
+                try:
+                    event = json.loads(lines[seen])
+                except ValueError:
+                    event = {}
+                seen += 1
+                if not event:
+                    continue
+                if "start" in event:
+                    current, started = event["start"], time.monotonic()
+                else:
+                    remaining = [r for r in remaining if r["name"] != event["name"]]
+                    ok &= event["passed"]
+                    emit(event)
+                    current = None
+            if not reader.is_alive() and seen >= len(lines):
+                break
+            if current and time.monotonic() - started > timeout:
+                proc.kill()
+                record = next(r for r in remaining if r["name"] == current)
+                emit({"name": current, "tier": record.get("tier", "cpu"), "passed": False,
+                      "message": f"timed out after {timeout:.0f} s", "seconds": round(timeout, 2)})
+                remaining = [r for r in remaining if r["name"] != current]
+                ok = False
+                break
+        proc.wait()
+        if proc.returncode not in (0, -9) and remaining and current:
+            # the worker died inside a check (e.g. a segfault): report it and go on
+            emit({"name": current, "tier": "cpu", "passed": False, "message": f"worker died ({proc.returncode})",
+                  "seconds": 0})
+            remaining = [r for r in remaining if r["name"] != current]
+            ok = False
+    return ok
+
+
+def default_records(tiers) -> list[dict]:
+    return [{"name": n, "tier": t, "kind": "builtin"} for n, (t, _) in BUILTINS.items() if t in tiers]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="lmi in-image checks")
+    parser.add_argument("--claims", default="/opt/lmi/image.json", help="what the image claims (image.json)")
+    parser.add_argument("--claims-json", help="the claims inline, as JSON (instead of --claims)")
+    parser.add_argument("--checks", help="JSON file of check records (default: every builtin of --tier)")
+    parser.add_argument("--checks-json", help="the check records inline, as JSON")
+    parser.add_argument("--tier", default="cpu", help="tiers for the default records, e.g. cpu,gpu")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds allowed per check")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.claims_json:
+        claims_text = args.claims_json
+    else:
+        with open(args.claims) as fh:
+            claims_text = fh.read()
+    claims = json.loads(claims_text)
+    if args.worker:
+        worker(json.loads(sys.stdin.read()), claims)
+        return 0
+    if args.checks_json:
+        records = json.loads(args.checks_json)
+    elif args.checks:
+        with open(args.checks) as fh:
+            records = json.load(fh)
+    else:
+        records = default_records(args.tier.split(","))
+    ok = supervise(records, claims_text, args.timeout, lambda event: print(json.dumps(event), flush=True))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

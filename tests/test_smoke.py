@@ -1,0 +1,238 @@
+"""Smoke tests: check generation, the in-image module run on this host, the record gate, and `lmi test`
+against real images of the local test matrix."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from importlib import metadata
+
+import pytest
+from conftest import LINE_027, ROOT, lmi
+from test_build import build, docker, local, local_matrix, repo  # noqa: F401 - shared fixtures
+
+from buildkit import matrix, smoke
+from buildkit.spec import resolve
+
+HOST_CHECKS = ["python-version", "torch-version", "torch-cuda", "deepspeed-version", "transformers-version",
+               "diffusers-version", "accelerate-version", "imports", "tiny-forward"]
+
+
+@pytest.fixture(scope="module")
+def production(facts):
+    return {s.id: s for s in resolve(matrix.load(ROOT / "matrix.yaml", facts), facts)}
+
+
+def test_checks_generated_from_the_spec(production) -> None:
+    gpu = smoke.generate(production["djl0.36-g5"], ("cpu", "gpu", "serving"))
+    names = [c.name for c in gpu]
+    assert set(smoke.CPU_BUILTINS) <= set(names) and set(smoke.GPU_BUILTINS) <= set(names)
+    assert {"serving-ping", "serving-invocations", "size-budget", "metadata-labels"} <= set(names)
+    assert len(names) == len(set(names))
+    size = next(c for c in gpu if c.kind == "size")
+    assert size.params["budget_gb"] == 20.0
+    cpu = smoke.generate(production["djl0.36-cpu"], ("cpu", "gpu"))
+    assert not [c for c in cpu if c.tier == "gpu"]  # no GPU tier for CPU images
+    assert next(c for c in cpu if c.kind == "size").params["budget_gb"] == 6.0
+
+
+def test_user_checks_and_budget_from_the_matrix(write_matrix, facts) -> None:
+    text = ("size_budget_gb: 12\nschema: 1\nfamilies: {g5: {}}\nlines:" + LINE_027 +
+            "    size_budget_gb: 15.5\n    checks:\n      - {command: \"java -version\", expect: \"17\"}\n"
+            "      - {name: no-compat, file: /usr/local/cuda/compat, exists: false}\n")
+    spec = resolve(matrix.load(write_matrix(text), facts), facts)[0]
+    checks = {c.name: c for c in smoke.generate(spec, ("cpu",))}
+    assert checks["user-1-command"].params == {"command": "java -version", "expect": "17"}
+    assert checks["no-compat"].params == {"path": "/usr/local/cuda/compat", "exists": False}
+    assert checks["size-budget"].params["budget_gb"] == 15.5
+
+
+def test_bad_user_checks_are_bad_input(write_matrix) -> None:
+    text = ("schema: 1\nfamilies: {g5: {}}\nlines:" + LINE_027 +
+            "    checks:\n      - {command: x, expect: \"(\"}\n      - {nothing: here}\n")
+    result = lmi("--matrix", str(write_matrix(text)), "validate")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "check expect is not a valid regular expression" in result.stderr
+    assert "each check is a mapping with either 'command' or 'file'" in result.stderr
+
+
+# --- the in-image module, run directly on this host (torch CPU + DeepSpeed) ------------------------------
+
+
+def host_claims(**versions) -> dict:
+    found = {d: metadata.version(d) for d in ("torch", "deepspeed", "transformers", "diffusers", "accelerate")}
+    found["torch"] = found["torch"].split("+")[0]
+    found["python"] = ".".join(platform.python_version().split(".")[:2])
+    found.update(versions)
+    return {"versions": found, "torch_variant": "cpu", "sm": None, "cuda_compat": False}
+
+
+def incheck(claims: dict, records: list[dict], timeout: float = 300) -> tuple[int, list[dict]]:
+    result = subprocess.run([sys.executable, "-m", "buildkit.incheck", "--claims-json", json.dumps(claims),
+                             "--checks-json", json.dumps(records), "--timeout", str(timeout)],
+                            capture_output=True, text=True, timeout=900)
+    return result.returncode, [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def host_torch():
+    try:
+        import deepspeed  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"torch and DeepSpeed are not installed on this host ({exc}); `make venv` installs them")
+
+
+def test_incheck_on_the_host_passes(host_torch) -> None:
+    code, events = incheck(host_claims(), [{"name": n, "tier": "cpu", "kind": "builtin"} for n in HOST_CHECKS])
+    assert code == 0, events
+    assert [e["name"] for e in events] == HOST_CHECKS and all(e["passed"] for e in events)
+
+
+def test_incheck_wrong_claim_names_both_versions(host_torch) -> None:
+    code, events = incheck(host_claims(torch="2.12.0"), [{"name": "torch-version", "tier": "cpu", "kind": "builtin"}])
+    assert code == 1
+    assert events[0]["message"] == "torch: the matrix says 2.12.0, the image has 2.13.0"
+
+
+def test_incheck_stops_a_hanging_check_and_goes_on(host_torch) -> None:
+    records = [{"name": "hangs", "tier": "cpu", "kind": "command", "command": "sleep 600"},
+               {"name": "after", "tier": "cpu", "kind": "command", "command": "echo fine", "expect": "^fine"}]
+    code, events = incheck(host_claims(), records, timeout=2)
+    assert code == 1
+    assert events[0] == {"name": "hangs", "tier": "cpu", "passed": False, "message": "timed out after 2 s",
+                         "seconds": 2}
+    assert events[1]["name"] == "after" and events[1]["passed"]
+
+
+def test_incheck_gpu_tier_reports_no_gpu_here(host_torch) -> None:
+    code, events = incheck({**host_claims(), "sm": "8.6"}, [{"name": "cuda-available", "tier": "gpu",
+                                                            "kind": "builtin"}])
+    import torch
+
+    if torch.cuda.is_available():
+        assert code == 0
+    else:
+        assert code == 1 and events[0]["message"] == "torch.cuda.is_available() is False"
+
+
+# --- the record gate and JUnit ----------------------------------------------------------------------------
+
+
+def _record(image_id: str, passed: bool) -> smoke.Record:
+    return smoke.Record(schema=1, image="x:y", image_id=image_id, content_hash="c" * 64, spec_id="a-g5",
+                        tiers=["cpu"], passed=passed, started="t0", finished="t1",
+                        outcomes=[{"name": "torch-version", "tier": "cpu", "passed": passed, "message": "m",
+                                   "seconds": 0.1},
+                                  {"name": "gpu-tier", "tier": "gpu", "passed": None, "message": "skipped",
+                                   "seconds": 0}])
+
+
+def test_gate_needs_a_passing_record_for_that_digest(tmp_path) -> None:
+    good, bad = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    _record(good, True).save(tmp_path)
+    _record(bad, False).save(tmp_path)
+    assert smoke.passing_record(good, tmp_path).image_id == good
+    assert smoke.passing_record(bad, tmp_path) is None
+    assert smoke.passing_record("sha256:" + "c" * 64, tmp_path) is None
+
+
+def test_junit(tmp_path) -> None:
+    path = tmp_path / "junit.xml"
+    smoke.junit([_record("sha256:" + "a" * 64, False)], path)
+    suite = ET.parse(path).getroot().find("testsuite")
+    assert suite.get("tests") == "2" and suite.get("failures") == "1" and suite.get("skipped") == "1"
+    assert suite.find("testcase/failure").get("message") == "m"
+
+
+# --- lmi test against real images -----------------------------------------------------------------------
+
+
+def smoke_containers() -> str:
+    return docker("ps", "-a", "--filter", f"label={smoke.RUN_LABEL}", "--format", "{{.Names}}").stdout.strip()
+
+
+@pytest.mark.engine
+def test_lmi_test_passes_a_good_image(local, repo, tmp_path) -> None:  # noqa: F811
+    matrix_path = local_matrix(local["dir"], repo)
+    assert build(matrix_path, local).returncode == 0
+    junit = tmp_path / "smoke.xml"
+    result = lmi("--matrix", str(matrix_path), "test", "--junit", str(junit))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "local-cpu  passed" in result.stdout
+    image_id = docker("inspect", f"{repo}:djl0.32-cpu", "--format", "{{.Id}}").stdout.strip()
+    record = smoke.passing_record(image_id, ROOT / smoke.RECORD_DIR)
+    assert record and record.spec_id == "local-cpu" and record.tiers == ["cpu", "serving"]
+    names = {o["name"] for o in record.outcomes}
+    assert {"torch-version", "djl-serving-version", "tiny-forward", "serving-invocations", "size-budget"} <= names
+    assert ET.parse(junit).getroot().find("testsuite").get("failures") == "0"
+    assert smoke_containers() == ""
+
+
+@pytest.mark.engine
+def test_lmi_test_wrong_claim_fails_naming_both_versions(local, repo) -> None:  # noqa: F811
+    good = local_matrix(local["dir"], repo)
+    assert build(good, local).returncode == 0
+    # The same image, tested against a matrix entry that says torch 2.12.0.
+    wrong = local_matrix(local["dir"], repo + "-wrong", **{'torch: "2.13.0"': 'torch: "2.12.0"'})
+    result = lmi("--matrix", str(wrong), "test", "--tier", "cpu", "--image", f"{repo}:djl0.32-cpu")
+    assert result.returncode == 1
+    assert "FAIL cpu/torch-version: torch: the matrix says 2.12.0, the image has 2.13.0" in result.stdout
+    image_id = docker("inspect", f"{repo}:djl0.32-cpu", "--format", "{{.Id}}").stdout.strip()
+    record = smoke.load_record(image_id, ROOT / smoke.RECORD_DIR)
+    assert record and not record.passed and smoke.passing_record(image_id, ROOT / smoke.RECORD_DIR) is None
+    assert smoke_containers() == ""
+
+
+@pytest.mark.engine
+def test_lmi_test_hanging_check_is_stopped(local, repo) -> None:  # noqa: F811
+    checks = ("    checks:\n      - {name: hangs, command: \"sleep 600\"}\n"
+              "      - {name: java, command: \"java -version\", expect: \"17\"}\n")
+    matrix_path = local_matrix(local["dir"], repo, extra_lines=checks)
+    assert build(matrix_path, local).returncode == 0
+    result = lmi("--matrix", str(matrix_path), "test", "--tier", "cpu", "--check-timeout", "5", "-v")
+    assert result.returncode == 1
+    assert "FAIL cpu/hangs: timed out after 5 s" in result.stdout
+    assert "pass cpu/java:" in result.stdout  # the checks after it still ran
+    assert smoke_containers() == ""
+
+
+@pytest.mark.engine
+def test_serving_failure_is_reported_with_no_container_left(local, repo) -> None:  # noqa: F811
+    matrix_path = local_matrix(local["dir"], repo)
+    base = "lmi-local/library/debian:12"  # no entrypoint, no server: `serve` cannot start
+    result = lmi("--matrix", str(matrix_path), "test", "--tier", "serving", "--image", base,
+                 "--serving-timeout", "5")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "FAIL serving/serving-ping:" in result.stdout
+    assert smoke_containers() == ""
+
+
+def test_gpu_required_without_gpu_is_bad_input(tmp_path) -> None:
+    import shutil
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this host has nvidia-smi: --gpu required would not fail here")
+    result = lmi("--matrix", str(ROOT / "tests" / "matrix.local.yaml"), "test", "--gpu", "required")
+    assert result.returncode == 2 and "--gpu required, but no GPU runtime is usable here" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_tier_is_bad_input() -> None:
+    result = lmi("test", "--tier", "cpu,gpux")
+    assert result.returncode == 2 and "unknown tier gpux" in result.stderr
+
+
+def test_missing_image_says_build_it_first(tmp_path) -> None:
+    pytest.importorskip("docker")
+    from buildkit import engine
+
+    if not engine.engine_answers():
+        pytest.skip("no docker engine answers here")
+    result = lmi("test", "--tier", "cpu", "--image", "lmi-no-such-image:1", "djl0.36-cpu")
+    assert result.returncode == 2 and "is not in the engine" in result.stderr and "lmi build" in result.stderr
+
+
