@@ -236,3 +236,14 @@ def test_missing_image_says_build_it_first(tmp_path) -> None:
     assert result.returncode == 2 and "is not in the engine" in result.stderr and "lmi build" in result.stderr
 
 
+
+
+def test_arch_list_coverage_as_torch_reports_it() -> None:
+    from buildkit.incheck import arch_covers
+
+    cu128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+    assert arch_covers(cu128, (8, 9)) == "sm_86"  # L40S runs the 8.6 cubin
+    assert arch_covers(cu128, (10, 3)) == "sm_100"
+    assert arch_covers(cu128, (7, 0)) is None  # V100 is not in this wheel
+    assert arch_covers(["sm_80", "sm_90a", "compute_80"], (9, 0)) == "compute_80"  # sm_90a is not sm_90
+    assert arch_covers(["sm_80", "sm_90a"], (9, 0)) is None

@@ -192,16 +192,31 @@ def compute_capability(claims):
     return f"sm_{found[0]}{found[1]} as the family says"
 
 
+def arch_covers(archs: list[str], sm: tuple[int, int]) -> str | None:
+    """Which entry of torch.cuda.get_arch_list() runs on `sm`: a cubin of the same major and a lower or
+    equal minor, else PTX of a lower or equal capability. Entries may carry a suffix (sm_90a)."""
+    cubins, ptx = [], []
+    for arch in archs:
+        match = re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", arch)
+        if not match:
+            continue
+        cc = (int(match.group(2)), int(match.group(3)))
+        if match.group(1) == "sm" and not match.group(4) and cc[0] == sm[0] and cc <= sm:
+            cubins.append((cc, arch))
+        elif match.group(1) == "compute" and cc <= sm:
+            ptx.append((cc, arch))
+    best = max(cubins or ptx, default=None)
+    return best[1] if best else None
+
+
 @builtin("arch-list", "gpu")
 def arch_list(claims):
     import torch
 
-    major, minor = _sm(claims)
     archs = torch.cuda.get_arch_list()
-    cubins = [a for a in archs if a.startswith("sm_") and int(a[3:-1] or 0) == major and int(a[-1]) <= minor]
-    ptx = [a for a in archs if a.startswith("compute_") and (int(a[8:-1]), int(a[-1])) <= (major, minor)]
-    expect(bool(cubins or ptx), f"sm_{major}{minor} is not covered by {archs}")
-    return f"covered by {(cubins or ptx)[-1]} in {archs}"
+    found = arch_covers(archs, _sm(claims))
+    expect(found is not None, f"sm_{claims['sm']} is not covered by {archs}")
+    return f"covered by {found} in {archs}"
 
 
 @builtin("bf16", "gpu")
