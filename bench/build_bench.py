@@ -45,7 +45,8 @@ def matrix(tmp: Path, repo: str, lines: int = 1, djl: str = "0.32.0", nonce: boo
         text = text.replace('_all.deb"', f'_all.deb?run={uuid.uuid4().hex}"')
     body = text.split("lines:\n")[1]
     for i in range(1, lines):
-        text += body.replace("  local:", f"  local{i}:").replace('accelerate: "1.11.0"', f'accelerate: "1.{10 - i}.0"')
+        text += body.replace("  local:", f"  local{i}:").replace(
+            'accelerate: "1.11.0"', f'accelerate: "1.{10 - i}.0"\n    tag_suffix: a{i}')
     path = tmp / f"{repo}-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(text)
     return path

@@ -160,7 +160,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([p.to_json() for p, _ in planned], indent=2, sort_keys=True))
         return EXIT_OK
-    rows = [[p.spec.id, p.spec.tag, p.hash_tag.rsplit("-", 1)[1], ", ".join(p.spec.aliases) or "-"]
+    rows = [[p.spec.id, p.spec.tag, p.content_hash[:16], ", ".join(p.spec.aliases) or "-"]
             for p, _ in planned]
     print(_table(rows, ["ID", "TAG", "CONTENT HASH", "ALIASES"]))
     return EXIT_OK

@@ -36,7 +36,8 @@ FAMILY_KEYS = ("driver", "inference_ami")
 COMPONENTS = ("djl", "deepspeed", "torch", "cuda", "python", "os")
 LIBRARIES = ("transformers", "diffusers", "accelerate")
 OPTIONAL = ("torch_cuda", "pip")
-LINE_KEYS = COMPONENTS + LIBRARIES + OPTIONAL + ("include", "exclude", "overrides", "checks", "size_budget_gb")
+LINE_KEYS = COMPONENTS + LIBRARIES + OPTIONAL + ("include", "exclude", "overrides", "checks", "size_budget_gb",
+                                                 "tag_suffix")
 OVERRIDE_KEYS = COMPONENTS + LIBRARIES + OPTIONAL
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _PIP_PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!-]+$")
@@ -56,6 +57,7 @@ class Image:
     lines: dict[str, int] = field(compare=False)  # field -> matrix line it came from
     checks: tuple[dict, ...] = ()  # user smoke checks of the line
     size_budget_gb: float = 0.0
+    tag_suffix: str = ""  # tells apart lines whose versioned components are all the same
 
     def line_of(self, fld: str) -> int:
         return self.lines.get(fld) or self.lines["family"]
@@ -301,6 +303,9 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: 
     pip = _pins(body, what, p)
     checks = _checks(body, what, p)
     line_budget = _budget(body, what, p) or budget
+    suffix = _string(body, "tag_suffix", what, p, version=False) if "tag_suffix" in body else ""
+    if suffix and not re.fullmatch(r"[a-z0-9][a-z0-9.]*", suffix):
+        p.add(body.line_of("tag_suffix"), f"{what}: tag_suffix '{suffix}' must be lowercase letters, digits and dots")
 
     members = list(fleet.names)
     if "include" in body:
@@ -363,7 +368,7 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: 
         images.append(Image(
             id=f"{name}-{fam}", line=name, family=fam, combo=combo,
             libraries={k: vals.get(k) for k in LIBRARIES}, pip=fam_pip, inference_ami=fleet.ami.get(fam),
-            lines=origin, checks=checks,
+            lines=origin, checks=checks, tag_suffix=suffix or "",
             size_budget_gb=line_budget or DEFAULT_BUDGET_GB["gpu" if gpu else "cpu"],
         ))
     return images

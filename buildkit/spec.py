@@ -51,13 +51,14 @@ class ImageSpec:
     aliases: tuple[str, ...] = ()
     checks: tuple[dict, ...] = ()  # user smoke checks from the matrix
     size_budget_gb: float = 20.0
+    tag_suffix: str = ""
 
     @property
     def tag(self) -> str:
         """The immutable full tag."""
         py = self.python.replace(".", "")
         return (f"{self.djl}-deepspeed{self.deepspeed}-torch{self.torch}-{self.wheel_variant}-py{py}-"
-                f"{self.os.name}-{self.family.name}")
+                f"{self.os.name}-{self.family.name}" + (f"-{self.tag_suffix}" if self.tag_suffix else ""))
 
     @property
     def compat_package(self) -> str | None:
@@ -108,13 +109,19 @@ def resolve(matrix: Matrix, facts: Facts) -> list[ImageSpec]:
     """Validate every image of the matrix and turn it into a spec. Raises UserError with one line per
     problem, `matrix.yaml:LINE: image <id>: <what> (<rule>, <source>); try <fix>`."""
     problems, specs = [], []
+    first: dict[str, ImageSpec] = {}
     for image in matrix.images:
         verdict = evaluate(image.combo, facts)
         if verdict.errors:
             problems.extend(f"{where(matrix.path, image.line_of(e.field))}: image {image.id}: {e.text()}"
                             for e in verdict.errors)
             continue
-        specs.append(_spec(image, matrix.repository, facts, verdict))
+        spec = _spec(image, matrix.repository, facts, verdict)
+        specs.append(spec)
+        if spec.tag in first:
+            problems.append(f"{where(matrix.path, image.lines['family'])}: image {spec.id}: its immutable tag "
+                            f"{spec.tag} is also {first[spec.tag].id}'s; tell the lines apart with tag_suffix")
+        first.setdefault(spec.tag, spec)
     if problems:
         raise UserError(*problems)
     return with_aliases(specs)
@@ -143,7 +150,7 @@ def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
         djl_url=facts.djl_package_url.format(version=combo.djl), djl_sha256=djl.sha256,
         djl_sha256_missing=None if djl.sha256 else facts.djl_checksum_unknown,
         skipped_ops=tuple(verdict.skipped_ops), notes=tuple(verdict.notes),
-        checks=image.checks, size_budget_gb=image.size_budget_gb,
+        checks=image.checks, size_budget_gb=image.size_budget_gb, tag_suffix=image.tag_suffix,
     )
 
 
@@ -157,7 +164,7 @@ def with_aliases(specs: Iterable[ImageSpec]) -> list[ImageSpec]:
     specs = list(specs)
     owner: dict[str, ImageSpec] = {}
     for spec in sorted(specs, key=_newness):
-        fam = spec.family.name
+        fam = spec.family.name + (f"-{spec.tag_suffix}" if spec.tag_suffix else "")
         for alias in (f"deepspeed{versions.minor(spec.deepspeed)}-{fam}", f"djl{versions.minor(spec.djl)}-{fam}",
                       f"{fam}-latest"):
             owner[alias] = spec  # later (newer) specs overwrite older claims
@@ -185,7 +192,9 @@ class PlannedImage:
 
     @property
     def hash_tag(self) -> str:
-        return f"{self.spec.id}-{self.content_hash[:16]}"
+        # "hash-" never starts an alias (deepspeed*, djl*, *-latest), so ECR can keep it immutable while
+        # the aliases float (IMMUTABLE_WITH_EXCLUSION).
+        return f"hash-{self.content_hash[:16]}"
 
     @property
     def tags(self) -> tuple[str, ...]:

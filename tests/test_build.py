@@ -105,7 +105,9 @@ def test_build_tags_labels_then_skip_then_force(local, repo) -> None:
     tags = tags_of(repo)
     assert {"0.32.0-deepspeed0.18.9-torch2.13.0-cpu-py311-debian12-cpu", "deepspeed0.18-cpu", "djl0.32-cpu",
             "cpu-latest"} <= tags
-    assert any(t.startswith("local-cpu-") for t in tags)
+    assert any(t == f"hash-{labels_hash[:16]}" for t in tags) if (labels_hash := docker(
+        "inspect", f"{repo}:djl0.32-cpu", "--format", "{{index .Config.Labels \"io.lmi.content-hash\"}}"
+    ).stdout.strip()) else False
     labels = json.loads(docker("inspect", f"{repo}:djl0.32-cpu", "--format", "{{json .Config.Labels}}").stdout)
     assert labels["io.lmi.torch"] == "2.13.0" and labels["io.lmi.deepspeed"] == "0.18.9"
     assert labels["io.lmi.djl-serving"] == "0.32.0" and labels["io.lmi.python"] == "3.11"
@@ -158,6 +160,7 @@ def test_broken_image_fails_alone_with_its_log(local, repo) -> None:
     transformers: "4.57.3"
     diffusers: "0.35.2"
     accelerate: "0.0.404"
+    tag_suffix: broken
 """
     matrix = local_matrix(local["dir"], repo, extra_lines=broken)
     result = build(matrix, local, "-j", "2")
@@ -168,7 +171,15 @@ def test_broken_image_fails_alone_with_its_log(local, repo) -> None:
     assert "accelerate==0.0.404" in result.stderr  # the tail of its log names what failed
     assert "Traceback" not in result.stderr
     tags = tags_of(repo)
-    assert not any(t.startswith("broken-cpu-") for t in tags) and "djl0.32-cpu" in tags
+    broken = json.loads(lmi("--matrix", str(matrix), "plan", "--json", "broken-*").stdout)[0]
+    assert broken["tag"].endswith("-cpu-broken") and "djl0.32-cpu-broken" in broken["aliases"]
+    assert not {broken["tag"], *broken["aliases"]} & tags and "djl0.32-cpu" in tags
+    assert {t for t in tags if t.startswith("hash-")} == {_hash_tag_of(repo, "djl0.32-cpu")}  # none for broken
+
+
+def _hash_tag_of(repo: str, tag: str) -> str:
+    label = docker("inspect", f"{repo}:{tag}", "--format", "{{index .Config.Labels \"io.lmi.content-hash\"}}")
+    return f"hash-{label.stdout.strip()[:16]}"
 
 
 def test_ca_bundle_never_reaches_a_layer(local, repo, tmp_path) -> None:

@@ -75,7 +75,7 @@ def test_plan_json_has_tags_hashes_and_args() -> None:
     plan = json.loads(lmi("plan", "--json", "--instance", "p5").stdout)
     assert {p["id"] for p in plan} == {"djl0.27-p5", "djl0.36-p5"}
     for p in plan:
-        assert len(p["content_hash"]) == 64 and p["hash_tag"] == f"{p['id']}-{p['content_hash'][:16]}"
+        assert len(p["content_hash"]) == 64 and p["hash_tag"] == f"hash-{p['content_hash'][:16]}"
         assert p["torch_cuda_arch_list"] == "9.0"
     again = json.loads(lmi("plan", "--json", "--instance", "p5").stdout)
     assert again == plan  # deterministic across processes

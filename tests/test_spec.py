@@ -102,3 +102,17 @@ def test_plan_hash_changes_only_for_the_image_whose_input_changed(write_matrix, 
     with_args = {pl.spec.id: pl.content_hash
                  for pl, _ in render.plan(resolve(m, facts), render.Renderer(m.templates), {"PIP_INDEX_URL": "x"})}
     assert with_args["djl0.27-p5"] != first["djl0.27-p5"]
+
+
+def test_duplicate_full_tags_are_refused_and_tag_suffix_tells_lines_apart(write_matrix, facts) -> None:
+    from buildkit.errors import UserError
+
+    twin = LINE_027.replace("djl0.27:", "djl0.27b:").replace('accelerate: "0.27.2"', 'accelerate: "0.28.0"')
+    text = "schema: 1\nfamilies: {g5: {}}\nlines:" + LINE_027 + twin
+    with pytest.raises(UserError, match=r"image djl0.27b-g5: its immutable tag .* is also djl0.27-g5's; tell the "
+                                        r"lines apart with tag_suffix"):
+        resolve(matrix.load(write_matrix(text), facts), facts)
+    specs = {s.id: s for s in resolve(matrix.load(write_matrix(text + "    tag_suffix: acc028\n"), facts), facts)}
+    assert specs["djl0.27b-g5"].tag.endswith("-g5-acc028")
+    assert specs["djl0.27b-g5"].aliases == ("deepspeed0.12-g5-acc028", "djl0.27-g5-acc028", "g5-acc028-latest")
+    assert specs["djl0.27-g5"].aliases == ("deepspeed0.12-g5", "djl0.27-g5", "g5-latest")
