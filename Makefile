@@ -13,13 +13,16 @@ SELECT := $(foreach i,$(INSTANCE),--instance $(i))
 # Extra flags for `lmi build` and `lmi test`, e.g. BUILD_FLAGS="-j 2 --force", TEST_FLAGS="--gpu required".
 BUILD_FLAGS ?=
 TEST_FLAGS ?=
+# Where `make push` publishes: ecr://ACCOUNT/REGION[/PREFIX] or oci://HOST[:PORT][/PREFIX]; the default is
+# the embedded local registry, started when absent.
+REGISTRY ?= oci://127.0.0.1:5000
 
 # The local test matrix builds offline: its stand-ins are prepared first, and torch comes from pip's
 # local wheel folder (PIP_FIND_LINKS), unless WHEELHOUSE says otherwise.
 LOCAL := $(findstring matrix.local,$(MATRIX))
 WHEELHOUSE ?= $(if $(LOCAL),$(firstword $(PIP_FIND_LINKS)))
 
-.PHONY: help venv engine build test-images render validate plan lint test bench clean
+.PHONY: help venv engine registry build test-images push render validate plan lint test bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,6 +51,13 @@ build: engine ## validate, then build the images of INSTANCE (all when unset) wi
 
 test-images: engine ## smoke-test the built images of INSTANCE (cpu, gpu where usable, serving)
 	$(LMI) test $(SELECT) --junit .lmi/smoke-junit.xml $(TEST_FLAGS)
+
+registry: venv ## start the embedded local registry on 127.0.0.1:5000 when absent
+	$(BIN)/lmi registry
+
+push: engine ## push the smoke-tested images of INSTANCE to REGISTRY and record them in images.json
+	$(if $(filter oci://127.0.0.1:5000,$(REGISTRY)),$(BIN)/lmi registry)
+	$(LMI) push $(SELECT) --registry $(REGISTRY)
 
 render: venv ## re-render images/ from the matrix and templates
 	$(LMI) render

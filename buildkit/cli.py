@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, build, engine, facts, matrix, render, smoke, versions
+from . import __version__, build, engine, facts, index, matrix, publish, registry, render, smoke, versions
 from .errors import UserError
 from .progress import progress_for
 from .rules import Combo, evaluate
@@ -329,6 +329,49 @@ def cmd_test(args: argparse.Namespace) -> int:
     return EXIT_OK if all(r.passed for r in records) else EXIT_FAIL
 
 
+def _address(url: str | None) -> registry.Address:
+    return registry.parse(url or registry.DEFAULT_REGISTRY)
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    print(registry.ensure_local_registry())
+    return EXIT_OK
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    address = _address(args.registry)
+    if address.url == registry.DEFAULT_REGISTRY:
+        registry.ensure_local_registry()
+    _, specs = _selected(args)
+    print(f"pushing {len(specs)} image(s) to {address.url}")
+    done = publish.push(specs, address, Path(args.index))
+    for p in done:
+        print(f"{p.spec.id}: {p.address.ref(p.spec.repository, digest=p.digest)}")
+    print(f"index: {args.index} ({len(done)} image(s) recorded); AVAILABLE_IMAGES.md beside it")
+    return EXIT_OK
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    source = _address(args.source)
+    targets = [_address(t) for t in args.to]
+    _, specs = _selected(args)
+    for line in publish.promote(specs, source, targets, Path(args.index)):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_uri(args: argparse.Namespace) -> int:
+    entry, reg = index.lookup(index.load(args.index), args.instance, region=args.region, registry=args.registry,
+                              djl=args.djl, deepspeed=args.deepspeed, torch=args.torch, cuda=args.cuda)
+    if args.json:
+        print(json.dumps({"uri": reg["uri"], "registry": reg["url"], "region": reg.get("region"), "id": entry["id"],
+                          "tag": entry["tag"], "digest": entry["digest"], "components": entry["components"]},
+                         indent=2))
+    else:
+        print(reg["uri"])
+    return EXIT_OK
+
+
 # --- argument parsing ----------------------------------------------------------------------------
 
 
@@ -411,6 +454,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="print every check, not only failures")
     p.set_defaults(func=cmd_test)
 
+    p = sub.add_parser("registry", parents=[common], help="start the embedded local registry on 127.0.0.1:5000")
+    p.set_defaults(func=cmd_registry)
+
+    index_opt = argparse.ArgumentParser(add_help=False)
+    index_opt.add_argument("--index", default=str(index.DEFAULT_INDEX), metavar="PATH",
+                           help="release index (default: images.json)")
+    p = sub.add_parser("push", parents=[common, selectors, index_opt],
+                       help="push smoke-tested images with immutable tags and record them in the index")
+    p.add_argument("--registry", metavar="URL", help=f"ecr://ACCOUNT/REGION[/PREFIX] or oci://HOST[:PORT][/PREFIX] "
+                                                     f"(default: {registry.DEFAULT_REGISTRY})")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("promote", parents=[common, selectors, index_opt],
+                       help="copy published images by digest to other registries or regions")
+    p.add_argument("--from", dest="source", required=True, metavar="URL", help="registry to copy from")
+    p.add_argument("--to", action="append", required=True, metavar="URL", help="registry to copy to (repeatable)")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("uri", parents=[common], help="the digest-pinned URI to pull for an instance family")
+    p.add_argument("--instance", required=True, metavar="FAMILY")
+    p.add_argument("--region", metavar="REGION")
+    p.add_argument("--registry", metavar="URL", help="only URIs in this registry")
+    for name in ("djl", "deepspeed", "torch", "cuda"):
+        p.add_argument(f"--{name}", metavar="VERSION", help="a version or its prefix (0.27 matches 0.27.0)")
+    p.add_argument("--index", default=str(index.DEFAULT_INDEX), metavar="PATH|URL")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_uri)
+
     p = sub.add_parser("bake", parents=[common, selectors, build_opts],
                        help="print a docker buildx bake file for the selected images")
     p.set_defaults(func=cmd_bake)
@@ -433,6 +504,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.lines:
             print(line, file=sys.stderr)
         return EXIT_USAGE
+    except publish.PublishError as exc:
+        if debug:
+            raise
+        for line in exc.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

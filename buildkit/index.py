@@ -1,0 +1,146 @@
+"""The release index: which URI to pull for which instance family and versions.
+
+`images.json` (schema-versioned) lists every published image: its family, components, all tags, the
+digest, digest-pinned URIs per registry and region, content hash, build time and smoke result. It is
+written atomically, and only after every push of a run succeeded. `AVAILABLE_IMAGES.md` is generated
+beside it. `lmi uri` and `buildkit.image_uri()` answer from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import versions
+from .errors import UserError
+
+SCHEMA = 1
+DEFAULT_INDEX = Path("images.json")
+
+
+def empty() -> dict:
+    return {"schema": SCHEMA, "generated": None, "images": []}
+
+
+def load(location: str | Path) -> dict:
+    """An index from a path or a URL (http, https, file). A missing local file is an empty index."""
+    text = str(location)
+    try:
+        if "://" in text:
+            with urllib.request.urlopen(text, timeout=30) as resp:
+                data = json.loads(resp.read())
+        else:
+            path = Path(text)
+            if not path.exists():
+                return empty()
+            data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{text}: cannot read the release index ({exc}); pass a valid --index") from exc
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise UserError(f"{text}: not a release index of schema {SCHEMA} (got {data.get('schema')!r}); "
+                        "upgrade lmi or point --index at an index it wrote")
+    return data
+
+
+def merge(index: dict, entries: list[dict]) -> dict:
+    """Add entries; an image already listed (same id and digest) gains the new URIs and tags."""
+    images = [dict(e) for e in index.get("images", [])]
+    for new in entries:
+        old = next((e for e in images if e["id"] == new["id"] and e["digest"] == new["digest"]), None)
+        if old is None:
+            images.append(new)
+            continue
+        old["registries"] = _union(old["registries"], new["registries"], key=lambda r: r["url"])
+        old["tags"] = sorted(set(old["tags"]) | set(new["tags"]))
+    images.sort(key=lambda e: (e["family"], _newness(e)), reverse=False)
+    return {"schema": SCHEMA, "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "images": images}
+
+
+def _union(a: list, b: list, key) -> list:
+    seen = {key(x): x for x in a}
+    for x in b:
+        seen[key(x)] = x
+    return sorted(seen.values(), key=key)
+
+
+def write(path: Path, index: dict) -> None:
+    """Atomically: a reader sees the old index or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, text in ((path, json.dumps(index, indent=2, sort_keys=True) + "\n"),
+                         (path.with_name("AVAILABLE_IMAGES.md"), markdown(index))):
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, target)
+
+
+def _newness(entry: dict) -> tuple:
+    c = entry["components"]
+    return (versions.key(c["djl_serving"]), versions.key(c["deepspeed"]), versions.key(c["torch"]),
+            versions.key(c.get("cuda") or "0"), entry.get("built") or "")
+
+
+def _matches(have: str | None, want: str | None) -> bool:
+    """'0.27' matches 0.27.0; '12.1' matches 12.1.1; an exact version matches itself."""
+    if want is None:
+        return True
+    if have is None:
+        return False
+    return have == want or have.startswith(want + ".")
+
+
+def lookup(index: dict, instance: str, region: str | None = None, registry: str | None = None,
+           **wanted: str | None) -> tuple[dict, dict]:
+    """The newest image for `instance` matching every version given, and its registry entry."""
+    keys = {"djl": "djl_serving", "deepspeed": "deepspeed", "torch": "torch", "cuda": "cuda"}
+    family = [e for e in index.get("images", []) if e["family"] == instance]
+    if not family:
+        known = sorted({e["family"] for e in index.get("images", [])})
+        raise UserError(f"no image for instance family '{instance}' in the index; it has: "
+                        f"{', '.join(known) or 'nothing yet'}")
+    fits = [e for e in family if all(_matches(e["components"].get(keys[k]), v) for k, v in wanted.items())]
+    if not fits:
+        have = "; ".join(sorted({_describe(e) for e in family}))
+        asked = ", ".join(f"{k} {v}" for k, v in wanted.items() if v)
+        raise UserError(f"no {instance} image with {asked}; {instance} has: {have}")
+    for entry in sorted(fits, key=_newness, reverse=True):
+        regs = [r for r in entry["registries"] if (region is None or r.get("region") == region)
+                and (registry is None or r["url"] == registry)]
+        if regs:
+            return entry, regs[0]
+    where = sorted({r.get("region") or r["url"] for e in fits for r in e["registries"]})
+    raise UserError(f"{instance} image {fits and _describe(max(fits, key=_newness))} is not published "
+                    f"{'in region ' + region if region else 'to ' + str(registry)}; it is in: {', '.join(where)}")
+
+
+def _describe(entry: dict) -> str:
+    c = entry["components"]
+    return (f"djl {c['djl_serving']} (deepspeed {c['deepspeed']}, torch {c['torch']}, "
+            f"cuda {c.get('cuda') or 'none'})")
+
+
+def markdown(index: dict) -> str:
+    lines = ["# Available images", "",
+             "Generated from the release index (`images.json`) by lmi; do not edit. Pull by digest:", "",
+             "| family | GPU | DJL Serving | DeepSpeed | torch | CUDA | Python | OS | tag | URI |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in sorted(index.get("images", []), key=lambda e: (e["family"], _newness(e)), reverse=True):
+        c = e["components"]
+        for reg in e["registries"]:
+            lines.append(f"| {e['family']} | {e.get('gpu') or '-'} | {c['djl_serving']} | {c['deepspeed']} | "
+                         f"{c['torch']} | {c.get('cuda') or '-'} | {c['python']} | {c['os']} | `{e['tag']}` | "
+                         f"`{reg['uri']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def image_uri(instance: str, region: str | None = None, djl: str | None = None, deepspeed: str | None = None,
+              torch: str | None = None, cuda: str | None = None, index: str | Path = DEFAULT_INDEX) -> str:
+    """The digest-pinned URI of the newest image for an instance family (the Python face of `lmi uri`)."""
+    entry, reg = lookup(load(index), instance, region=region, djl=djl, deepspeed=deepspeed, torch=torch, cuda=cuda)
+    return reg["uri"]

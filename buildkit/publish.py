@@ -1,0 +1,300 @@
+"""Publishing: push images that passed their smoke tests, with immutable tags, and promote them by
+digest to other registries and regions without rebuilding.
+
+Order per image: the immutable full tag, then the content-hash tag, then the floating aliases. An
+immutable tag that already holds the same image is left alone; one that holds another image refuses
+the whole run before anything is pushed. Transient failures are retried with backoff; a run cut off
+halfway is completed by running it again. The index is written only when every push succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import engine, index, smoke
+from .errors import UserError
+from .registry import Address, AuthError, Ecr, OciClient, RegistryError
+from .spec import ImageSpec
+
+TRANSIENT = re.compile(r"connection refused|connection reset|EOF|timeout|i/o timeout|broken pipe|"
+                       r"status: 5\d\d|50[0234]|Service Unavailable|Bad Gateway|TLS handshake", re.I)
+DENIED = re.compile(r"unauthorized|denied|authentication required|no basic auth credentials", re.I)
+
+
+class PublishError(Exception):
+    """Publishing failed or was refused; nothing more was pushed and the index was not touched."""
+
+    exit_code = 1
+
+    def __init__(self, *lines: str) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = list(lines)
+
+
+@dataclass
+class Published:
+    spec: ImageSpec
+    image_id: str
+    digest: str
+    address: Address
+    tags: list[str]
+    content_hash: str | None
+    built: str
+    record: smoke.Record
+
+    def entry(self) -> dict:
+        s = self.spec
+        return {
+            "id": s.id, "family": s.family.name, "gpu": s.family.gpu, "sm": s.family.sm, "arch": s.family.arch,
+            "repository": s.repository, "tag": s.tag, "tags": sorted(self.tags), "aliases": list(s.aliases),
+            "components": {"djl_serving": s.djl, "deepspeed": s.deepspeed, "torch": s.torch, "cuda": s.cuda_patch,
+                           "python": s.python, "os": s.os.name, "java": s.java, **s.libraries},
+            "torch_variant": s.wheel_variant, "cuda_compat": s.needs_compat,
+            "image_id": self.image_id, "digest": self.digest, "content_hash": self.content_hash,
+            "built": self.built,
+            "smoke": {"passed": self.record.passed, "tiers": self.record.tiers, "finished": self.record.finished},
+            "registries": [registry_entry(self.address, s.repository, self.digest)],
+        }
+
+
+def registry_entry(address: Address, repository: str, digest: str) -> dict:
+    return {"url": address.url, "kind": address.kind, "region": address.region,
+            "uri": address.ref(repository, digest=digest)}
+
+
+class Target:
+    """One registry: how to log in, and how to read what a tag holds."""
+
+    def __init__(self, address: Address, docker: str) -> None:
+        self.address = address
+        self.docker = docker
+        self.ecr = Ecr(address) if address.kind == "ecr" else None
+        self._oci: OciClient | None = None
+
+    def prepare(self, repositories: set[str]) -> list[str]:
+        if not self.ecr:
+            return []
+        changed = [c for repo in sorted(repositories) for c in self.ecr.ensure_repository(self.address.path(repo))]
+        user, password = self.ecr.token()
+        docker_login(self.docker, self.address.host, user, password)
+        self._oci = OciClient(self.address.host, credentials=(user, password))
+        return changed
+
+    @property
+    def oci(self) -> OciClient:
+        if self._oci is None:
+            self._oci = OciClient(self.address.host)
+        return self._oci
+
+    def config_digest(self, repo: str, tag: str) -> str | None:
+        path = self.address.path(repo)
+        return self.ecr.config_digest(path, tag) if self.ecr else self.oci.config_digest(path, tag)
+
+    def manifest_digest(self, repo: str, tag: str) -> str | None:
+        path = self.address.path(repo)
+        if self.ecr:
+            return self.ecr.manifest_digest(path, tag)
+        found = self.oci.manifest(path, tag)
+        return found[0] if found else None
+
+
+def docker_login(docker: str, host: str, user: str, password: str) -> None:
+    """Store credentials in the engine's credential store; the password goes through stdin only."""
+    login = subprocess.run([docker, "login", "--username", user, "--password-stdin", host], input=password,
+                           capture_output=True, text=True)
+    if login.returncode:
+        raise PublishError(f"docker login to {host} failed: {_scrub(login.stderr, password)}")
+
+
+def _scrub(text: str, *secrets: str) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text.strip()[-300:]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to publish: its spec and the content hash it was built with (its io.lmi.content-hash label)."""
+
+    spec: ImageSpec
+    content_hash: str
+
+    @property
+    def immutable(self) -> list[str]:
+        return [self.spec.tag, f"hash-{self.content_hash[:16]}"]
+
+    @property
+    def tags(self) -> list[str]:
+        return [*self.immutable, *self.spec.aliases]
+
+
+def conflicts(target: Target, item: Item, image_id: str) -> list[str]:
+    """Immutable tags that already hold another image in the target."""
+    out = []
+    for tag in item.immutable:
+        held = target.config_digest(item.spec.repository, tag)
+        if held is not None and held != image_id:
+            out.append(f"{target.address.ref(item.spec.repository, tag)} already holds image {held[:19]}…, not "
+                       f"{image_id[:19]}…; immutable tags are never overwritten: change the matrix (a new version "
+                       "or tag_suffix) to publish a different image")
+    return out
+
+
+def local_image(sdk, spec: ImageSpec, address: Address):
+    for ref in (f"{spec.repository}:{spec.tag}", address.ref(spec.repository, spec.tag)):
+        try:
+            return sdk.images.get(ref)
+        except Exception:  # noqa: S112 - try the next name
+            continue
+    raise UserError(f"image {spec.id} ({spec.repository}:{spec.tag}) is not in the engine; build and test it first: "
+                    f"`lmi build {spec.id}` and `lmi test {spec.id}`")
+
+
+def push(specs: list[ImageSpec], address: Address, index_path: Path, log_dir: Path = Path(".lmi/logs"),
+         record_dir: Path = smoke.RECORD_DIR, retries: int = 3) -> list[Published]:
+    client = engine.detect_client()
+    sdk = engine.sdk()
+    images = []
+    for spec in specs:
+        img = local_image(sdk, spec, address)
+        content_hash = (img.labels or {}).get("io.lmi.content-hash")
+        if not content_hash:
+            raise PublishError(f"{spec.id}: image {img.id[:19]}… has no io.lmi.content-hash label: build it with "
+                               "`lmi build` (or `lmi bake`); nothing was pushed")
+        images.append((Item(spec, content_hash), img))
+    # The gate: every digest needs a passing smoke record, or nothing is pushed.
+    refused = [f"{p.spec.id}: image {img.id[:19]}… has no passing smoke record; run `lmi test {p.spec.id}`"
+               for p, img in images if smoke.passing_record(img.id, record_dir) is None]
+    if refused:
+        raise PublishError(*refused, "nothing was pushed")
+    target = Target(address, client.path)
+    try:
+        for line in target.prepare({s.repository for s in specs}):
+            print(f"{address.url}: {line}")
+        clashes = [c for p, img in images for c in conflicts(target, p, img.id)]
+    except (RegistryError, AuthError) as exc:
+        raise PublishError(str(exc), "nothing was pushed; the index is unchanged") from None
+    if clashes:
+        raise PublishError(*clashes, "nothing was pushed")
+
+    published = []
+    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for p, img in images:
+            repo = p.spec.repository
+            pushed = []
+            for tag in p.tags:
+                ref = address.ref(repo, tag)
+                if tag in p.immutable and target.config_digest(repo, tag) == img.id:
+                    print(f"  {ref}: already there (same image)")
+                    continue
+                img.tag(address.ref(repo, tag).rsplit(":", 1)[0], tag)
+                _docker_push(client, ref, log_dir / f"{p.spec.id}.push.log", retries)
+                pushed.append(tag)
+                print(f"  {ref}: pushed")
+            digest = target.manifest_digest(repo, p.spec.tag)
+            record = smoke.passing_record(img.id, record_dir)
+            published.append(Published(p.spec, img.id, digest, address, p.tags, p.content_hash,
+                                       img.attrs.get("Created", ""), record))
+    except (RegistryError, AuthError) as exc:
+        raise PublishError(str(exc), "the index is unchanged; run the same command again to complete") from None
+    _update_index(index_path, [p.entry() for p in published], [target], {s.repository for s in specs})
+    return published
+
+
+def _update_index(index_path: Path, entries: list[dict], targets: list[Target], repositories: set[str]) -> None:
+    """Write the index file, then publish it beside the images (a mutable `index-latest` artifact tag)."""
+    merged = index.merge(index.load(index_path), entries)
+    index.write(index_path, merged)
+    for target in targets:
+        for repo in sorted(repositories):
+            try:
+                target.oci.push_artifact(target.address.path(repo), "index-latest", index_path.read_bytes(),
+                                         "application/vnd.lmi.index.v1+json")
+            except (RegistryError, AuthError) as exc:
+                print(f"warning: the index file is written, but publishing it to {target.address.url} failed: {exc}")
+
+
+def _docker_push(client: engine.Client, ref: str, log: Path, retries: int) -> None:
+    for attempt in range(retries + 1):
+        result = subprocess.run([client.path, "push", ref], capture_output=True, text=True)
+        with log.open("a") as fh:
+            fh.write(f"$ docker push {ref}  (attempt {attempt + 1})\n{result.stdout}{result.stderr}\n")
+        if result.returncode == 0:
+            return
+        output = result.stdout + result.stderr
+        if DENIED.search(output):
+            raise AuthError(f"push of {ref} was denied: log in with `docker login {ref.split('/')[0]}` and check "
+                            f"the permissions (log: {log})")
+        if not TRANSIENT.search(output) or attempt == retries:
+            tail = output.strip().splitlines()[-1:] or ["no output"]
+            raise RegistryError(f"push of {ref} failed after {attempt + 1} tries: {tail[0][:300]} (log: {log})")
+        time.sleep(2 ** attempt)
+
+
+def promote(specs: list[ImageSpec], source: Address, targets: list[Address], index_path: Path,
+            record_dir: Path = smoke.RECORD_DIR) -> list[str]:
+    """Copy each image by digest from `source` to every target, with all its tags. No rebuild: the same
+    digest everywhere. The index gains the new URIs once every copy succeeded."""
+    client = engine.detect_client()
+    src = Target(source, client.path)
+    dsts = [Target(t, client.path) for t in targets]
+    known = index.load(index_path)
+    done, entries = [], []
+    try:
+        src.prepare(set())
+        plan = []
+        for spec in specs:
+            repo = spec.repository
+            digest = src.manifest_digest(repo, spec.tag)
+            image_id = src.config_digest(repo, spec.tag)
+            if digest is None:
+                raise PublishError(f"{source.ref(repo, spec.tag)} does not exist; push it there first")
+            listed = next((e for e in known.get("images", []) if e["digest"] == digest), None)
+            if not ((listed and listed["smoke"]["passed"]) or smoke.passing_record(image_id, record_dir)):
+                raise PublishError(f"{spec.id}: {digest[:19]}… has no passing smoke record; nothing was promoted")
+            content_hash = (listed or {}).get("content_hash") or _content_hash(src, repo, spec.tag)
+            plan.append((Item(spec, content_hash), digest, image_id, listed))
+        for dst in dsts:
+            dst.prepare({s.repository for s in specs})
+            clashes = [c for p, _, image_id, _ in plan for c in conflicts(dst, p, image_id)]
+            if clashes:
+                raise PublishError(*clashes, "nothing was promoted")
+        for dst in dsts:
+            for p, digest, _, listed in plan:
+                repo = p.spec.repository
+                tags = p.tags
+                same_ecr_repo = (src.ecr and dst.ecr and source.host == dst.address.host
+                                 and source.path(repo) == dst.address.path(repo))
+                if same_ecr_repo:
+                    dst.ecr.retag(source.path(repo), digest, dst.address.path(repo), tags)
+                else:
+                    dst.oci.copy_image(src.oci, source.path(repo), digest, dst.address.path(repo), tags)
+                done.append(f"{source.ref(repo, digest=digest)} -> {dst.address.ref(repo, digest=digest)}")
+                entry = dict(listed) if listed else None
+                if entry:
+                    entry["registries"] = [registry_entry(dst.address, repo, digest)]
+                    entries.append(entry)
+    except (RegistryError, AuthError) as exc:
+        raise PublishError(str(exc), "the index is unchanged; run the same command again to complete") from None
+    if entries:
+        _update_index(index_path, entries, dsts, {s.repository for s in specs})
+    return done
+
+
+def _content_hash(target: Target, repo: str, tag: str) -> str:
+    """The io.lmi.content-hash label of a published image, read from its config blob."""
+    config = target.config_digest(repo, tag)
+    blob = target.oci.request("GET", f"/v2/{target.address.path(repo)}/blobs/{config}").read()
+    labels = (json.loads(blob).get("config") or {}).get("Labels") or {}
+    if "io.lmi.content-hash" not in labels:
+        raise PublishError(f"{target.address.ref(repo, tag)} has no io.lmi.content-hash label; it was not built "
+                           "by lmi")
+    return labels["io.lmi.content-hash"]
+
