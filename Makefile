@@ -72,6 +72,7 @@ lint: venv ## ruff, the render gate, and hadolint on every rendered Dockerfile
 	$(BIN)/ruff check buildkit tests bench
 	$(BIN)/lmi render --check
 	$(BIN)/hadolint --config .hadolint.yaml images/*/Dockerfile
+	$(BIN)/actionlint
 
 test: lint engine ## lint, then the test suite (engine tests build real images)
 	$(BIN)/python -m pytest -q

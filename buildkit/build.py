@@ -46,6 +46,7 @@ class BuildOptions:
     build_args: dict[str, str] = field(default_factory=dict)
     registry: str | None = None  # image name prefix, e.g. 127.0.0.1:5000/team
     log_dir: Path = Path(".lmi/logs")
+    pin_bases: bool = False  # build from the digest each base tag points at now (it enters the hash)
 
 
 @dataclass
@@ -69,10 +70,13 @@ def build_args(spec: ImageSpec, options: BuildOptions, matrix_args: dict[str, st
     """The build args of one image: they change its content hash, so they are computed before planning."""
     args = dict(matrix_args)
     mirror = options.base_mirror
-    if mirror:
-        if spec.builder_image:
-            args["BUILDER_IMAGE"] = engine.mirrored(spec.builder_image, mirror)
-        args["RUNTIME_IMAGE"] = engine.mirrored(spec.runtime_image, mirror)
+    if mirror or options.pin_bases:
+        from .ci import pin
+
+        for key, base in (("BUILDER_IMAGE", spec.builder_image), ("RUNTIME_IMAGE", spec.runtime_image)):
+            if base:
+                ref = engine.mirrored(base, mirror)
+                args[key] = pin(ref) if options.pin_bases else ref
     if options.pip_index_url:
         args["PIP_INDEX_URL"] = options.pip_index_url
     if wheelhouse_ref:

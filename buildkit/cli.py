@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, build, engine, facts, index, matrix, publish, registry, render, smoke, versions
+from . import __version__, build, ci, engine, facts, index, matrix, publish, registry, render, smoke, versions
 from .errors import UserError
 from .progress import progress_for
 from .rules import Combo, evaluate
@@ -184,6 +184,7 @@ def _build_options(args: argparse.Namespace, m: matrix.Matrix) -> build.BuildOpt
         jobs=args.jobs, force=getattr(args, "force", False), base_mirror=args.base_mirror or m.base_mirror,
         pip_index_url=args.pip_index_url, wheelhouse=Path(args.wheelhouse) if args.wheelhouse else None,
         ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None, build_args=extra, registry=args.registry,
+        pin_bases=args.pin_bases,
     )
 
 
@@ -276,14 +277,34 @@ def bake_target(image_id: str) -> str:
 def cmd_ci_matrix(args: argparse.Namespace) -> int:
     """JSON for a CI job matrix: one entry per image, with the runner labels its family needs."""
     m, options, planned = _planned_for_build(args, None)
+    chosen = [p for p, _ in planned]
+    if args.changed_since:
+        chosen = ci.changed_since(chosen, args.changed_since, m.output)
+    if args.unpublished_in:
+        chosen = ci.unpublished(chosen, _address(args.unpublished_in))
     include = []
-    for p, _ in planned:
+    for p in chosen:
         fam = p.spec.family
         runner = ["self-hosted", "linux", fam.arch.replace("x86_64", "x64").replace("aarch64", "arm64")]
         runner += ["gpu", fam.name] if fam.is_gpu else ["cpu"]
         include.append({"id": p.spec.id, "family": fam.name, "gpu": fam.is_gpu, "runs-on": runner,
                         "tag": p.spec.tag, "content_hash": p.content_hash})
     print(json.dumps({"include": include}, indent=None if args.compact else 2))
+    return EXIT_OK
+
+
+def cmd_index_merge(args: argparse.Namespace) -> int:
+    merged = index.load(args.index)
+    for url in args.fetch or []:  # start from what is published
+        merged = index.merge(merged, publish.fetch_index(_address(url), args.repository)["images"])
+    for fragment in args.fragments:
+        merged = index.merge(merged, index.load(fragment)["images"])
+    index.write(Path(args.index), merged)
+    print(f"{args.index}: {len(merged['images'])} image(s), {len(args.fragments)} fragment(s) merged; "
+          "AVAILABLE_IMAGES.md beside it")
+    publish.publish_index(Path(args.index), [_address(u) for u in args.publish or []], args.repository)
+    for url in args.publish or []:
+        print(f"published to {url} ({args.repository}:{publish.INDEX_TAG})")
     return EXIT_OK
 
 
@@ -344,7 +365,8 @@ def cmd_push(args: argparse.Namespace) -> int:
         registry.ensure_local_registry()
     _, specs = _selected(args)
     print(f"pushing {len(specs)} image(s) to {address.url}")
-    done = publish.push(specs, address, Path(args.index))
+    done = publish.push(specs, address, Path(args.index), revision=args.revision,
+                        index_artifact=not args.no_index_artifact)
     for p in done:
         print(f"{p.spec.id}: {p.address.ref(p.spec.repository, digest=p.digest)}")
     print(f"index: {args.index} ({len(done)} image(s) recorded); AVAILABLE_IMAGES.md beside it")
@@ -355,7 +377,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     source = _address(args.source)
     targets = [_address(t) for t in args.to]
     _, specs = _selected(args)
-    for line in publish.promote(specs, source, targets, Path(args.index)):
+    for line in publish.promote(specs, source, targets, Path(args.index), index_artifact=not args.no_index_artifact):
         print(line)
     return EXIT_OK
 
@@ -431,6 +453,8 @@ def _parser() -> argparse.ArgumentParser:
                             help=f"CA bundle passed as a BuildKit secret (default: {build.DEFAULT_CA_BUNDLE})")
     build_opts.add_argument("--build-arg", action="append", metavar="KEY=VALUE", help="extra build argument")
     build_opts.add_argument("--shard", metavar="I/N", help="build only the I-th of N slices of the selection")
+    build_opts.add_argument("--pin-bases", action="store_true",
+                            help="use the digest each base tag points at now (a new base digest changes the hash)")
 
     p = sub.add_parser("engine", parents=[common, engine_opts],
                        help="make sure a docker engine answers (installs and starts Debian's docker.io if needed)")
@@ -464,12 +488,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="push smoke-tested images with immutable tags and record them in the index")
     p.add_argument("--registry", metavar="URL", help=f"ecr://ACCOUNT/REGION[/PREFIX] or oci://HOST[:PORT][/PREFIX] "
                                                      f"(default: {registry.DEFAULT_REGISTRY})")
+    p.add_argument("--revision", metavar="R", help="publish the immutable tag as <tag>-R (scheduled rebuilds on a "
+                                                   "new base: new immutable tags, the aliases move)")
+    p.add_argument("--no-index-artifact", action="store_true",
+                   help="write the index file only (CI jobs whose fragments are merged later)")
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("promote", parents=[common, selectors, index_opt],
                        help="copy published images by digest to other registries or regions")
     p.add_argument("--from", dest="source", required=True, metavar="URL", help="registry to copy from")
     p.add_argument("--to", action="append", required=True, metavar="URL", help="registry to copy to (repeatable)")
+    p.add_argument("--no-index-artifact", action="store_true", help="write the index file only")
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("uri", parents=[common], help="the digest-pinned URI to pull for an instance family")
@@ -488,7 +517,19 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ci-matrix", parents=[common, selectors, build_opts], help="JSON for a CI job matrix")
     p.add_argument("--compact", action="store_true", help="one line (for $GITHUB_OUTPUT)")
+    p.add_argument("--changed-since", metavar="GIT_REF", help="only images whose content hash differs from GIT_REF")
+    p.add_argument("--unpublished-in", metavar="URL", help="only images whose content-hash tag is not in URL")
     p.set_defaults(func=cmd_ci_matrix)
+
+    p = sub.add_parser("index", parents=[common], help="release index maintenance")
+    index_sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    q = index_sub.add_parser("merge", parents=[common], help="merge index fragments (e.g. one per CI job)")
+    q.add_argument("fragments", nargs="*", metavar="FRAGMENT")
+    q.add_argument("--index", default=str(index.DEFAULT_INDEX), metavar="PATH")
+    q.add_argument("--fetch", action="append", metavar="URL", help="first merge the index published in URL")
+    q.add_argument("--publish", action="append", metavar="URL", help="then publish the result beside the images")
+    q.add_argument("--repository", default="lmi-inference", help="image repository the index lives in")
+    q.set_defaults(func=cmd_index_merge)
     return parser
 
 

@@ -46,12 +46,13 @@ class Published:
     content_hash: str | None
     built: str
     record: smoke.Record
+    full_tag: str
 
     def entry(self) -> dict:
         s = self.spec
         return {
             "id": s.id, "family": s.family.name, "gpu": s.family.gpu, "sm": s.family.sm, "arch": s.family.arch,
-            "repository": s.repository, "tag": s.tag, "tags": sorted(self.tags), "aliases": list(s.aliases),
+            "repository": s.repository, "tag": self.full_tag, "tags": sorted(self.tags), "aliases": list(s.aliases),
             "components": {"djl_serving": s.djl, "deepspeed": s.deepspeed, "torch": s.torch, "cuda": s.cuda_patch,
                            "python": s.python, "os": s.os.name, "java": s.java, **s.libraries},
             "torch_variant": s.wheel_variant, "cuda_compat": s.needs_compat,
@@ -124,10 +125,15 @@ class Item:
 
     spec: ImageSpec
     content_hash: str
+    revision: str | None = None
+
+    @property
+    def full_tag(self) -> str:
+        return f"{self.spec.tag}-{self.revision}" if self.revision else self.spec.tag
 
     @property
     def immutable(self) -> list[str]:
-        return [self.spec.tag, f"hash-{self.content_hash[:16]}"]
+        return [self.full_tag, f"hash-{self.content_hash[:16]}"]
 
     @property
     def tags(self) -> list[str]:
@@ -157,7 +163,10 @@ def local_image(sdk, spec: ImageSpec, address: Address):
 
 
 def push(specs: list[ImageSpec], address: Address, index_path: Path, log_dir: Path = Path(".lmi/logs"),
-         record_dir: Path = smoke.RECORD_DIR, retries: int = 3) -> list[Published]:
+         record_dir: Path = smoke.RECORD_DIR, retries: int = 3, revision: str | None = None,
+         index_artifact: bool = True) -> list[Published]:
+    if revision is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._]{0,30}", revision):
+        raise UserError(f"--revision {revision}: use letters, digits, dots and underscores (e.g. 20261130)")
     client = engine.detect_client()
     sdk = engine.sdk()
     images = []
@@ -167,7 +176,7 @@ def push(specs: list[ImageSpec], address: Address, index_path: Path, log_dir: Pa
         if not content_hash:
             raise PublishError(f"{spec.id}: image {img.id[:19]}… has no io.lmi.content-hash label: build it with "
                                "`lmi build` (or `lmi bake`); nothing was pushed")
-        images.append((Item(spec, content_hash), img))
+        images.append((Item(spec, content_hash, revision), img))
     # The gate: every digest needs a passing smoke record, or nothing is pushed.
     refused = [f"{p.spec.id}: image {img.id[:19]}… has no passing smoke record; run `lmi test {p.spec.id}`"
                for p, img in images if smoke.passing_record(img.id, record_dir) is None]
@@ -198,13 +207,14 @@ def push(specs: list[ImageSpec], address: Address, index_path: Path, log_dir: Pa
                 _docker_push(client, ref, log_dir / f"{p.spec.id}.push.log", retries)
                 pushed.append(tag)
                 print(f"  {ref}: pushed")
-            digest = target.manifest_digest(repo, p.spec.tag)
+            digest = target.manifest_digest(repo, p.full_tag)
             record = smoke.passing_record(img.id, record_dir)
             published.append(Published(p.spec, img.id, digest, address, p.tags, p.content_hash,
-                                       img.attrs.get("Created", ""), record))
+                                       img.attrs.get("Created", ""), record, p.full_tag))
     except (RegistryError, AuthError) as exc:
         raise PublishError(str(exc), "the index is unchanged; run the same command again to complete") from None
-    _update_index(index_path, [p.entry() for p in published], [target], {s.repository for s in specs})
+    _update_index(index_path, [p.entry() for p in published], [target] if index_artifact else [],
+                  {s.repository for s in specs})
     return published
 
 
@@ -215,8 +225,8 @@ def _update_index(index_path: Path, entries: list[dict], targets: list[Target], 
     for target in targets:
         for repo in sorted(repositories):
             try:
-                target.oci.push_artifact(target.address.path(repo), "index-latest", index_path.read_bytes(),
-                                         "application/vnd.lmi.index.v1+json")
+                target.oci.push_artifact(target.address.path(repo), INDEX_TAG, index_path.read_bytes(),
+                                         INDEX_MEDIA_TYPE)
             except (RegistryError, AuthError) as exc:
                 print(f"warning: the index file is written, but publishing it to {target.address.url} failed: {exc}")
 
@@ -239,7 +249,7 @@ def _docker_push(client: engine.Client, ref: str, log: Path, retries: int) -> No
 
 
 def promote(specs: list[ImageSpec], source: Address, targets: list[Address], index_path: Path,
-            record_dir: Path = smoke.RECORD_DIR) -> list[str]:
+            record_dir: Path = smoke.RECORD_DIR, index_artifact: bool = True) -> list[str]:
     """Copy each image by digest from `source` to every target, with all its tags. No rebuild: the same
     digest everywhere. The index gains the new URIs once every copy succeeded."""
     client = engine.detect_client()
@@ -284,8 +294,37 @@ def promote(specs: list[ImageSpec], source: Address, targets: list[Address], ind
     except (RegistryError, AuthError) as exc:
         raise PublishError(str(exc), "the index is unchanged; run the same command again to complete") from None
     if entries:
-        _update_index(index_path, entries, dsts, {s.repository for s in specs})
+        _update_index(index_path, entries, dsts if index_artifact else [], {s.repository for s in specs})
     return done
+
+
+INDEX_TAG = "index-latest"
+INDEX_MEDIA_TYPE = "application/vnd.lmi.index.v1+json"
+
+
+def fetch_index(address: Address, repository: str) -> dict:
+    """The release index published beside the images (an empty one if none is there yet)."""
+    target = Target(address, engine.detect_client().path if address.kind == "ecr" else "docker")
+    target.prepare(set())
+    repo = address.path(repository)
+    try:
+        found = target.oci.manifest(repo, INDEX_TAG)
+        if found is None:
+            return index.empty()
+        layer = json.loads(found[2])["layers"][0]["digest"]
+        return json.loads(target.oci.request("GET", f"/v2/{repo}/blobs/{layer}").read())
+    except (RegistryError, AuthError) as exc:
+        raise PublishError(f"{address.url}: cannot fetch the release index: {exc}") from None
+
+
+def publish_index(path: Path, addresses: list[Address], repository: str) -> None:
+    for address in addresses:
+        target = Target(address, engine.detect_client().path if address.kind == "ecr" else "docker")
+        try:
+            target.prepare({repository})
+            target.oci.push_artifact(address.path(repository), INDEX_TAG, path.read_bytes(), INDEX_MEDIA_TYPE)
+        except (RegistryError, AuthError) as exc:
+            raise PublishError(f"{address.url}: cannot publish the release index: {exc}") from None
 
 
 def _content_hash(target: Target, repo: str, tag: str) -> str:

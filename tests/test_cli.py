@@ -6,7 +6,7 @@ import json
 import os
 import re
 
-from conftest import LINE_027, lmi
+from conftest import LINE_027, ROOT, lmi
 
 CHECK = ["check", "--instance", "g5", "--cuda", "12.4", "--torch", "2.4.0", "--deepspeed", "0.15.1",
          "--djl", "0.30.0", "--python", "3.10", "--os", "ubuntu22.04"]
@@ -144,3 +144,26 @@ def test_build_flags_are_validated_before_any_engine_work() -> None:
     assert result.returncode == 2 and "expected KEY=VALUE" in result.stderr
     result = lmi("bake", "--wheelhouse", "/no/such/folder")
     assert result.returncode == 2 and "wheelhouse directory not found" in result.stderr
+
+
+def test_changed_since_follows_the_content_hash(tmp_path) -> None:
+    import shutil
+    import subprocess
+
+    for name in ("matrix.yaml", "templates", "images"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    git("-c", "user.email=t@example.com", "-c", "user.name=t", "add", ".")
+    git("-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "base")
+    matrix = str(tmp_path / "matrix.yaml")
+    assert json.loads(lmi("--matrix", matrix, "ci-matrix", "--changed-since", "HEAD").stdout)["include"] == []
+    text = (tmp_path / "matrix.yaml").read_text().replace('transformers: "4.57.3"', 'transformers: "4.57.4"')
+    (tmp_path / "matrix.yaml").write_text(text)
+    assert lmi("--matrix", matrix, "render").returncode == 0
+    touched = [e["id"] for e in json.loads(lmi("--matrix", matrix, "ci-matrix", "--changed-since", "HEAD").stdout)
+               ["include"]]
+    assert touched and all(i.startswith("djl0.36-") for i in touched) and len(touched) == 12
+    bad = lmi("--matrix", matrix, "ci-matrix", "--changed-since", "no-such-ref")
+    assert bad.returncode == 2 and "no such commit here" in bad.stderr
