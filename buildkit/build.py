@@ -180,8 +180,8 @@ class Builder:
 
     def interrupt(self) -> None:
         """Stop every running build (its whole process group) and tag nothing more."""
-        self.stopping.set()
-        with self._lock:
+        with self._lock:  # the same lock _run registers under: no build can slip between the two
+            self.stopping.set()
             procs = list(self._procs.values())
         for proc in procs:
             _signal_group(proc, signal.SIGTERM)
@@ -232,6 +232,9 @@ class Builder:
                                     start_new_session=True, text=True, errors="replace")
             with self._lock:
                 self._procs[image_id] = proc
+                late = self.stopping.is_set()  # Ctrl-C came while this build was starting
+            if late:
+                _signal_group(proc, signal.SIGKILL)
             try:
                 for line in proc.stdout:
                     out.write(line)

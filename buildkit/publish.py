@@ -302,9 +302,14 @@ INDEX_TAG = "index-latest"
 INDEX_MEDIA_TYPE = "application/vnd.lmi.index.v1+json"
 
 
+def _index_target(address: Address) -> Target:
+    """A registry to read or write the index in: only ECR needs the engine (for its login)."""
+    return Target(address, engine.detect_client().path if address.kind == "ecr" else "docker")
+
+
 def fetch_index(address: Address, repository: str) -> dict:
     """The release index published beside the images (an empty one if none is there yet)."""
-    target = Target(address, engine.detect_client().path if address.kind == "ecr" else "docker")
+    target = _index_target(address)
     target.prepare(set())
     repo = address.path(repository)
     try:
@@ -319,7 +324,7 @@ def fetch_index(address: Address, repository: str) -> dict:
 
 def publish_index(path: Path, addresses: list[Address], repository: str) -> None:
     for address in addresses:
-        target = Target(address, engine.detect_client().path if address.kind == "ecr" else "docker")
+        target = _index_target(address)
         try:
             target.prepare({repository})
             target.oci.push_artifact(address.path(repository), INDEX_TAG, path.read_bytes(), INDEX_MEDIA_TYPE)
