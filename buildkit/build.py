@@ -16,7 +16,6 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -164,7 +163,7 @@ class Builder:
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for fut in done:
                     results[futures[fut]] = fut.result()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM turned into one by the CLI
             self.interrupt()
             for fut in futures:
                 fut.cancel()
@@ -173,7 +172,7 @@ class Builder:
                     results[image_id] = fut.result()
             for image_id in futures.values():
                 results.setdefault(image_id, Result(image_id, "interrupted", reason="not started"))
-            raise BuildInterrupted([results[p.spec.id] for p, _ in work]) from None
+            raise BuildInterrupted([results[p.spec.id] for p, _ in work]) from stop
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return [results[p.spec.id] for p, _ in work]
@@ -296,5 +295,3 @@ def select_shard(items: list, shard: str | None) -> list:
     index, count = int(match.group(1)), int(match.group(2))
     return [item for i, item in enumerate(items) if i % count == index - 1]
 
-
-ProgressFactory = Callable[[list[str]], Progress]

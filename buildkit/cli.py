@@ -10,6 +10,7 @@ import argparse
 import fnmatch
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,9 +19,17 @@ from . import __version__, build, ci, engine, facts, index, matrix, publish, reg
 from .errors import UserError
 from .progress import progress_for
 from .rules import Combo, evaluate
-from .spec import ImageSpec, resolve
+from .spec import ImageSpec, PlannedImage, content_hash, resolve
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (e.g. a cancelled CI job): stop like Ctrl-C, so no build is left running or half-tagged."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 # --- loading and selecting -----------------------------------------------------------------------
@@ -203,8 +212,7 @@ def _planned_for_build(args: argparse.Namespace, client: engine.Client | None):
     for spec in specs:
         ctx = renderer.render(spec)
         bargs = build.build_args(spec, options, m.build_args, wheelhouse_ref)
-        planned.append((render.PlannedImage(spec, render.content_hash(ctx.files, bargs, spec.bases, ctx.modes),
-                                            bargs), ctx))
+        planned.append((PlannedImage(spec, content_hash(ctx.files, bargs, spec.bases, ctx.modes), bargs), ctx))
     return m, options, planned
 
 
@@ -226,7 +234,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     except build.BuildInterrupted as stop:
         _summary(stop.results)
         print("interrupted: running builds were stopped; nothing half-built was tagged", file=sys.stderr)
-        return 130
+        return 143 if isinstance(stop.__context__, Terminated) else 130
     _summary(results)
     failed = [r for r in results if r.state == "failed"]
     for r in failed:
@@ -537,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.matrix = getattr(args, "matrix", None)
     debug = getattr(args, "debug", False)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except UserError as exc:
@@ -551,9 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_FAIL
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     except BrokenPipeError:
         return EXIT_OK
     except Exception as exc:  # a bug, not bad input: say so briefly; --debug shows where

@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 
 from .errors import UserError
-from .spec import ImageSpec, PlannedImage, content_hash  # noqa: F401 (re-exported for the CLI)
+from .spec import ImageSpec, PlannedImage, content_hash
 
 # context file -> template; image.json is written from the spec itself.
 TEMPLATES = {
