@@ -56,7 +56,6 @@ registry: venv ## start the embedded local registry on 127.0.0.1:5000 when absen
 	$(BIN)/lmi registry
 
 push: engine ## push the smoke-tested images of INSTANCE to REGISTRY and record them in images.json
-	$(if $(filter oci://127.0.0.1:5000,$(REGISTRY)),$(BIN)/lmi registry)
 	$(LMI) push $(SELECT) --registry $(REGISTRY)
 
 render: venv ## re-render images/ from the matrix and templates

@@ -140,13 +140,17 @@ class Item:
         return [*self.immutable, *self.spec.aliases]
 
 
-def conflicts(target: Target, item: Item, image_id: str) -> list[str]:
+def held_tags(target: Target, item: Item) -> dict[str, str | None]:
+    """The image ID each immutable tag of `item` holds in the target (None: the tag is free)."""
+    return {tag: target.config_digest(item.spec.repository, tag) for tag in item.immutable}
+
+
+def conflicts(target: Target, item: Item, image_id: str, held: dict[str, str | None] | None = None) -> list[str]:
     """Immutable tags that already hold another image in the target."""
     out = []
-    for tag in item.immutable:
-        held = target.config_digest(item.spec.repository, tag)
-        if held is not None and held != image_id:
-            out.append(f"{target.address.ref(item.spec.repository, tag)} already holds image {held[:19]}…, not "
+    for tag, held_id in (held if held is not None else held_tags(target, item)).items():
+        if held_id is not None and held_id != image_id:
+            out.append(f"{target.address.ref(item.spec.repository, tag)} already holds image {held_id[:19]}…, not "
                        f"{image_id[:19]}…; immutable tags are never overwritten: change the matrix (a new version "
                        "or tag_suffix) to publish a different image")
     return out
@@ -186,7 +190,8 @@ def push(specs: list[ImageSpec], address: Address, index_path: Path, log_dir: Pa
     try:
         for line in target.prepare({s.repository for s in specs}):
             print(f"{address.url}: {line}")
-        clashes = [c for p, img in images for c in conflicts(target, p, img.id)]
+        held = {p.spec.id: held_tags(target, p) for p, _ in images}
+        clashes = [c for p, img in images for c in conflicts(target, p, img.id, held[p.spec.id])]
     except (RegistryError, AuthError) as exc:
         raise PublishError(str(exc), "nothing was pushed; the index is unchanged") from None
     if clashes:
@@ -200,7 +205,7 @@ def push(specs: list[ImageSpec], address: Address, index_path: Path, log_dir: Pa
             pushed = []
             for tag in p.tags:
                 ref = address.ref(repo, tag)
-                if tag in p.immutable and target.config_digest(repo, tag) == img.id:
+                if held[p.spec.id].get(tag) == img.id:  # an immutable tag that already holds this image
                     print(f"  {ref}: already there (same image)")
                     continue
                 img.tag(address.ref(repo, tag).rsplit(":", 1)[0], tag)

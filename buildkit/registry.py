@@ -161,8 +161,6 @@ class OciClient:
                                     "(for ECR, lmi logs in itself) and check the account's permissions") from None
                 if exc.code in ok:
                     return exc
-                if exc.code == 404 and 404 in ok:
-                    return exc
                 if exc.code < 500 and exc.code != 429:
                     detail = exc.read()[:300].decode(errors="replace")
                     raise RegistryError(f"{method} {url}: HTTP {exc.code} {detail}") from None

@@ -162,8 +162,8 @@ class Runner:
         return [outcomes.get(c.name) or Outcome(c.name, c.tier, False, "no result (the check run was cut short)")
                 for c in checks]
 
-    def metadata(self, image: str, spec: ImageSpec, check: Check) -> Outcome:
-        attrs = self.sdk.images.get(image).attrs
+    def metadata(self, attrs: dict, spec: ImageSpec, check: Check) -> Outcome:
+        """A metadata or size check, read from the image's attributes (one engine query per image)."""
         config = attrs["Config"]
         what = check.params.get("what")
         if check.kind == "size":
@@ -332,7 +332,7 @@ def smoke_image(runner: Runner, image: str, spec: ImageSpec, tiers: tuple[str, .
     inside = [c for c in checks if c.in_image]
     if inside:
         outcomes += runner.in_image(image, spec, inside, gpu and spec.family.is_gpu)
-    outcomes += [runner.metadata(image, spec, c) for c in checks if c.kind in ("metadata", "size")]
+    outcomes += [runner.metadata(attrs, spec, c) for c in checks if c.kind in ("metadata", "size")]
     serving = [c for c in checks if c.kind == "serving"]
     if serving:
         outcomes += runner.serving(image, spec, serving, gpu and spec.family.is_gpu)

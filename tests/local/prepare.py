@@ -95,9 +95,12 @@ def sha256(path: Path) -> str:
 class PackageServer:
     """Serves a folder on a loopback port, for a bounded time, in a daemon thread."""
 
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
     def __init__(self, directory: Path, port: int, lifetime_s: float) -> None:
-        handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(directory), **kw)  # noqa: E731
-        http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+        handler = lambda *a, **kw: self.Quiet(*a, directory=str(directory), **kw)  # noqa: E731
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.deadline = time.monotonic() + lifetime_s
         self.thread = threading.Thread(target=self._serve, daemon=True)
