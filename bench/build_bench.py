@@ -39,7 +39,7 @@ def matrix(tmp: Path, repo: str, lines: int = 1, djl: str = "0.32.0", nonce: boo
     text = prepare.LOCAL_MATRIX.read_text()
     text = text.replace("repository: lmi-local", f"repository: {repo}")
     text = text.replace("templates: ../templates", f"templates: {ROOT / 'templates'}")
-    text = text.replace("output: ../.lmi/images-local", f"output: {tmp / 'images'}")
+    text = text.replace("output: .lmi/images-local", f"output: {tmp / 'images'}")
     text = text.replace('djl: "0.32.0"', f'djl: "{djl}"').replace("djl-serving_0.32.0", f"djl-serving_{djl}")
     if nonce:
         text = text.replace('_all.deb"', f'_all.deb?run={uuid.uuid4().hex}"')

@@ -143,6 +143,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     m, specs = _selected(args)
     out = Path(args.out) if args.out else m.output
+    problem = matrix.output_problem(out, m.path.parent, outside_ok=True) if args.out else None
+    if problem:
+        raise UserError(f"--out {args.out}: {problem}")
     renderer = render.Renderer(m.templates)
     contexts = [renderer.render(s) for s in specs]
     whole = not args.instance and not args.patterns

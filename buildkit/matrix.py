@@ -158,6 +158,9 @@ def load(path: Path, facts: Facts) -> Matrix:
     # Paths in the matrix are relative to the matrix file, so a test matrix can reuse ../templates.
     templates = path.parent / _setting(doc, "templates", "templates", p)
     output = path.parent / _setting(doc, "output", "images", p)
+    problem = output_problem(output, path.parent, outside_ok=False)
+    if problem:
+        p.add(doc.line_of("output") if "output" in doc else 1, problem)
 
     base_mirror = _string(doc, "base_mirror", "the matrix", p, version=False) if "base_mirror" in doc else None
     budget = _budget(doc, "the matrix", p)
@@ -182,6 +185,20 @@ def load(path: Path, facts: Facts) -> Matrix:
     p.raise_if_any()
     return Matrix(path=path, repository=repository, templates=templates, output=output, images=tuple(images),
                   base_mirror=base_mirror, build_args=build_args)
+
+
+def output_problem(out: Path, matrix_dir: Path, outside_ok: bool) -> str | None:
+    """Why `out` cannot be an output directory, or None. Rendering prunes what it owns there, so the
+    matrix's own directory and its parents are never outputs; a matrix's `output` stays inside the
+    matrix's directory (elsewhere only on purpose, with `lmi render --out DIR`)."""
+    out_abs, base = out.resolve(), matrix_dir.resolve()
+    if out_abs == base or out_abs in base.parents:
+        return (f"output '{out}' is the matrix's own directory or a parent of it, where the toolkit does not "
+                "own every file; use a directory of its own, e.g. 'output: images'")
+    if not outside_ok and base not in out_abs.parents:
+        return (f"output '{out}' lies outside the matrix's directory ({base}); keep it inside, e.g. "
+                "'output: images', or render elsewhere on purpose with `lmi render --out DIR`")
+    return None
 
 
 def _build_args(doc: LocDict, p: _Problems) -> dict[str, str]:

@@ -85,16 +85,88 @@ def plan(specs: list[ImageSpec], renderer: Renderer, build_args: dict[str, str] 
     return out
 
 
+MANIFEST = ".lmi-render.json"  # in the output directory: the contexts `lmi render` wrote there
+_TEMP_PREFIXES = (".lmi-tmp-", ".lmi-old-")  # staging of an interrupted render, always ours to remove
+RENDERED_MARK = b"Rendered by `lmi render`"  # in every Dockerfile the templates write (legacy adoption)
+
+
+def owned(out_dir: Path) -> set[str]:
+    """Ids of the contexts that `lmi render` wrote into out_dir. Raises UserError when out_dir holds
+    anything else, so nothing there is ever overwritten or pruned unless the toolkit made it."""
+    if not out_dir.exists():
+        return set()
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise UserError(f"{out_dir}: not a directory the toolkit made; choose another output directory")
+    manifest = out_dir / MANIFEST
+    ids: set[str] = set()
+    if manifest.is_file() and not manifest.is_symlink():
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            ids = {i for i in data["ids"] if isinstance(i, str) and _safe_id(i)}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{manifest}: unreadable render manifest ({exc}); remove the directory's "
+                            "rendered contexts and the manifest, then render again") from exc
+    strangers = []
+    for child in sorted(out_dir.iterdir()):
+        name = child.name
+        if name == MANIFEST or name.startswith(_TEMP_PREFIXES):
+            continue
+        if name in ids and child.is_dir() and not child.is_symlink():
+            continue
+        if not manifest.exists() and _looks_rendered(child):
+            ids.add(name)  # a context rendered before manifests existed: adopt it
+            continue
+        strangers.append(name)
+    if strangers:
+        shown = ", ".join(strangers[:3]) + (f" and {len(strangers) - 3} more" if len(strangers) > 3 else "")
+        raise UserError(f"{out_dir}: holds {shown}, which `lmi render` did not write; render into a directory "
+                        "of its own (the matrix's 'output', or --out DIR) or move those away")
+    return ids
+
+
+def _safe_id(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and not name.startswith(".")
+
+
+def _looks_rendered(path: Path) -> bool:
+    if not path.is_dir() or path.is_symlink() or not _safe_id(path.name):
+        return False
+    dockerfile, claims = path / "Dockerfile", path / "image.json"
+    try:
+        return claims.is_file() and RENDERED_MARK in dockerfile.read_bytes()[:512]
+    except OSError:
+        return False
+
+
+def _write_manifest(out_dir: Path, ids: set[str]) -> None:
+    tmp = out_dir / f"{_TEMP_PREFIXES[0]}{MANIFEST}"
+    tmp.write_text(json.dumps({"written_by": "lmi render", "ids": sorted(ids)}, indent=1) + "\n")
+    os.replace(tmp, out_dir / MANIFEST)
+
+
 def write(contexts: list[Context], out_dir: Path, prune: bool) -> list[str]:
     """Write contexts under out_dir/<id>/, each replaced whole so no half-written context is left.
-    With prune, directories of images no longer in the matrix are removed. Returns what changed."""
+    Only what `lmi render` wrote is ever replaced or removed: out_dir's manifest names it, and an
+    out_dir holding anything else is refused before anything is written. With prune, contexts it
+    wrote for images no longer in the matrix are removed. Returns what changed."""
+    for ctx in contexts:
+        if not _safe_id(ctx.id):
+            raise UserError(f"image id '{ctx.id}' cannot name a directory; fix the line or family name")
+    mine = owned(out_dir)  # raises before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
+    for child in out_dir.iterdir():  # what an interrupted render left behind
+        if child.name.startswith(_TEMP_PREFIXES) and child.name != f"{_TEMP_PREFIXES[0]}{MANIFEST}":
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    keep = {c.id for c in contexts}
+    if not keep <= mine or not (out_dir / MANIFEST).exists():
+        mine |= keep
+        _write_manifest(out_dir, mine)  # claimed before it is created
     changed = []
     for ctx in contexts:
         target = out_dir / ctx.id
         if not _differs(ctx, target):
             continue
-        staging = Path(tempfile.mkdtemp(prefix=f".{ctx.id}.", dir=out_dir))
+        staging = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIXES[0]}{ctx.id}.", dir=out_dir))
         try:
             for name, data in ctx.files.items():
                 path = staging / name
@@ -102,8 +174,7 @@ def write(contexts: list[Context], out_dir: Path, prune: bool) -> list[str]:
                 path.chmod(ctx.mode(name))
             staging.chmod(0o755)
             if target.exists():
-                old = target.with_name(f".{ctx.id}.old")
-                shutil.rmtree(old, ignore_errors=True)
+                old = out_dir / f"{_TEMP_PREFIXES[1]}{ctx.id}"
                 os.rename(target, old)
                 os.rename(staging, target)
                 shutil.rmtree(old)
@@ -113,11 +184,11 @@ def write(contexts: list[Context], out_dir: Path, prune: bool) -> list[str]:
             shutil.rmtree(staging, ignore_errors=True)
         changed.append(ctx.id)
     if prune:
-        keep = {c.id for c in contexts}
-        for child in sorted(out_dir.iterdir()):
-            if child.is_dir() and child.name not in keep and not child.name.startswith("."):
-                shutil.rmtree(child)
-                changed.append(f"{child.name} (removed)")
+        for name in sorted(mine - keep):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+            changed.append(f"{name} (removed)")
+        if mine != keep:
+            _write_manifest(out_dir, keep)
     return changed
 
 
@@ -147,6 +218,11 @@ def diff(contexts: list[Context], out_dir: Path, prune: bool) -> list[str]:
                 problems.append(f"{path}: executable bit differs from a fresh render")
     if prune and out_dir.is_dir():
         keep = {c.id for c in contexts}
-        problems.extend(f"{child}: no longer in the matrix" for child in sorted(out_dir.iterdir())
-                        if child.is_dir() and child.name not in keep and not child.name.startswith("."))
+        try:
+            mine = owned(out_dir)
+        except UserError as exc:
+            return [*problems, *exc.lines]
+        problems.extend(f"{out_dir / name}: no longer in the matrix" for name in sorted(mine - keep))
+        if not (out_dir / MANIFEST).is_file() or mine != keep:
+            problems.append(f"{out_dir / MANIFEST}: does not list exactly the rendered contexts")
     return problems

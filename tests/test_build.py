@@ -67,7 +67,7 @@ def local_matrix(directory: Path, repo: str, extra_lines: str = "", rerun_djl_st
         text = text.replace('_all.deb"', f'_all.deb?run={uuid.uuid4().hex}"')
     text = text.replace("repository: lmi-local", f"repository: {repo}")
     text = text.replace("templates: ../templates", f"templates: {ROOT / 'templates'}")
-    text = text.replace("output: ../.lmi/images-local", f"output: {directory / 'images'}")
+    text = text.replace("output: .lmi/images-local", f"output: {directory / 'images'}")
     for old, new in changes.items():
         assert old in text, old
         text = text.replace(old, new)

@@ -64,7 +64,10 @@ def test_render_check_catches_drift(tmp_path) -> None:
     shutil.copy(ROOT / "matrix.yaml", tmp_path / "matrix.yaml")
     dockerfile = tmp_path / "images" / "djl0.27-g5" / "Dockerfile"
     dockerfile.write_text(dockerfile.read_text().replace("EXPOSE 8080", "EXPOSE 8081"))
-    (tmp_path / "images" / "djl0.19-g5").mkdir()
+    # A context this toolkit rendered for a line since removed from the matrix.
+    shutil.copytree(tmp_path / "images" / "djl0.27-g5", tmp_path / "images" / "djl0.19-g5")
+    manifest = tmp_path / "images" / render.MANIFEST
+    manifest.write_text(manifest.read_text().replace('"djl0.27-cpu"', '"djl0.19-g5", "djl0.27-cpu"'))
     (tmp_path / "images" / "djl0.36-g5" / "entrypoint.sh").chmod(0o644)
     result = lmi("--matrix", str(tmp_path / "matrix.yaml"), "render", "--check")
     assert result.returncode == 1
@@ -79,9 +82,123 @@ def test_render_check_catches_drift(tmp_path) -> None:
 
 def test_selective_render_leaves_other_contexts(tmp_path) -> None:
     out = tmp_path / "out"
-    (out / "keep-me").mkdir(parents=True)
+    assert lmi("render", "--instance", "p5", "--out", str(out)).returncode == 0
     assert lmi("render", "--instance", "g5", "--out", str(out)).returncode == 0
-    assert sorted(p.name for p in out.iterdir()) == ["djl0.27-g5", "djl0.36-g5", "keep-me"]
+    assert sorted(p.name for p in out.iterdir()) == [render.MANIFEST, "djl0.27-g5", "djl0.27-p5",
+                                                     "djl0.36-g5", "djl0.36-p5"]
+
+
+# --- render owns only what it wrote -----------------------------------------------------------------
+
+
+def _checkout(tmp_path: Path, output: str) -> Path:
+    """A checkout-like tree: the toolkit's own directories beside a matrix whose output is `output`."""
+    tmp_path.mkdir(exist_ok=True)
+    for name in ("buildkit", "tests", "bench"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "keep.py").write_text("precious = True\n")
+    shutil.copytree(ROOT / "templates", tmp_path / "templates")
+    text = (ROOT / "matrix.yaml").read_text().replace("repository: lmi-inference",
+                                                      f"repository: lmi-inference\noutput: {output}")
+    (tmp_path / "matrix.yaml").write_text(text)
+    return tmp_path / "matrix.yaml"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("output", [".", "..", "./", "images/.."])
+def test_output_at_or_above_the_matrix_is_refused_and_nothing_is_touched(tmp_path, output) -> None:
+    path = _checkout(tmp_path / "co" if output.startswith("..") else tmp_path, output)
+    root = path.parent.parent if output.startswith("..") else path.parent
+    before = _tree(root)
+    for command in (["render"], ["render", "--check"], ["validate"]):
+        result = lmi("--matrix", str(path), *command)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"{path}:" in result.stderr and "matrix's own directory or a parent" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert _tree(root) == before
+
+
+def test_output_outside_the_matrix_tree_needs_out(tmp_path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    path = _checkout(tmp_path / "co", str(elsewhere))
+    result = lmi("--matrix", str(path), "render")
+    assert result.returncode == 2 and "lies outside the matrix's directory" in result.stderr
+    assert not elsewhere.exists()
+    # A symbolic link inside the tree that points outside is outside too.
+    (tmp_path / "co" / "images").symlink_to(elsewhere, target_is_directory=True)
+    elsewhere.mkdir()
+    path.write_text(path.read_text().replace(f"output: {elsewhere}", "output: images"))
+    result = lmi("--matrix", str(path), "render")
+    assert result.returncode == 2 and "lies outside" in result.stderr
+    assert list(elsewhere.iterdir()) == []
+    # Named on the command line, it is a choice: allowed into an empty directory.
+    (tmp_path / "co" / "images").unlink()
+    assert lmi("--matrix", str(path), "render", "--out", str(elsewhere)).returncode == 0
+    assert (elsewhere / "djl0.36-g5" / "Dockerfile").is_file()
+    result = lmi("--matrix", str(path), "render", "--out", str(tmp_path / "co"))
+    assert result.returncode == 2 and "parent" in result.stderr
+
+
+def test_output_holding_other_files_is_refused_before_anything_is_written(tmp_path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    (out / "project").mkdir()
+    (out / "project" / "main.py").write_text("x = 1\n")
+    before = _tree(out)
+    for args in (["render", "--out", str(out)], ["render", "--instance", "g5", "--out", str(out)]):
+        result = lmi(*args)
+        assert result.returncode == 2, result.stderr
+        assert "notes.txt, project, which `lmi render` did not write" in result.stderr
+    assert _tree(out) == before and sorted(p.name for p in out.iterdir()) == ["notes.txt", "project"]
+
+
+def test_prune_removes_only_what_render_wrote(tmp_path, facts) -> None:
+    m = matrix.load(ROOT / "matrix.yaml", facts)
+    renderer = render.Renderer(m.templates)
+    specs = resolve(m, facts)
+    out = tmp_path / "out"
+    render.write([renderer.render(s) for s in specs[:3]], out, prune=False)
+    changed = render.write([renderer.render(specs[0])], out, prune=True)
+    assert sorted(changed) == sorted(f"{s.id} (removed)" for s in specs[1:3])
+    assert sorted(p.name for p in out.iterdir()) == [render.MANIFEST, specs[0].id]
+    assert json.loads((out / render.MANIFEST).read_text())["ids"] == [specs[0].id]
+    # A directory that appears later is not the toolkit's: refused, and left as it was.
+    (out / "scratch").mkdir()
+    with pytest.raises(UserError, match="scratch, which `lmi render` did not write"):
+        render.write([renderer.render(specs[0])], out, prune=True)
+    assert (out / "scratch").is_dir()
+
+
+def test_interrupted_render_is_cleaned_by_the_next(tmp_path, facts) -> None:
+    m = matrix.load(ROOT / "matrix.yaml", facts)
+    renderer = render.Renderer(m.templates)
+    ctx = renderer.render(resolve(m, facts)[0])
+    out = tmp_path / "out"
+    render.write([ctx], out, prune=False)
+    # What a kill between the steps of a replace leaves: a staging copy and the old context moved aside.
+    (out / f".lmi-tmp-{ctx.id}.x1y2").mkdir()
+    (out / f".lmi-tmp-{ctx.id}.x1y2" / "Dockerfile").write_text("half")
+    (out / ctx.id).rename(out / f".lmi-old-{ctx.id}")
+    assert render.diff([ctx], out, prune=True)  # the context is missing
+    assert render.write([ctx], out, prune=True) == [ctx.id]
+    assert sorted(p.name for p in out.iterdir()) == [render.MANIFEST, ctx.id]
+    assert render.diff([ctx], out, prune=True) == []
+
+
+def test_contexts_rendered_before_manifests_are_adopted(tmp_path, facts) -> None:
+    m = matrix.load(ROOT / "matrix.yaml", facts)
+    renderer = render.Renderer(m.templates)
+    specs = resolve(m, facts)
+    out = tmp_path / "out"
+    render.write([renderer.render(s) for s in specs[:2]], out, prune=False)
+    (out / render.MANIFEST).unlink()
+    assert render.owned(out) == {specs[0].id, specs[1].id}
+    render.write([renderer.render(specs[0])], out, prune=True)
+    assert sorted(p.name for p in out.iterdir()) == [render.MANIFEST, specs[0].id]
 
 
 def test_strict_undefined_names_the_template(tmp_path, facts) -> None:
