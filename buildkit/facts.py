@@ -49,6 +49,8 @@ class Toolkit:
     def major(self) -> str:
         return self.version.split(".")[0]
 
+    compat_pin: str | None = None  # a cuda-compat package version known to carry the libraries
+
     def base_image(self, flavor: str, ubuntu: str) -> str:
         return f"nvidia/cuda:{self.patch}-{flavor}-ubuntu{ubuntu}"
 
@@ -133,10 +135,17 @@ class DeepSpeedRelease:
 
 
 @dataclass(frozen=True)
-class OpFloor:
-    op: str
-    sm: str
-    what: str
+class DeepSpeedOp:
+    """One op of DeepSpeed's op_builder: the switch setup.py reads, the first release that has it, the
+    lowest SM it builds for, and what it needs that the images do not carry (None: nothing)."""
+
+    name: str
+    build_var: str
+    since: str
+    sm: str | None = None
+    what: str = ""
+    needs: str | None = None
+    training: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,12 +176,16 @@ class Facts:
     torch: dict[str, TorchRelease]
     torch_wheel_index: str
     deepspeed: dict[str, DeepSpeedRelease]
-    op_floors: tuple[OpFloor, ...]
+    deepspeed_ops: tuple[DeepSpeedOp, ...]
     djl: dict[str, DjlRelease]
     djl_package_url: str
     djl_checksum_unknown: str
     systems: dict[str, OperatingSystem]
     sources: dict[str, dict[str, str]] = field(repr=False)
+
+    def ops_of(self, deepspeed: str) -> tuple[DeepSpeedOp, ...]:
+        """The ops a DeepSpeed release has (op_builder at that tag)."""
+        return tuple(op for op in self.deepspeed_ops if versions.at_least(deepspeed, op.since))
 
     def source(self, topic: str, key: str) -> str:
         """The recorded source of a fact: topic is the data file's stem, key its `sources` entry."""
@@ -231,6 +244,7 @@ def load() -> Facts:
             compat_branches=tuple(t["compat_branches"]),
             ubuntu=tuple(t["ubuntu"]),
             cudnn=t["cudnn"],
+            compat_pin=t.get("compat_pin"),
         )
         for ver, t in cuda["toolkits"].items()
     }
@@ -276,7 +290,7 @@ def load() -> Facts:
         torch=torch_releases,
         torch_wheel_index=torch["wheel_index"],
         deepspeed=ds_releases,
-        op_floors=tuple(OpFloor(op, f["sm"], f["what"]) for op, f in ds["op_floors"].items()),
+        deepspeed_ops=tuple(DeepSpeedOp(name=op, **o) for op, o in ds["ops"].items()),
         djl={
             ver: DjlRelease(version=ver, java=r["java"], python=tuple(r["python"]), sha256=r.get("sha256"))
             for ver, r in djl["releases"].items()

@@ -53,7 +53,9 @@ class Verdict:
     driver: str | None = None
     wheel_variant: str = "cpu"
     arch_list: str | None = None  # TORCH_CUDA_ARCH_LIST for source-built ops: the family's SM only
-    skipped_ops: list[str] = field(default_factory=list)
+    skipped_ops: list[str] = field(default_factory=list)  # ops whose SM floor the family is below
+    ops_off: dict[str, str] = field(default_factory=dict)  # op -> why it is not prebuilt (GPU images)
+    ops_built: list[str] = field(default_factory=list)  # ops prebuilt for the family's SM (GPU images)
     ptx_only: bool = False  # the wheel reaches the SM only through PTX JIT
 
     @property
@@ -306,9 +308,14 @@ def _deepspeed_cuda(ctx: _Ctx) -> None:
             ctx.error("deepspeed-cuda", "deepspeed",
                       f"DeepSpeed {c.deepspeed} refuses nvcc {tk.version} with torch built for CUDA {torch_cuda}",
                       f.source("deepspeed", "tags"), fix)
-    for floor in f.op_floors:
-        if versions.key(fam.sm) < versions.key(floor.sm):
-            ctx.verdict.skipped_ops.append(floor.op)
+    for op in f.ops_of(c.deepspeed):
+        if op.sm and versions.key(fam.sm) < versions.key(op.sm):
+            ctx.verdict.skipped_ops.append(op.name)
+            ctx.verdict.ops_off[op.name] = f"{op.what} needs sm_{op.sm.replace('.', '')}+; {fam.name} is {_sm(fam.sm)}"
+        elif op.needs:
+            ctx.verdict.ops_off[op.name] = f"needs {op.needs}"
+        else:
+            ctx.verdict.ops_built.append(op.name)
     if ctx.verdict.skipped_ops:
         ctx.verdict.notes.append(f"DeepSpeed ops not built for {_sm(fam.sm)}: {', '.join(ctx.verdict.skipped_ops)}")
 

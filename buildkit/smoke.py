@@ -33,7 +33,7 @@ RUN_LABEL = "io.lmi.smoke-run"
 ENTRYPOINT = "/usr/local/bin/dockerd-entrypoint.sh"
 CPU_BUILTINS = ("python-version", "torch-version", "torch-cuda", "deepspeed-version", "transformers-version",
                 "diffusers-version", "accelerate-version", "djl-serving-version", "java-version", "pip-check",
-                "imports", "tiny-forward", "cuda-compat-files")
+                "imports", "tiny-forward", "deepspeed-prebuilt-ops", "cuda-compat-files")
 GPU_BUILTINS = ("nvidia-smi", "cuda-available", "compute-capability", "arch-list", "bf16", "deepspeed-ops",
                 "deepspeed-inference", "nccl-allreduce", "cuda-compat-active")
 SERVING_PAYLOAD = {"inputs": "lmi smoke test", "parameters": {"max_new_tokens": 1}}

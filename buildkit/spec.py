@@ -46,12 +46,15 @@ class ImageSpec:
     djl_url: str
     djl_sha256: str | None
     djl_sha256_missing: str | None  # why no checksum is recorded (the build warns)
-    skipped_ops: tuple[str, ...]
+    skipped_ops: tuple[str, ...]  # ops whose SM floor the family is below
+    ds_ops_built: tuple[str, ...]  # ops prebuilt into the image (GPU images; CPU images JIT-compile)
+    ds_ops_off: tuple[tuple[str, str, str], ...]  # (op, its DS_BUILD_* switch, why it is not prebuilt)
     notes: tuple[str, ...]
     aliases: tuple[str, ...] = ()
     checks: tuple[dict, ...] = ()  # user smoke checks from the matrix
     size_budget_gb: float = 20.0
     tag_suffix: str = ""
+    toolkit_compat_pin: str | None = None
 
     @property
     def tag(self) -> str:
@@ -59,6 +62,10 @@ class ImageSpec:
         py = self.python.replace(".", "")
         return (f"{self.djl}-deepspeed{self.deepspeed}-torch{self.torch}-{self.wheel_variant}-py{py}-"
                 f"{self.os.name}-{self.family.name}" + (f"-{self.tag_suffix}" if self.tag_suffix else ""))
+
+    @property
+    def compat_pin(self) -> str | None:
+        return self.toolkit_compat_pin if self.needs_compat else None
 
     @property
     def compat_package(self) -> str | None:
@@ -101,7 +108,9 @@ class ImageSpec:
                          "cuda": self.cuda, "python": self.python, "java": self.java, **self.libraries},
             "torch_variant": self.wheel_variant, "cuda_compat": self.needs_compat,
             "host_driver": self.driver, "inference_ami": self.inference_ami,
-            "deepspeed_ops_skipped": list(self.skipped_ops), "labels": self.labels,
+            "deepspeed_ops": {"prebuilt": list(self.ds_ops_built),
+                              "absent": {op: why for op, _, why in self.ds_ops_off}} if self.builder_image else None,
+            "labels": self.labels,
         }
 
 
@@ -135,6 +144,7 @@ def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
     variant = verdict.wheel_variant
     on_pypi = release.pypi_variant == variant
     djl = facts.djl[combo.djl]
+    switches = {op.name: op.build_var for op in facts.ops_of(combo.deepspeed)}
     return ImageSpec(
         id=image.id, line=image.line, family=family, repository=repository,
         djl=combo.djl, deepspeed=combo.deepspeed, torch=combo.torch,
@@ -144,13 +154,17 @@ def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
         torch_requirement=f"torch=={combo.torch}" if on_pypi else f"torch=={combo.torch}+{variant}",
         torch_index=None if on_pypi else f"{facts.torch_wheel_index}/{variant}",
         builder_image=toolkit.base_image("devel", system.ubuntu) if toolkit else None,
-        runtime_image=toolkit.base_image("runtime", system.ubuntu) if toolkit else system.image,
+        # `base`, not `runtime`: torch's wheels bring their own CUDA libraries (bench/results.md).
+        runtime_image=toolkit.base_image("base", system.ubuntu) if toolkit else system.image,
         arch_list=verdict.arch_list, needs_compat=verdict.needs_compat, driver=verdict.driver,
         inference_ami=image.inference_ami,
         djl_url=facts.djl_package_url.format(version=combo.djl), djl_sha256=djl.sha256,
         djl_sha256_missing=None if djl.sha256 else facts.djl_checksum_unknown,
         skipped_ops=tuple(verdict.skipped_ops), notes=tuple(verdict.notes),
+        ds_ops_built=tuple(sorted(verdict.ops_built)),
+        ds_ops_off=tuple((op, switches[op], why) for op, why in sorted(verdict.ops_off.items())),
         checks=image.checks, size_budget_gb=image.size_budget_gb, tag_suffix=image.tag_suffix,
+        toolkit_compat_pin=toolkit.compat_pin if toolkit else None,
     )
 
 

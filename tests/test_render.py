@@ -228,9 +228,9 @@ def test_layer_order_and_contract(production) -> None:
         order = [next(i for i, s in enumerate(runtime) if marker(s)) for marker in (
             lambda s: "venv" in s and s.startswith("RUN apt-get"),  # OS + Python
             lambda s: "pip install" in s and "torch==" in s,  # torch
-            lambda s: "deepspeed" in s and s.startswith("RUN"),  # DeepSpeed
             lambda s: "requirements.txt" in s and s.startswith("RUN"),  # other Python deps
             lambda s: "djl-serving.deb" in s,  # Java + DJL Serving
+            lambda s: "deepspeed" in s and s.startswith("RUN"),  # DeepSpeed: the family-specific layer
             lambda s: s.startswith("COPY entrypoint.sh"),  # entrypoint/config
         )]
         assert order == sorted(order), (spec.id, order)
@@ -257,11 +257,22 @@ def test_deepspeed_ops_prebuilt_for_the_family_sm_only(production) -> None:
         dockerfile = ctx.files["Dockerfile"].decode()
         if spec.family.is_gpu:
             assert "AS deepspeed-builder" in dockerfile
-            assert f'TORCH_CUDA_ARCH_LIST="{spec.family.sm}" DS_BUILD_OPS=1' in dockerfile
-            assert "--no-build-isolation" in dockerfile
+            step = next(s for s in _instructions(dockerfile) if "pip wheel" in s)
+            assert "DS_ACCELERATOR=cuda DS_BUILD_OPS=1 DS_ENABLE_NINJA=1" in step
+            assert f'TORCH_CUDA_ARCH_LIST="{spec.family.sm}"' in step
+            assert '/lib64/stubs' in step  # ops link -lcuda: the driver stub stands in
+            switched_off = set(re.findall(r"(DS_BUILD_[A-Z_]+)=0", step))
+            assert switched_off == {switch for _, switch, _ in spec.ds_ops_off}, spec.id
+            assert {"DS_BUILD_RAGGED_DEVICE_OPS", "DS_BUILD_CUTLASS_OPS", "DS_BUILD_SPARSE_ATTN",
+                    "DS_BUILD_EVOFORMER_ATTN"} <= switched_off
+            assert "DS_BUILD_TRANSFORMER_INFERENCE" not in switched_off and "DS_BUILD_RAGGED_OPS" not in switched_off
+            claims = json.loads(ctx.files["image.json"])["deepspeed_ops"]
+            assert set(claims["prebuilt"]) == set(spec.ds_ops_built) and "transformer_inference" in claims["prebuilt"]
+            assert "--no-build-isolation" in step
             assert "--mount=type=bind,from=deepspeed-builder" in dockerfile
             assert "FROM ${BUILDER_IMAGE}" in dockerfile and spec.builder_image.endswith(
                 f"devel-ubuntu{spec.os.ubuntu}")
+            assert spec.runtime_image.endswith(f"base-ubuntu{spec.os.ubuntu}")
         else:
             assert "deepspeed-builder" not in dockerfile and "DS_BUILD_OPS=0" in dockerfile
 

@@ -213,10 +213,41 @@ def test_deepspeed_cuda_major_mismatch(facts) -> None:
     assert "deepspeed-cuda" in rules_of(combo, facts)
 
 
-def test_deepspeed_v2_ops_skipped_below_sm80(facts) -> None:
-    verdict = evaluate(Combo("g4dn", "0.36.0", "0.18.9", "2.9.1", "12.8", "3.12", "ubuntu24.04"), facts)
-    assert verdict.ok
-    assert {"ragged_ops", "inference_cutlass", "fp_quantizer"} <= set(verdict.skipped_ops)
+# What op_builder/*.py says at each pinned tag: (family, DeepSpeed) -> ops below the SM floor, ops built.
+BUILT_0189 = {"async_io", "cpu_adagrad", "cpu_adam", "cpu_lion", "fused_adam", "fused_lamb", "fused_lion",
+              "inference_core_ops", "quantizer", "ragged_ops", "random_ltd", "spatial_inference",
+              "stochastic_transformer", "transformer", "transformer_inference", "utils"}
+NEEDS_0189 = {"cutlass_ops", "ragged_device_ops", "fp_quantizer", "evoformer_attn", "sparse_attn", "gds", "dc"}
+
+
+@pytest.mark.parametrize("family,below_floor", [
+    ("p3", {"cutlass_ops", "fp_quantizer", "ragged_device_ops"}),  # sm_70: evoformer's 7.0 floor is met
+    ("g4dn", {"cutlass_ops", "fp_quantizer", "ragged_device_ops"}),
+    ("g5", set()), ("p4d", set()), ("p5", set()),
+])
+def test_deepspeed_0189_op_switches_per_family(facts, family, below_floor) -> None:
+    verdict = evaluate(Combo(family, "0.36.0", "0.18.9", "2.9.1", "12.8", "3.12", "ubuntu24.04",
+                             driver="570.124.06"), facts)
+    assert verdict.ok, verdict.errors
+    assert set(verdict.skipped_ops) == below_floor
+    assert set(verdict.ops_built) == BUILT_0189  # 16 ops, as the real sm_86 and sm_70 builds made
+    assert set(verdict.ops_off) == NEEDS_0189
+    for op in below_floor:
+        assert "needs sm_80+" in verdict.ops_off[op] and family in verdict.ops_off[op]
+    assert "dskernels" in verdict.ops_off["ragged_device_ops"] or "sm_80" in verdict.ops_off["ragged_device_ops"]
+    assert "ragged_ops" in verdict.ops_built  # floor 6.0 (ragged_utils.py), not the 8.0 device op
+
+
+def test_deepspeed_0126_has_no_utils_gds_or_fp_quantizer(facts) -> None:
+    verdict = evaluate(Combo("g5", "0.27.0", "0.12.6", "2.1.2", "12.1", "3.10", "ubuntu22.04",
+                             driver="535.104.05"), facts)
+    assert verdict.ok, verdict.errors
+    assert set(verdict.ops_built) == BUILT_0189 - {"utils"}
+    assert set(verdict.ops_off) == {"cutlass_ops", "ragged_device_ops", "evoformer_attn", "sparse_attn"}
+    names = {op.name: op for op in facts.ops_of("0.12.6")}
+    assert names["ragged_device_ops"].build_var == "DS_BUILD_RAGGED_DEVICE_OPS"
+    assert names["ragged_ops"].build_var == "DS_BUILD_RAGGED_OPS" and names["ragged_ops"].sm == "6.0"
+    assert names["cutlass_ops"].build_var == "DS_BUILD_CUTLASS_OPS" and names["cutlass_ops"].sm == "8.0"
 
 
 # --- Java ---------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_torch_wheel_selection(production, write_matrix, facts) -> None:
 def test_arch_list_and_bases(production) -> None:
     g4dn = production["djl0.36-g4dn"]
     assert g4dn.arch_list == "7.5"
-    assert g4dn.bases == ("nvidia/cuda:12.8.1-devel-ubuntu24.04", "nvidia/cuda:12.8.1-runtime-ubuntu24.04")
+    assert g4dn.bases == ("nvidia/cuda:12.8.1-devel-ubuntu24.04", "nvidia/cuda:12.8.1-base-ubuntu24.04")
     assert production["djl0.36-cpu"].bases == ("ubuntu:24.04",)
 
 

@@ -149,6 +149,28 @@ def tiny_forward(claims):
     return "a 2-layer GPT-2 from a config ran a forward pass on the CPU"
 
 
+def _installed_ops() -> dict:
+    from deepspeed.git_version_info import installed_ops
+
+    return {op: bool(on) for op, on in installed_ops.items()}
+
+
+@builtin("deepspeed-prebuilt-ops", "cpu")
+def deepspeed_prebuilt_ops(claims):
+    ops = claims.get("deepspeed_ops")
+    installed = {op for op, on in _installed_ops().items() if on}
+    if ops is None:
+        expect(not installed, f"a CPU image claims no prebuilt op, but has {sorted(installed)}")
+        return "no op prebuilt (CPU image: DeepSpeed JIT-compiles where a toolkit exists)"
+    want = set(ops["prebuilt"])
+    missing, extra = sorted(want - installed), sorted(installed - want)
+    expect(not missing, f"ops the family's SM allows but the image lacks: {missing}")
+    expect(not extra, "ops prebuilt that the image should not carry: "
+                      + ", ".join(f"{op} ({ops['absent'].get(op, 'not claimed')})" for op in extra))
+    absent = ", ".join(f"{op} ({why})" for op, why in sorted(ops["absent"].items()))
+    return f"{len(want)} ops prebuilt as claimed: {', '.join(sorted(want))}; absent as claimed: {absent or 'none'}"
+
+
 @builtin("cuda-compat-files", "cpu")
 def cuda_compat_files(claims):
     libs = glob.glob("/usr/local/cuda/compat/libcuda.so.*")
@@ -234,20 +256,31 @@ def bf16(claims):
     return f"bf16 {'works' if supported else 'absent'}, as sm_{claims['sm']} implies"
 
 
+INFERENCE_OPS = {"transformer_inference": "InferenceBuilder", "inference_core_ops": "InferenceCoreBuilder",
+                 "ragged_ops": "RaggedUtilsBuilder", "ragged_device_ops": "RaggedOpsBuilder"}
+
+
 @builtin("deepspeed-ops", "gpu")
 def deepspeed_ops(claims):
-    from deepspeed.ops.op_builder import InferenceBuilder
+    """The prebuilt inference ops load on this GPU from the image itself, not from a JIT build."""
+    import deepspeed.ops.op_builder as builders
 
-    skipped = set(claims.get("deepspeed_ops_skipped", []))
-    if "transformer_inference" in skipped:
-        return "transformer_inference is not built for this SM"
-    builder = InferenceBuilder()
-    start = time.monotonic()
-    builder.load(verbose=False)
-    took = time.monotonic() - start
-    # A prebuilt op loads in well under a second; a JIT compile takes minutes.
-    expect(took < 30, f"InferenceBuilder took {took:.0f} s to load: it was JIT-compiled, not prebuilt")
-    return f"transformer_inference loaded in {took:.1f} s (prebuilt)"
+    prebuilt = set((claims.get("deepspeed_ops") or {}).get("prebuilt", []))
+    installed = _installed_ops()
+    loaded = []
+    for op, cls in INFERENCE_OPS.items():
+        if op not in prebuilt:
+            continue
+        expect(installed.get(op), f"{op} is claimed prebuilt but DeepSpeed lists it as not installed")
+        start = time.monotonic()
+        module = getattr(builders, cls)().load(verbose=False)
+        took = time.monotonic() - start
+        where = os.path.dirname(getattr(module, "__file__", "") or "")
+        expect("site-packages" in where or "dist-packages" in where,
+               f"{op} loaded from {where or 'a JIT build'}, not from the installed package")
+        loaded.append(f"{op} ({took:.1f} s)")
+    expect(bool(loaded) or not prebuilt & set(INFERENCE_OPS), "no inference op was loaded")
+    return "prebuilt and loaded without JIT: " + (", ".join(loaded) or "no inference op claimed for this SM")
 
 
 @builtin("deepspeed-inference", "gpu")
