@@ -19,8 +19,9 @@ REGISTRY ?= oci://127.0.0.1:5000
 
 # The local test matrix builds offline: its stand-ins are prepared first, and torch comes from pip's
 # local wheel folder (PIP_FIND_LINKS), unless WHEELHOUSE says otherwise.
-LOCAL := $(findstring matrix.local,$(MATRIX))
-WHEELHOUSE ?= $(if $(LOCAL),$(firstword $(PIP_FIND_LINKS)))
+# tests/matrix.gpu-local.yaml builds real GPU images on CUDA bases made here from Debian packages.
+LOCAL := $(findstring local,$(notdir $(MATRIX)))
+WHEELHOUSE ?= $(if $(findstring matrix.local,$(MATRIX)),$(firstword $(PIP_FIND_LINKS)))
 
 .PHONY: help venv engine registry build test-images push render validate plan lint test bench clean
 

@@ -37,7 +37,11 @@ COMPONENTS = ("djl", "deepspeed", "torch", "cuda", "python", "os")
 LIBRARIES = ("transformers", "diffusers", "accelerate")
 OPTIONAL = ("torch_cuda", "pip")
 LINE_KEYS = COMPONENTS + LIBRARIES + OPTIONAL + ("include", "exclude", "overrides", "checks", "size_budget_gb",
-                                                 "tag_suffix")
+                                                 "tag_suffix", "bases")
+BASE_KEYS = ("builder", "runtime")
+# An image reference: [host[:port]/]path[:tag][@sha256:digest], matched whole.
+IMAGE_REF = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+                       r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
 OVERRIDE_KEYS = COMPONENTS + LIBRARIES + OPTIONAL
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _PIP_PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!-]+$")
@@ -58,6 +62,7 @@ class Image:
     checks: tuple[dict, ...] = ()  # user smoke checks of the line
     size_budget_gb: float = 0.0
     tag_suffix: str = ""  # tells apart lines whose versioned components are all the same
+    bases: tuple[str, str] | None = None  # (builder, runtime) given by the matrix instead of nvidia/cuda
 
     def line_of(self, fld: str) -> int:
         return self.lines.get(fld) or self.lines["family"]
@@ -358,6 +363,7 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: 
         ov = _mapping(ov, overrides.line_of(fam), f"{what}: overrides.{fam}", p, "{torch: \"2.8.0\"}")
         if ov:
             _check_keys(ov, OVERRIDE_KEYS, f"{what}: overrides.{fam}", p)
+    bases = _bases(body, what, p)
     if "cuda" not in body and any(fam != "cpu" for fam, _ in members):
         p.add(line, f"{what} builds GPU families but has no 'cuda'; add cuda: \"<version>\" (or build only cpu)")
     if p.lines:
@@ -381,14 +387,38 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: 
             family=fam, djl=vals.get("djl"), deepspeed=vals.get("deepspeed"), torch=vals.get("torch"),
             cuda=vals.get("cuda") if gpu else None, python=vals.get("python"), os=vals.get("os"),
             torch_cuda=vals.get("torch_cuda") if gpu else None, driver=driver[0] if driver else None,
+            custom_bases=bool(bases) and gpu,
         )
+        if bases:
+            origin["bases"] = body.line_of("bases")
         images.append(Image(
             id=f"{name}-{fam}", line=name, family=fam, combo=combo,
             libraries={k: vals.get(k) for k in LIBRARIES}, pip=fam_pip, inference_ami=fleet.ami.get(fam),
-            lines=origin, checks=checks, tag_suffix=suffix or "",
+            lines=origin, checks=checks, tag_suffix=suffix or "", bases=bases if gpu else None,
             size_budget_gb=line_budget or DEFAULT_BUDGET_GB["gpu" if gpu else "cpu"],
         ))
     return images
+
+
+def _bases(body: LocDict, what: str, p: _Problems) -> tuple[str, str] | None:
+    """Base images the matrix names instead of nvidia/cuda's (a hardened in-house CUDA image, or one made
+    locally): the matrix then vouches that they carry the line's CUDA toolkit."""
+    if "bases" not in body:
+        return None
+    node = _mapping(body["bases"], body.line_of("bases"), f"{what}: bases", p,
+                    "bases: {builder: \"registry/cuda:12.4.1-devel\", runtime: \"registry/cuda:12.4.1-base\"}")
+    if node is None:
+        return None
+    _check_keys(node, BASE_KEYS, f"{what}: bases", p)
+    refs = []
+    for key in BASE_KEYS:
+        ref = node.get(key)
+        if not isinstance(ref, str) or not IMAGE_REF.fullmatch(ref):
+            shown = ref if isinstance(ref, str) and len(ref) <= 200 else _kind(ref)
+            p.add(node.line_of(key), f"{what}: bases.{key} must be an image reference such as "
+                                     f"registry/cuda:12.4.1-devel, got {shown!r}")
+        refs.append(ref)
+    return (refs[0], refs[1]) if not p.lines else None
 
 
 def _pins(node: LocDict, what: str, p: _Problems) -> tuple[str, ...]:

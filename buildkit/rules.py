@@ -31,6 +31,7 @@ class Combo:
     os: str
     torch_cuda: str | None = None
     driver: str | None = None
+    custom_bases: bool = False  # the matrix names its own base images (it vouches for their CUDA)
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,10 @@ def _base(ctx: _Ctx) -> None:
     c, f, tk = ctx.combo, ctx.facts, ctx.toolkit
     system = f.systems.get(c.os)
     if tk is None or system is None:
+        return
+    if c.custom_bases:
+        ctx.verdict.notes.append(f"base images named by the matrix: not checked against nvidia/cuda tags; "
+                                 f"they must carry CUDA {tk.version}'s nvcc and libraries")
         return
     if system.ubuntu is None or system.ubuntu not in tk.ubuntu:
         oses = [name for name, s in f.systems.items() if s.ubuntu in tk.ubuntu]

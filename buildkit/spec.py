@@ -145,6 +145,9 @@ def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
     on_pypi = release.pypi_variant == variant
     djl = facts.djl[combo.djl]
     switches = {op.name: op.build_var for op in facts.ops_of(combo.deepspeed)}
+    # `base`, not `runtime`: torch's wheels bring their own CUDA libraries (bench/results.md).
+    builder, runtime = (None, system.image) if not toolkit else image.bases or (
+        toolkit.base_image("devel", system.ubuntu), toolkit.base_image("base", system.ubuntu))
     return ImageSpec(
         id=image.id, line=image.line, family=family, repository=repository,
         djl=combo.djl, deepspeed=combo.deepspeed, torch=combo.torch,
@@ -153,9 +156,7 @@ def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
         wheel_variant=variant,
         torch_requirement=f"torch=={combo.torch}" if on_pypi else f"torch=={combo.torch}+{variant}",
         torch_index=None if on_pypi else f"{facts.torch_wheel_index}/{variant}",
-        builder_image=toolkit.base_image("devel", system.ubuntu) if toolkit else None,
-        # `base`, not `runtime`: torch's wheels bring their own CUDA libraries (bench/results.md).
-        runtime_image=toolkit.base_image("base", system.ubuntu) if toolkit else system.image,
+        builder_image=builder, runtime_image=runtime,
         arch_list=verdict.arch_list, needs_compat=verdict.needs_compat, driver=verdict.driver,
         inference_ami=image.inference_ami,
         djl_url=facts.djl_package_url.format(version=combo.djl), djl_sha256=djl.sha256,

@@ -35,6 +35,10 @@ STANDIN = Path(__file__).with_name("djl_serving_standin.py")
 PACKAGES = ROOT / ".lmi" / "local-packages"
 EPOCH = "1700000000"  # fixed timestamps: the same .deb bytes on every machine
 SUITES = {"debian:12": "bookworm"}
+CUDA_CONTEXT = Path(__file__).with_name("cuda")
+# Bases made from Debian packages by tests/local/cuda/Dockerfile: ref -> (its target, the OS it is made on).
+CUDA_BASES = {"lmi/cuda:12.4.1-devel-debian12": ("devel", "debian:12"),
+              "lmi/cuda:12.4.1-base-debian12": ("base", "debian:12")}
 
 
 def ensure_tool(name: str, package: str) -> None:
@@ -52,9 +56,17 @@ def ensure_base(image: str, mirror: str) -> str:
     ref = engine.mirrored(image, mirror)
     if engine.image_exists(engine.sdk(), ref):
         return f"{ref} (cached)"
+    if image in CUDA_BASES:
+        target, system = CUDA_BASES[image]
+        ensure_base(system, mirror)
+        client = engine.detect_client()
+        subprocess.run([client.path, "build", "--network=host", "--target", target, "--build-arg",
+                        f"DEBIAN_IMAGE={engine.mirrored(system, mirror)}", "-t", ref, str(CUDA_CONTEXT)],
+                       check=True, stdout=subprocess.DEVNULL, env={**os.environ, "DOCKER_BUILDKIT": "1"})
+        return f"{ref} (CUDA 12.4 from Debian packages)"
     suite = SUITES.get(image)
     if suite is None:
-        sys.exit(f"error: no recipe for a local {image}; known: {', '.join(SUITES)}")
+        sys.exit(f"error: no recipe for a local {image}; known: {', '.join([*SUITES, *CUDA_BASES])}")
     ensure_tool("mmdebstrap", "mmdebstrap")
     with tempfile.TemporaryDirectory(prefix="lmi-base-") as tmp:
         tarball = Path(tmp) / "rootfs.tar"
@@ -130,8 +142,9 @@ def prepare(matrix_path: Path) -> dict:
     f = facts.load()
     m = matrix.load(matrix_path, f)
     engine.ensure_engine()
-    made = [ensure_base(f.systems[image.combo.os].image, m.base_mirror or "lmi-local")
-            for image in m.images]
+    wanted = dict.fromkeys(ref for image in m.images
+                           for ref in (image.bases or (f.systems[image.combo.os].image,)))
+    made = [ensure_base(ref, m.base_mirror or "lmi-local") for ref in wanted]
     url = urlparse(m.build_args.get("DJL_SERVING_URL", ""))
     versions = sorted({image.combo.djl for image in m.images})
     debs = [standin_deb(v) for v in versions]
