@@ -23,7 +23,7 @@ REGISTRY ?= oci://127.0.0.1:5000
 LOCAL := $(findstring local,$(notdir $(MATRIX)))
 WHEELHOUSE ?= $(if $(findstring matrix.local,$(MATRIX)),$(firstword $(PIP_FIND_LINKS)))
 
-.PHONY: help venv engine registry build test-images push render validate plan lint test bench clean
+.PHONY: help venv mpi engine registry build test-images push render validate plan lint test bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,13 @@ $(VENV)/.ready: pyproject.toml
 	@touch $@
 
 venv: $(VENV)/.ready ## create .venv with the toolkit and its dev tools
+
+# The DeepSpeed handler's tests start real ranks with mpirun, as DJL's MPI mode does.
+mpi:
+	@command -v mpirun >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openmpi-bin >/dev/null; \
+	  else echo "error: mpirun is missing; install your distribution's openmpi-bin" >&2; exit 2; fi; }
 
 engine: venv ## make sure a Docker engine with BuildKit answers (installs and starts docker.io if needed)
 	$(BIN)/lmi engine
@@ -74,7 +81,7 @@ lint: venv ## ruff, the render gate, and hadolint on every rendered Dockerfile
 	$(BIN)/hadolint --config .hadolint.yaml images/*/Dockerfile
 	$(BIN)/actionlint
 
-test: lint engine ## lint, then the test suite (engine tests build real images)
+test: lint engine mpi ## lint, then the test suite (engine tests build real images)
 	$(BIN)/python -m pytest -q
 
 bench: engine ## measure render and build speed into bench/results.md

@@ -485,7 +485,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", metavar="HOST/PREFIX", help="the images are named for this registry")
     p.add_argument("--junit", metavar="FILE", help="write JUnit XML for CI")
     p.add_argument("--check-timeout", type=float, default=300.0, metavar="S", help="seconds per check")
-    p.add_argument("--serving-timeout", type=float, default=180.0, metavar="S", help="seconds for /ping to answer")
+    p.add_argument("--serving-timeout", type=float, default=600.0, metavar="S",
+                   help="seconds for the model to load and /ping to answer (the ranks JIT-compile on CPU images)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every check, not only failures")
     p.set_defaults(func=cmd_test)
 

@@ -165,6 +165,7 @@ class OperatingSystem:
     java_package: str
     java: str
     aio_package: str  # libaio, for DeepSpeed's async I/O op
+    mpi_package: str  # an MPI runtime (mpirun), for DJL's MPI mode
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,7 @@ class Facts:
     djl: dict[str, DjlRelease]
     djl_package_url: str
     djl_checksum_unknown: str
+    djl_deepspeed_handler_last: str  # the last DJL Serving release with its own DeepSpeed handler
     systems: dict[str, OperatingSystem]
     sources: dict[str, dict[str, str]] = field(repr=False)
 
@@ -297,6 +299,7 @@ def load() -> Facts:
         },
         djl_package_url=djl["package_url"],
         djl_checksum_unknown=" ".join(djl["checksum_unknown_reason"].split()),
+        djl_deepspeed_handler_last=djl["deepspeed_handler_last"],
         systems={name: OperatingSystem(name=name, **s) for name, s in osd["systems"].items()},
         sources={
             "instances": {**inst["sources"], "ami": inst["inference_amis"]["source"]},

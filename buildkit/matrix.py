@@ -37,7 +37,8 @@ COMPONENTS = ("djl", "deepspeed", "torch", "cuda", "python", "os")
 LIBRARIES = ("transformers", "diffusers", "accelerate")
 OPTIONAL = ("torch_cuda", "pip")
 LINE_KEYS = COMPONENTS + LIBRARIES + OPTIONAL + ("include", "exclude", "overrides", "checks", "size_budget_gb",
-                                                 "tag_suffix", "bases")
+                                                 "tag_suffix", "bases", "handler")
+HANDLERS = ("lmi", "djl")  # who serves DeepSpeed models: the toolkit's lmi_deepspeed, or DJL's own (<= 0.27)
 BASE_KEYS = ("builder", "runtime")
 # An image reference: [host[:port]/]path[:tag][@sha256:digest], matched whole.
 IMAGE_REF = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
@@ -364,6 +365,10 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: 
         if ov:
             _check_keys(ov, OVERRIDE_KEYS, f"{what}: overrides.{fam}", p)
     bases = _bases(body, what, p)
+    handler = _string(body, "handler", what, p, version=False) if "handler" in body else None
+    if handler and handler not in HANDLERS:
+        p.add(body.line_of("handler"), f"{what}: handler '{handler}' is not one of {', '.join(HANDLERS)}; "
+                                       "lmi is the toolkit's DeepSpeed handler, djl is DJL Serving's own (<= 0.27)")
     if "cuda" not in body and any(fam != "cpu" for fam, _ in members):
         p.add(line, f"{what} builds GPU families but has no 'cuda'; add cuda: \"<version>\" (or build only cpu)")
     if p.lines:
@@ -387,8 +392,10 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: 
             family=fam, djl=vals.get("djl"), deepspeed=vals.get("deepspeed"), torch=vals.get("torch"),
             cuda=vals.get("cuda") if gpu else None, python=vals.get("python"), os=vals.get("os"),
             torch_cuda=vals.get("torch_cuda") if gpu else None, driver=driver[0] if driver else None,
-            custom_bases=bool(bases) and gpu,
+            custom_bases=bool(bases) and gpu, handler=handler,
         )
+        if handler:
+            origin["handler"] = body.line_of("handler")
         if bases:
             origin["bases"] = body.line_of("bases")
         images.append(Image(

@@ -28,6 +28,7 @@ TEMPLATES = {
 BUILDER_TEMPLATES = {"build-requirements.txt": "build-requirements.txt.j2"}  # only images with a builder stage
 EXECUTABLE = {"entrypoint.sh"}
 CHECK_MODULE = Path(__file__).with_name("incheck.py")
+HANDLER_MODULE = Path(__file__).with_name("lmi_deepspeed.py")  # the toolkit's DeepSpeed handler
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Renderer:
             files[name] = text.encode()
         files["image.json"] = (json.dumps(spec.claims(), indent=2, sort_keys=True) + "\n").encode()
         files["lmi_check.py"] = CHECK_MODULE.read_bytes()  # the in-image smoke checks, verbatim
+        files["lmi_deepspeed.py"] = HANDLER_MODULE.read_bytes()  # the DeepSpeed handler, verbatim
         return Context(spec.id, files)
 
 

@@ -32,6 +32,7 @@ class Combo:
     torch_cuda: str | None = None
     driver: str | None = None
     custom_bases: bool = False  # the matrix names its own base images (it vouches for their CUDA)
+    handler: str | None = None  # who serves DeepSpeed: "djl" (DJL's own) or "lmi" (the toolkit's); None: default
 
 
 @dataclass(frozen=True)
@@ -325,6 +326,35 @@ def _deepspeed_cuda(ctx: _Ctx) -> None:
         ctx.verdict.notes.append(f"DeepSpeed ops not built for {_sm(fam.sm)}: {', '.join(ctx.verdict.skipped_ops)}")
 
 
+# --- DJL Serving dropped its DeepSpeed handler in 0.28.0: the toolkit's serves DeepSpeed there --------------
+
+
+def default_handler(djl: str, facts: Facts) -> str:
+    return "djl" if not versions.at_least(djl, _next_after(facts.djl_deepspeed_handler_last)) else "lmi"
+
+
+def _next_after(version: str) -> str:
+    major, minor, *_ = version.split(".")
+    return f"{major}.{int(minor) + 1}.0"
+
+
+def _handler(ctx: _Ctx) -> None:
+    c, f = ctx.combo, ctx.facts
+    if c.djl not in f.djl:
+        return
+    handler = c.handler or default_handler(c.djl, f)
+    has_own = default_handler(c.djl, f) == "djl"
+    if handler == "djl" and not has_own:
+        ctx.error("deepspeed-handler", "handler",
+                  f"DJL Serving {c.djl} has no DeepSpeed handler (its last is in {f.djl_deepspeed_handler_last}): "
+                  "option.engine=DeepSpeed would fail to load", f.source("djl", "deepspeed-handler"),
+                  "handler: lmi (the toolkit's lmi_deepspeed, in every image)")
+    elif not has_own:
+        ctx.verdict.notes.append(f"DJL Serving {c.djl} has no DeepSpeed handler (the last is in "
+                                 f"{f.djl_deepspeed_handler_last}): DeepSpeed is served by the toolkit's "
+                                 "lmi_deepspeed, the image's default entry point (deepspeed-handler)")
+
+
 # --- DJL Serving needs a Java the OS provides ---------------------------------------------------------
 
 
@@ -345,7 +375,7 @@ def _family_notes(ctx: _Ctx) -> None:
 
 
 RULES: tuple[Callable[[_Ctx], None], ...] = (_known, _wheel, _nvcc, _driver, _python, _base, _deepspeed_cuda,
-                                              _java, _family_notes)
+                                              _handler, _java, _family_notes)
 
 
 def evaluate(combo: Combo, facts: Facts) -> Verdict:

@@ -36,7 +36,8 @@ CPU_BUILTINS = ("python-version", "torch-version", "torch-cuda", "deepspeed-vers
                 "imports", "tiny-forward", "deepspeed-prebuilt-ops", "cuda-compat-files")
 GPU_BUILTINS = ("nvidia-smi", "cuda-available", "compute-capability", "arch-list", "bf16", "deepspeed-ops",
                 "deepspeed-inference", "nccl-allreduce", "cuda-compat-active")
-SERVING_PAYLOAD = {"inputs": "lmi smoke test", "parameters": {"max_new_tokens": 1}}
+SERVING_PROMPT = "the lmi smoke test"
+SERVING_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def gpu_runtime() -> tuple[bool, str]:
 
 
 class Runner:
-    def __init__(self, check_timeout: float = 300.0, serving_timeout: float = 180.0,
+    def __init__(self, check_timeout: float = 300.0, serving_timeout: float = 600.0,
                  log_dir: Path = Path(".lmi/logs")) -> None:
         self.sdk = engine.sdk()
         self.check_timeout = check_timeout
@@ -199,9 +200,17 @@ class Runner:
         raise ValueError(f"unknown metadata check {what}")
 
     def serving(self, image: str, spec: ImageSpec, checks: list[Check], gpu: bool) -> list[Outcome]:
-        """Start the image as SageMaker does (`serve`), with a tiny model mounted at /opt/ml/model."""
-        model_dir = Path(self._model_dir())
+        """Start the image as SageMaker does (`serve`) with a tiny real model at /opt/ml/model, served by the
+        image's DeepSpeed handler over `tensor_parallel_degree` ranks; its answer must be the continuation
+        plain Transformers gives on the same weights."""
+        model_dir = Path(os.path.realpath(os.environ.get("TMPDIR", "/tmp"))) / f"lmi-model-{uuid.uuid4().hex[:8]}"
+        model_dir.mkdir()
         try:
+            reference, problem = self._tiny_model(image, model_dir, gpu)
+            if problem:
+                return [Outcome(c.name, c.tier, False, problem) for c in checks]
+            tp = serving_ranks(spec, gpu)
+            (model_dir / "serving.properties").write_text(serving_properties(spec, tp))
             container = self._container(image, ["serve"], gpu,
                                         volumes={str(model_dir): {"bind": "/opt/ml/model", "mode": "ro"}})
         except Exception as exc:
@@ -212,18 +221,23 @@ class Runner:
         try:
             ping = self._wait_for_ping(container)
             outcomes.append(Outcome("serving-ping", "serving", ping is None,
-                                    ping or "GET /ping answered 200", time.monotonic() - start))
+                                    ping or f"GET /ping answered 200 (model loaded on {tp} rank(s))",
+                                    time.monotonic() - start))
             if ping is None:
                 t0 = time.monotonic()
-                code, out = container.exec_run(["curl", "-fsS", "-X", "POST", "-H", "Content-Type: application/json",
-                                                "-d", json.dumps(SERVING_PAYLOAD),
+                payload = {"inputs": SERVING_PROMPT, "parameters": {"max_new_tokens": SERVING_TOKENS}}
+                code, out = container.exec_run(["curl", "-sS", "-X", "POST", "-H", "Content-Type: application/json",
+                                                "-d", json.dumps(payload), "-w", "\n%{http_code}",
                                                 "http://127.0.0.1:8080/invocations"])
+                text = out.decode(errors="replace")
+                body, _, status = text.rpartition("\n")
                 try:
-                    answer = json.loads(out)
-                    ok = code == 0 and answer.get("echo") == SERVING_PAYLOAD
-                    msg = "POST /invocations answered with the model's output" if ok else f"unexpected answer {answer}"
+                    answer = json.loads(body)
+                    ok = status == "200" and answer == {"generated_text": reference}
+                    msg = (f"POST /invocations: {tp} rank(s) generated {reference!r}, as plain Transformers does"
+                           if ok else f"HTTP {status}: {answer!r}; plain Transformers gives {reference!r}")
                 except ValueError:
-                    ok, msg = False, f"POST /invocations: exit {code}: {out[-300:]!r}"
+                    ok, msg = False, f"POST /invocations: exit {code}: {text[-300:]!r}"
                 outcomes.append(Outcome("serving-invocations", "serving", ok, msg, time.monotonic() - t0))
             else:
                 outcomes.append(Outcome("serving-invocations", "serving", False, "not tried: /ping never answered"))
@@ -236,6 +250,23 @@ class Runner:
             container.remove(force=True)
             shutil.rmtree(model_dir, ignore_errors=True)
         return [o for o in outcomes if o.name in {c.name for c in checks}]
+
+    def _tiny_model(self, image: str, model_dir: Path, gpu: bool) -> tuple[str | None, str | None]:
+        """Make the tiny model with the image's own Transformers (no hub) and its reference continuation."""
+        model_dir.chmod(0o777)  # the image runs as uid 1001
+        container = self._container(image, ["python", CHECK_MODULE, "--make-tiny-model", "/opt/ml/model",
+                                            "--prompt", SERVING_PROMPT, "--max-new-tokens", str(SERVING_TOKENS)],
+                                    False, volumes={str(model_dir): {"bind": "/opt/ml/model", "mode": "rw"}})
+        try:
+            result = container.wait(timeout=self.serving_timeout)
+            out = container.logs(stdout=True, stderr=False).decode(errors="replace").strip().splitlines()
+            if result.get("StatusCode") != 0 or not out:
+                err = container.logs(stdout=False, stderr=True).decode(errors="replace")
+                return None, f"the tiny model could not be made in the image: {err.strip()[-300:]}"
+            return json.loads(out[-1])["reference"][0], None
+        finally:
+            container.remove(force=True)
+            model_dir.chmod(0o755)
 
     def _wait_for_ping(self, container) -> str | None:
         deadline = time.monotonic() + self.serving_timeout
@@ -250,22 +281,17 @@ class Runner:
             time.sleep(1)
         return f"GET /ping did not answer 200 within {self.serving_timeout:.0f} s"
 
-    @staticmethod
-    def _model_dir() -> str:
-        """A tiny model for DJL Serving's Python engine: it answers with what it was sent."""
-        path = Path(os.path.realpath(os.environ.get("TMPDIR", "/tmp"))) / f"lmi-model-{uuid.uuid4().hex[:8]}"
-        path.mkdir()
-        (path / "serving.properties").write_text("engine=Python\n")
-        (path / "model.py").write_text(
-            "from djl_python import Input, Output\n\n\n"
-            "def handle(inputs: Input):\n"
-            "    if inputs.is_empty():  # DJL's warm-up call\n"
-            "        return None\n"
-            "    return Output().add_as_json({\"echo\": inputs.get_as_json()})\n")
-        path.chmod(0o755)
-        for child in path.iterdir():
-            child.chmod(0o644)
-        return str(path)
+def serving_ranks(spec: ImageSpec, gpu: bool) -> int:
+    """Ranks for the serving tier: two on a CPU image (gloo, DeepSpeed's CPU all-reduce JIT-compiled by the
+    image's g++), one where a GPU image runs without a GPU (it carries no compiler for CPU ops), and on a
+    GPU one rank (a tiny model; the GPU tier's all-reduce covers NCCL across the visible GPUs)."""
+    return 2 if not spec.builder_image else 1
+
+
+def serving_properties(spec: ImageSpec, tp: int) -> str:
+    """The tiny model's serving.properties, as an LMI user writes them for the image's DeepSpeed handler."""
+    return ("engine=Python\noption.mpi_mode=true\noption.entryPoint=lmi_deepspeed\n"
+            f"option.tensor_parallel_degree={tp}\noption.dtype=fp32\noption.max_new_tokens=64\n")
 
 
 def _short(exc: Exception) -> str:

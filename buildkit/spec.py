@@ -12,9 +12,12 @@ from . import versions
 from .errors import UserError, where
 from .facts import Facts, Family, OperatingSystem
 from .matrix import Image, Matrix
-from .rules import evaluate
+from .rules import default_handler, evaluate
 
 LABEL_PREFIX = "io.lmi"
+HANDLER_MODULE = "lmi_deepspeed"  # buildkit/lmi_deepspeed.py, at /opt/lmi/python in every image
+# What the handler needs beside the OS's MPI runtime: mpi4py's manylinux wheel loads the system's libmpi.
+HANDLER_REQUIREMENTS = ("mpi4py==4.1.2",)
 SAGEMAKER_BIND_LABEL = "com.amazonaws.sagemaker.capabilities.accept-bind-to-port"
 
 
@@ -55,6 +58,16 @@ class ImageSpec:
     size_budget_gb: float = 20.0
     tag_suffix: str = ""
     toolkit_compat_pin: str | None = None
+    handler: str = "lmi"  # who serves DeepSpeed models by default: the toolkit's lmi_deepspeed, or DJL's own
+
+    @property
+    def handler_requirements(self) -> tuple[str, ...]:
+        return HANDLER_REQUIREMENTS
+
+    @property
+    def default_entry_point(self) -> str | None:
+        """The DJL entry point an image sets (OPTION_ENTRYPOINT) when DJL's own DeepSpeed handler is not used."""
+        return HANDLER_MODULE if self.handler == "lmi" else None
 
     @property
     def tag(self) -> str:
@@ -108,6 +121,7 @@ class ImageSpec:
                          "cuda": self.cuda, "python": self.python, "java": self.java, **self.libraries},
             "torch_variant": self.wheel_variant, "cuda_compat": self.needs_compat,
             "host_driver": self.driver, "inference_ami": self.inference_ami,
+            "deepspeed_handler": self.handler, "entry_point": self.default_entry_point,
             "deepspeed_ops": {"prebuilt": list(self.ds_ops_built),
                               "absent": {op: why for op, _, why in self.ds_ops_off}} if self.builder_image else None,
             "labels": self.labels,
@@ -166,6 +180,7 @@ def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
         ds_ops_off=tuple((op, switches[op], why) for op, why in sorted(verdict.ops_off.items())),
         checks=image.checks, size_budget_gb=image.size_budget_gb, tag_suffix=image.tag_suffix,
         toolkit_compat_pin=toolkit.compat_pin if toolkit else None,
+        handler=combo.handler or default_handler(combo.djl, facts),
     )
 
 

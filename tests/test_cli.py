@@ -111,7 +111,7 @@ def test_bake_file_has_a_target_per_image() -> None:
     assert target["tags"][0] == "reg.example/team/lmi-inference:0.36.0-deepspeed0.18.9-torch2.9.1-cu128-py312-" \
                                 "ubuntu24.04-p5"
     assert "reg.example/team/lmi-inference:p5-latest" in target["tags"]
-    assert target["args"]["RUNTIME_IMAGE"] == "mirror.example/hub/nvidia/cuda:12.8.1-runtime-ubuntu24.04"
+    assert target["args"]["RUNTIME_IMAGE"] == "mirror.example/hub/nvidia/cuda:12.8.1-base-ubuntu24.04"
     assert target["args"]["BUILDER_IMAGE"] == "mirror.example/hub/nvidia/cuda:12.8.1-devel-ubuntu24.04"
     assert target["secret"][0].startswith("id=ca,src=") and target["network"] == "host"
     assert target["cache-to"] == ["type=registry,ref=reg.example/team/lmi-inference:buildcache-djl0.36-p5,mode=max"]

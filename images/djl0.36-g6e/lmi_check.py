@@ -137,6 +137,51 @@ def _tiny_model():
     return GPT2LMHeadModel(config).eval(), torch.randint(0, 128, (2, 16))
 
 
+TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?"
+
+
+def make_tiny_model(path: str, seed: int = 0) -> str:
+    """A tiny Llama with random weights and a character tokenizer, saved as a Transformers model
+    directory: real loading code, no hub. Two heads per rank for tensor parallelism up to 4."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + list(TINY_ALPHABET))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>",
+                                        model_input_names=["input_ids", "attention_mask"])
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def reference_generate(path: str, prompts: list, max_new_tokens: int) -> list:
+    """Greedy continuations from plain Transformers: what a partitioned model must reproduce."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+        out.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
 @builtin("tiny-forward", "cpu")
 def tiny_forward(claims):
     import torch
@@ -472,7 +517,16 @@ def main(argv=None) -> int:
     parser.add_argument("--tier", default="cpu", help="tiers for the default records, e.g. cpu,gpu")
     parser.add_argument("--timeout", type=float, default=300, help="seconds allowed per check")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--make-tiny-model", metavar="DIR",
+                        help="save a tiny random Llama with a tokenizer in DIR and print the greedy continuations "
+                             "of --prompt by plain Transformers, as JSON (the serving tier's reference)")
+    parser.add_argument("--prompt", action="append", default=[], help="with --make-tiny-model")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="with --make-tiny-model")
     args = parser.parse_args(argv)
+    if args.make_tiny_model:
+        make_tiny_model(args.make_tiny_model)
+        print(json.dumps({"reference": reference_generate(args.make_tiny_model, args.prompt, args.max_new_tokens)}))
+        return 0
     if args.claims_json:
         claims_text = args.claims_json
     else:

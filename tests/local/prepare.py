@@ -32,6 +32,7 @@ from buildkit import engine, facts, matrix  # noqa: E402
 
 LOCAL_MATRIX = ROOT / "tests" / "matrix.local.yaml"
 STANDIN = Path(__file__).with_name("djl_serving_standin.py")
+STANDIN_LIB = Path(__file__).with_name("standin")  # the worker and the djl_python API it offers handlers
 PACKAGES = ROOT / ".lmi" / "local-packages"
 EPOCH = "1700000000"  # fixed timestamps: the same .deb bytes on every machine
 SUITES = {"debian:12": "bookworm"}
@@ -90,7 +91,11 @@ def standin_deb(version: str, out_dir: Path = PACKAGES) -> Path:
         target = root / "usr" / "bin" / "djl-serving"
         shutil.copy(STANDIN, target)
         target.chmod(0o755)
-        for path in [root, *root.rglob("*")]:
+        lib = root / "usr" / "lib" / "djl-serving-standin"
+        shutil.copytree(STANDIN_LIB, lib, ignore=shutil.ignore_patterns("__pycache__"))
+        for path in lib.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        for path in sorted([root, *root.rglob("*")], reverse=True):
             os.utime(path, (int(EPOCH), int(EPOCH)))
         built = Path(tmp) / "out.deb"
         subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(built)], check=True,
