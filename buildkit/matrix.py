@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.version import InvalidVersion, Version
+
 from . import versions
 from .errors import UserError, where
 from .facts import Facts
@@ -44,8 +47,8 @@ BASE_KEYS = ("builder", "runtime")
 IMAGE_REF = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
                        r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
 OVERRIDE_KEYS = COMPONENTS + LIBRARIES + OPTIONAL
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_PIP_PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!-]+$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")  # always fullmatch: `$` would also match before a trailing newline
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -154,11 +157,12 @@ def load(path: Path, facts: Facts) -> Matrix:
     _check_keys(doc, TOP_KEYS, "the matrix", p)
     if doc.get("schema") != SCHEMA_VERSION:
         p.add(doc.line_of("schema") if "schema" in doc else 1,
-              f"schema must be {SCHEMA_VERSION}, got {doc.get('schema')!r}; add 'schema: {SCHEMA_VERSION}' at the top")
+              f"schema must be {SCHEMA_VERSION}, got {_scalar(doc.get('schema'))}; add 'schema: {SCHEMA_VERSION}' "
+              "at the top")
     repository = "lmi-inference"
     if "repository" in doc:
         repository = _string(doc, "repository", "the matrix", p, version=False) or repository
-        if not re.match(r"^[a-z0-9]+([._/-][a-z0-9]+)*$", repository):
+        if not re.fullmatch(r"[a-z0-9]+([._/-][a-z0-9]+)*", repository):
             p.add(doc.line_of("repository"), f"repository '{repository}' is not a valid image repository name; "
                                              "use lowercase letters, digits and . _ - /")
     # Paths in the matrix are relative to the matrix file, so a test matrix can reuse ../templates.
@@ -212,7 +216,7 @@ def _build_args(doc: LocDict, p: _Problems) -> dict[str, str]:
                     "build_args: {PIP_INDEX_URL: \"https://...\"}") or {}
     args = {}
     for key, value in node.items():
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             p.add(node.line_of(key), f"build_args: '{key}' is not a valid build argument name")
         elif not isinstance(value, str):
             p.add(node.line_of(key), f"build_args: {key} must be a string, got {_kind(value)}; quote it")
@@ -302,7 +306,18 @@ def _checks(node: LocDict, what: str, p: _Problems) -> tuple[dict, ...]:
                 except re.error as exc:
                     p.add(item.line_of(key), f"{what}: check {key} is not a valid regular expression: {exc}")
         kind = "command" if "command" in item else "file"
-        record = {"name": str(item.get("name") or f"user-{i + 1}-{kind}"), "tier": "cpu", "kind": kind}
+        types = {"name": str, "command": str, "expect": str, "file": str, "contains": str, "exists": bool,
+                 "executable": bool, "exit_code": int}
+        wrong = [k for k, t in types.items() if k in item and (not isinstance(item[k], t) or
+                 (t is int and isinstance(item[k], bool)) or (t is str and ("\x00" in item[k] or len(item[k]) > 4096)))]
+        if wrong:
+            p.add(item.line_of(wrong[0]), f"{what}: check {wrong[0]} must be {types[wrong[0]].__name__}, "
+                                          f"got {_kind(item[wrong[0]])}")
+            continue
+        if "name" in item and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", item["name"]):
+            p.add(item.line_of("name"), f"{what}: check name {_shown(item['name'])} must be letters, digits, . _ -")
+            continue
+        record = {"name": item.get("name") or f"user-{i + 1}-{kind}", "tier": "cpu", "kind": kind}
         record.update({("path" if k == "file" else k): v for k, v in item.items() if k != "name"})
         out.append(record)
     return tuple(out)
@@ -310,7 +325,7 @@ def _checks(node: LocDict, what: str, p: _Problems) -> tuple[dict, ...]:
 
 def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: float | None) -> list[Image]:
     what = f"line '{name}'"
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         p.add(line, f"{what}: line names are lowercase letters, digits and . _ - (they become image ids)")
         return []
     body = _mapping(body, line, what, p, f"{name}: {{djl: \"0.27.0\", ...}}")
@@ -323,12 +338,19 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: 
         if key not in body and key != "cuda":
             p.add(line, f"{what} is missing '{key}'; add {key}: \"<version>\"")
     values = {k: _string(body, k, what, p) for k in COMPONENTS + LIBRARIES + ("torch_cuda",) if k in body}
+    for key, value in values.items():
+        problem = value and key != "os" and version_problem(value)
+        if problem:
+            p.add(body.line_of(key), f"{what}: {key} {_shown(value)} {problem}; write a version such as \"4.39.0\"")
+        elif value and key == "os" and not _NAME.fullmatch(value):
+            p.add(body.line_of(key), f"{what}: os {_shown(value)} is not an OS name such as ubuntu22.04")
     pip = _pins(body, what, p)
     checks = _checks(body, what, p)
     line_budget = _budget(body, what, p) or budget
     suffix = _string(body, "tag_suffix", what, p, version=False) if "tag_suffix" in body else ""
-    if suffix and not re.fullmatch(r"[a-z0-9][a-z0-9.]*", suffix):
-        p.add(body.line_of("tag_suffix"), f"{what}: tag_suffix '{suffix}' must be lowercase letters, digits and dots")
+    if suffix and not re.fullmatch(r"[a-z0-9][a-z0-9.]{0,30}", suffix):
+        p.add(body.line_of("tag_suffix"), f"{what}: tag_suffix {_shown(suffix)} must be lowercase letters, digits "
+                                          "and dots")
 
     members = list(fleet.names)
     if "include" in body:
@@ -382,6 +404,9 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: 
         for key in ov:
             vals[key] = _string(ov, key, f"{what}: overrides.{fam}", p) if key != "pip" else vals.get(key)
             origin[key] = ov.line_of(key)
+            problem = key not in ("pip", "os") and vals[key] and version_problem(vals[key])
+            if problem:
+                p.add(ov.line_of(key), f"{what}: overrides.{fam}.{key} {_shown(vals[key])} {problem}")
         fam_pip = _pins(ov, f"{what}: overrides.{fam}", p) if "pip" in ov else pip
         gpu = fam != "cpu"
         driver = fleet.driver.get(fam)
@@ -396,6 +421,8 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: 
         )
         if handler:
             origin["handler"] = body.line_of("handler")
+        if suffix:
+            origin["tag_suffix"] = body.line_of("tag_suffix")
         if bases:
             origin["bases"] = body.line_of("bases")
         images.append(Image(
@@ -436,7 +463,53 @@ def _pins(node: LocDict, what: str, p: _Problems) -> tuple[str, ...]:
         p.add(node.line_of("pip"), f"{what}: pip must be a list of pinned requirements such as "
                                    f"\"numpy==1.26.4\", got {_kind(value)}")
         return ()
+    pins = []
     for i, pin in enumerate(value):
-        if not _PIP_PIN.match(pin):
-            p.add(value.line_of(i), f"{what}: pip entry '{pin}' is not pinned; write it as name==version")
-    return tuple(value)
+        problem = _pin_problem(pin)
+        if problem:
+            p.add(value.line_of(i), f"{what}: pip entry {_shown(pin)} {problem}")
+        else:
+            pins.append(str(Requirement(pin)))
+    return tuple(pins)
+
+
+def _pin_problem(pin: str) -> str | None:
+    """Why a pip entry is not a plain pinned PEP 508 requirement (name[extras]==version), or None."""
+    if _CONTROL.search(pin):
+        return "holds a control character (a newline?); write one requirement per entry"
+    try:
+        req = Requirement(pin)
+    except InvalidRequirement as exc:
+        return f"is not a PEP 508 requirement ({str(exc).splitlines()[0]}); write it as name==version"
+    if req.url or req.marker:
+        return "has a URL or an environment marker; write it as name==version"
+    specs = list(req.specifier)
+    if len(specs) != 1 or specs[0].operator != "==" or "*" in specs[0].version:
+        return "is not pinned; write it as name==version"
+    return None
+
+
+def _scalar(value: Any) -> str:
+    """A value for an error message: a scalar shown bounded, anything else by its kind only."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return _shown(str(value)) if isinstance(value, str) else repr(value)
+    return _kind(value)
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    """A value for an error message: quoted, control characters escaped, never unbounded."""
+    text = repr(value[:limit])
+    return text + ("..." if len(value) > limit else "")
+
+
+def version_problem(value: str) -> str | None:
+    """Why a version string is not a PEP 440 version written plainly, or None."""
+    if _CONTROL.search(value) or value != value.strip():
+        return "holds whitespace or a control character"
+    if not re.fullmatch(r"[0-9A-Za-z.+!_-]+", value):
+        return "holds characters no version has"
+    try:
+        Version(value)
+    except InvalidVersion:
+        return "is not a PEP 440 version"
+    return None

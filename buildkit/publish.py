@@ -19,7 +19,7 @@ from pathlib import Path
 from . import engine, index, smoke
 from .errors import UserError
 from .registry import Address, AuthError, Ecr, OciClient, RegistryError
-from .spec import ImageSpec
+from .spec import ALIAS_FILTERS, ImageSpec, is_alias
 
 TRANSIENT = re.compile(r"connection refused|connection reset|EOF|timeout|i/o timeout|broken pipe|"
                        r"status: 5\d\d|50[0234]|Service Unavailable|Bad Gateway|TLS handshake", re.I)
@@ -171,6 +171,9 @@ def push(specs: list[ImageSpec], address: Address, index_path: Path, log_dir: Pa
          index_artifact: bool = True) -> list[Published]:
     if revision is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._]{0,30}", revision):
         raise UserError(f"--revision {revision}: use letters, digits, dots and underscores (e.g. 20261130)")
+    if revision is not None and any(is_alias(f"{s.tag}-{revision}") for s in specs):
+        raise UserError(f"--revision {revision}: <tag>-{revision} would match an alias pattern "
+                        f"({', '.join(ALIAS_FILTERS)}) and could be moved; use e.g. a date (20261130)")
     client = engine.detect_client()
     sdk = engine.sdk()
     images = []

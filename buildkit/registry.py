@@ -9,7 +9,6 @@ Credentials come from the engine's credential store (`docker login`); an ECR tok
 from __future__ import annotations
 
 import base64
-import fnmatch
 import hashlib
 import json
 import os
@@ -25,18 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .spec import ALIAS_FILTERS, is_alias  # noqa: F401 - one place for what an alias is
 
 DEFAULT_REGISTRY = "oci://127.0.0.1:5000"
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json",
                   "application/vnd.oci.image.index.v1+json",
                   "application/vnd.docker.distribution.manifest.list.v2+json")
-# Floating aliases end in -latest or start with deepspeed/djl; every other tag is immutable.
-ALIAS_FILTERS = ("*-latest", "deepspeed*", "djl*")
 UNTAGGED_EXPIRY_DAYS = 14
-
-
-def is_alias(tag: str) -> bool:
-    return any(fnmatch.fnmatchcase(tag, pattern) for pattern in ALIAS_FILTERS)
 
 
 class RegistryError(Exception):

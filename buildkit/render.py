@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -46,6 +47,19 @@ class Context:
         return {name: self.mode(name) for name in self.files}
 
 
+def shell_word(value: object) -> str:
+    """One shell word (RUN lines run under bash)."""
+    return shlex.quote(str(value))
+
+
+def label_value(value: object) -> str:
+    """A double-quoted Dockerfile LABEL value: quotes, backslashes and $ escaped; no line breaks."""
+    text = str(value)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise UserError(f"label value {text[:60]!r} holds a control character; fix the matrix or the facts")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
+
+
 class Renderer:
     def __init__(self, templates_dir: Path) -> None:
         if not templates_dir.is_dir():
@@ -58,6 +72,9 @@ class Renderer:
             keep_trailing_newline=True,
             autoescape=False,  # noqa: S701 - renders Dockerfiles and shell, not HTML
         )
+        # Quoting for each context a value lands in, so even a value that passed validation cannot break out.
+        self.env.filters["sh"] = shell_word
+        self.env.filters["label"] = label_value
 
     def render(self, spec: ImageSpec) -> Context:
         wanted = dict(TEMPLATES, **(BUILDER_TEMPLATES if spec.builder_image else {}))

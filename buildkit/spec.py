@@ -3,6 +3,7 @@ and the facts. Nothing here is written by hand; change matrix.yaml or buildkit/d
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 from collections.abc import Iterable
@@ -15,6 +16,14 @@ from .matrix import Image, Matrix
 from .rules import default_handler, evaluate
 
 LABEL_PREFIX = "io.lmi"
+# Floating aliases end in -latest or start with deepspeed/djl; every other tag is immutable (ECR keeps
+# those immutable with IMMUTABLE_WITH_EXCLUSION on exactly these filters).
+ALIAS_FILTERS = ("*-latest", "deepspeed*", "djl*")
+
+
+def is_alias(tag: str) -> bool:
+    return any(fnmatch.fnmatchcase(tag, pattern) for pattern in ALIAS_FILTERS)
+
 HANDLER_MODULE = "lmi_deepspeed"  # buildkit/lmi_deepspeed.py, at /opt/lmi/python in every image
 # What the handler needs beside the OS's MPI runtime: mpi4py's manylinux wheel loads the system's libmpi.
 HANDLER_REQUIREMENTS = ("mpi4py==4.1.2",)
@@ -141,6 +150,10 @@ def resolve(matrix: Matrix, facts: Facts) -> list[ImageSpec]:
             continue
         spec = _spec(image, matrix.repository, facts, verdict)
         specs.append(spec)
+        if is_alias(spec.tag):
+            problems.append(f"{where(matrix.path, image.line_of('tag_suffix'))}: image {spec.id}: its immutable tag "
+                            f"{spec.tag} matches an alias pattern ({', '.join(ALIAS_FILTERS)}), so registries "
+                            "would let it move; choose another tag_suffix")
         if spec.tag in first:
             problems.append(f"{where(matrix.path, image.lines['family'])}: image {spec.id}: its immutable tag "
                             f"{spec.tag} is also {first[spec.tag].id}'s; tell the lines apart with tag_suffix")
