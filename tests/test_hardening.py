@@ -93,7 +93,8 @@ def test_an_alias_bomb_is_refused_in_under_two_seconds(write_matrix, where) -> N
 
 
 def test_a_few_aliases_are_fine(write_matrix) -> None:
-    text = BASE.replace('transformers: "4.39.0"', 'transformers: &tf "4.39.0"') + "    checks: [{name: tf, command: *tf}]\n"
+    text = (BASE.replace('transformers: "4.39.0"', 'transformers: &tf "4.39.0"')
+            + "    checks: [{name: tf, command: *tf}]\n")
     path = write_matrix(text)
     assert lmi("--matrix", str(path), "validate").returncode == 0
 
