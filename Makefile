@@ -23,7 +23,7 @@ REGISTRY ?= oci://127.0.0.1:5000
 LOCAL := $(findstring local,$(notdir $(MATRIX)))
 WHEELHOUSE ?= $(if $(findstring matrix.local,$(MATRIX)),$(firstword $(PIP_FIND_LINKS)))
 
-.PHONY: help venv mpi engine registry build test-images push render validate plan lint test bench clean
+.PHONY: help venv mpi engine registry build test-images push render validate plan lint test test-gpu-stack bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -83,6 +83,16 @@ lint: venv ## ruff, the render gate, and hadolint on every rendered Dockerfile
 
 test: lint engine mpi ## lint, then the test suite (engine tests build real images)
 	$(BIN)/python -m pytest -q
+
+# The GPU stack: real GPU images (DeepSpeed ops compiled for sm_86 and sm_70) on a CUDA toolchain made
+# here from Debian packages; ~1 h on 2 cores, GBs of downloads. Too heavy for `make test`.
+GPU_MATRIX := tests/matrix.gpu-local.yaml
+test-gpu-stack: engine ## build and smoke-test the GPU images of tests/matrix.gpu-local.yaml; results in bench/results.md
+	$(BIN)/lmi --matrix $(GPU_MATRIX) validate
+	$(BIN)/python -m tests.local.prepare --matrix $(GPU_MATRIX) --serve 7200
+	set -o pipefail; $(BIN)/lmi --matrix $(GPU_MATRIX) build -j 1 --plain $(BUILD_FLAGS) | tee .lmi/gpu-stack-build.txt
+	$(BIN)/lmi --matrix $(GPU_MATRIX) test --tier cpu,serving --junit .lmi/gpu-stack-junit.xml
+	$(BIN)/python bench/gpu_stack.py
 
 bench: engine ## measure render and build speed into bench/results.md
 	$(BIN)/python bench/render_bench.py

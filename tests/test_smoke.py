@@ -173,6 +173,28 @@ def test_lmi_test_passes_a_good_image(local, repo, tmp_path) -> None:  # noqa: F
 
 
 @pytest.mark.engine
+def test_serving_tier_fails_with_a_broken_handler(local, repo, tmp_path) -> None:  # noqa: F811
+    """The serving tier's answer comes from the image's handler: break the handler, and serving fails."""
+    matrix_path = local_matrix(local["dir"], repo)
+    assert build(matrix_path, local).returncode == 0
+    context = tmp_path / "broken"
+    context.mkdir()
+    # Off by one token: the handler still answers 200, but no longer what plain Transformers generates.
+    source = (ROOT / "buildkit" / "lmi_deepspeed.py").read_text()
+    broken = source.replace('kwargs = {"max_new_tokens": params["max_new_tokens"],',
+                            'kwargs = {"max_new_tokens": params["max_new_tokens"] + 1,')
+    assert broken != source
+    (context / "lmi_deepspeed.py").write_text(broken)
+    (context / "Dockerfile").write_text(f"FROM {repo}:djl0.32-cpu\nCOPY lmi_deepspeed.py /opt/lmi/python/\n")
+    tag = f"{repo}-broken:serving"
+    assert docker("build", "-q", "-t", tag, str(context)).returncode == 0
+    result = lmi("--matrix", str(matrix_path), "test", "--tier", "serving", "--image", tag)
+    assert result.returncode == 1, result.stdout
+    assert "FAIL serving/serving-invocations: HTTP 200" in result.stdout and "plain Transformers gives" in result.stdout
+    assert smoke_containers() == ""
+
+
+@pytest.mark.engine
 def test_lmi_test_wrong_claim_fails_naming_both_versions(local, repo) -> None:  # noqa: F811
     good = local_matrix(local["dir"], repo)
     assert build(good, local).returncode == 0

@@ -1,0 +1,140 @@
+"""GPU-stack measurements (issue #9), from the images `make test-gpu-stack` built and their build logs:
+
+- build time per image: the whole build, the DeepSpeed op compile, the torch downloads;
+- image size by layer, for each family;
+- what a CUDA `runtime` base would ship twice: the NVIDIA libraries torch's wheels install themselves;
+- fleet sharing: unique layer bytes across the families / the sum of their image sizes, with the layer
+  order of the templates (DeepSpeed, the only family-specific layer, last) and, from the same measured
+  layer sizes, with the earlier order (DeepSpeed before the libraries, Java and DJL Serving).
+Writes its section of bench/results.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from buildkit import engine, facts, matrix  # noqa: E402
+from buildkit.spec import resolve  # noqa: E402
+
+MATRIX = ROOT / "tests" / "matrix.gpu-local.yaml"
+LOGS = ROOT / ".lmi" / "logs"
+BUILD_OUTPUT = ROOT / ".lmi" / "gpu-stack-build.txt"  # what `lmi build` printed (make test-gpu-stack)
+MARKER = "## GPU stack"
+GB = 1e9
+
+
+def docker(*args: str) -> str:
+    return subprocess.run([engine.detect_client().path, *args], capture_output=True, text=True, check=True).stdout
+
+
+def step_times(log: str) -> dict[str, float]:
+    """BuildKit step name -> seconds, from a --progress=plain log."""
+    names, times = {}, {}
+    for match in re.finditer(r"^#(\d+) \[([^\]]+)\] (.*)$", log, re.M):
+        names.setdefault(match.group(1), f"[{match.group(2)}] {match.group(3)}")
+    for match in re.finditer(r"^#(\d+) DONE ([\d.]+)s$", log, re.M):
+        if match.group(1) in names:
+            times[names[match.group(1)]] = float(match.group(2))
+    return times
+
+
+def layers(ref: str) -> list[tuple[str, int, str]]:
+    """(diff id, bytes, instruction) per filesystem layer, bottom first."""
+    info = json.loads(docker("image", "inspect", ref))[0]
+    diff_ids = info["RootFS"]["Layers"]
+    rows = [json.loads(line) for line in docker("history", "--no-trunc", "--human=false", "--format",
+                                                "{{json .}}", ref).splitlines()]
+    rows.reverse()  # bottom first
+    sized = [r for r in rows if int(r["Size"]) > 0 or "COPY" in r["CreatedBy"] or "ADD" in r["CreatedBy"]]
+    out = []
+    # The base image's layers come first; history rows with a filesystem change map onto diff ids in order.
+    offset = len(diff_ids) - len(sized)
+    for i, diff in enumerate(diff_ids):
+        row = sized[i - offset] if i >= offset else None
+        out.append((diff, int(row["Size"]) if row else 0, (row["CreatedBy"] if row else "base image")[:200]))
+    return out
+
+
+def kind(instruction: str) -> str:
+    for marker, name in (("deepspeed-builder", "DeepSpeed (prebuilt wheel)"), ("deepspeed==", "DeepSpeed"),
+                         ("torch==", "torch + NVIDIA libraries"), ("requirements.txt", "libraries + mpi4py"),
+                         ("djl-serving.deb", "Java + DJL Serving + MPI runtime"), ("python3", "OS + Python"),
+                         ("lmi_deepspeed", "handler"), ("base image", "base image")):
+        if marker in instruction:
+            return name
+    return "config"
+
+
+def main() -> None:
+    f = facts.load()
+    specs = resolve(matrix.load(MATRIX, f), f)
+    rows, layer_rows, per_image = [], [], {}
+    for spec in specs:
+        ref = f"{spec.repository}:{spec.tag}"
+        log = (LOGS / f"{spec.id}.log").read_text()
+        times = step_times(log)
+        compile_s = next((t for name, t in times.items() if "pip wheel" in name), None)
+        torch_s = sum(t for name, t in times.items() if "torch==" in name)
+        total = re.search(rf"{re.escape(spec.id)}: built (\d+)s", BUILD_OUTPUT.read_text()
+                          if BUILD_OUTPUT.exists() else "")
+        ls = layers(ref)
+        per_image[spec.id] = ls
+        size = sum(b for _, b, _ in ls)
+        nvidia = docker("run", "--rm", "--network=none", "--entrypoint", "bash", ref, "-c",
+                        "du -sb /opt/venv/lib/python3*/site-packages/nvidia/* | sort -rn")
+        libs = [(int(n), Path(p).name) for n, p in (line.split("\t") for line in nvidia.splitlines())]
+        biggest = ", ".join(f"{name} {n / GB:.2f}" for n, name in libs[:6])
+        rows.append((spec.id, spec.family.sm, total.group(1) + " s" if total else "see log",
+                     f"{compile_s / 60:.1f} min" if compile_s else "cached", f"{torch_s:.0f} s", f"{size / GB:.2f} GB",
+                     f"{sum(n for n, _ in libs) / GB:.2f} GB ({biggest})"))
+        for diff, b, instruction in ls:
+            layer_rows.append((spec.id, kind(instruction), f"{b / GB:.3f} GB", diff[7:19]))
+    # Fleet sharing, measured: distinct layers across the families.
+    sizes = {diff: b for ls in per_image.values() for diff, b, _ in ls}
+    total = sum(b for ls in per_image.values() for _, b, _ in ls)
+    unique = sum(sizes.values())
+    # The earlier order put DeepSpeed before the libraries, Java and DJL Serving: every layer from DeepSpeed
+    # on differed per family. Same measured sizes, that order's unique bytes:
+    first = next(iter(per_image.values()))
+    order = [kind(i) for _, _, i in first]
+    shared_kinds = ("base image", "OS + Python", "torch + NVIDIA libraries")
+    shared_before = sum(b for (_, b, _), k in zip(first, order, strict=True) if k in shared_kinds)
+    unique_before = shared_before + sum(sum(b for (_, b, _), k in zip(ls, order, strict=True)
+                                            if k not in shared_kinds) for ls in per_image.values())
+    n = len(per_image)
+    lines = [MARKER + " (issue #9, tests/matrix.gpu-local.yaml)", "",
+             f"Measured {datetime.now(timezone.utc):%Y-%m-%d} by `make test-gpu-stack` (bench/gpu_stack.py) on this "
+             "machine (2 cores, no GPU), Docker 20.10 with BuildKit; CUDA 12.4 toolchain base made from Debian "
+             "packages, torch 2.9.1 cu128 and its NVIDIA wheels from the package index, DeepSpeed 0.18.9 ops "
+             "compiled for the family's SM only.", "",
+             "| image | SM | whole build | DeepSpeed op compile | torch installs (both stages) | image size | "
+             "torch's NVIDIA libraries in it |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(r)} |" for r in rows]
+    lines += ["", f"Fleet of {n} families: sum of image sizes {total / GB:.2f} GB; unique layer bytes "
+                  f"{unique / GB:.2f} GB, **{unique / total:.0%}** of the sum with DeepSpeed last (measured). "
+                  f"With DeepSpeed before the libraries, Java and DJL Serving (the earlier order), the same "
+                  f"layers come to {unique_before / GB:.2f} GB, {unique_before / total:.0%} (computed from the "
+                  "measured layer sizes).", "",
+              "| image | layer | size | diff id |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(r)} |" for r in layer_rows]
+    section = "\n".join(lines) + "\n"
+    results = ROOT / "bench" / "results.md"
+    old = results.read_text()
+    if MARKER in old:
+        before, _, rest = old.partition(MARKER)
+        after = rest[rest.find("\n## "):] if "\n## " in rest else ""
+        old = before.rstrip("\n") + "\n" + after
+    results.write_text(old.rstrip("\n") + "\n\n" + section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
