@@ -125,7 +125,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             "valid": verdict.ok, "combination": {k: v for k, v in combo.__dict__.items() if v is not None},
             "errors": [{"rule": e.rule, "message": e.message, "source": e.source, "try": e.fix}
                        for e in verdict.errors],
-            "notes": verdict.notes, "cuda_compat": verdict.needs_compat, "host_driver": verdict.driver,
+            "notes": verdict.notes, "observations": verdict.observations,
+            "cuda_compat": verdict.needs_compat, "host_driver": verdict.driver,
             "torch_variant": verdict.wheel_variant, "torch_cuda_arch_list": verdict.arch_list,
         }, indent=2))
         return EXIT_OK if verdict.ok else EXIT_USAGE
@@ -137,6 +138,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     summary = (f"ok: {combo.family} can run DJL Serving {combo.djl}, DeepSpeed {combo.deepspeed}, "
                f"torch {combo.torch}+{verdict.wheel_variant}, {cuda}, Python {combo.python}, {combo.os}")
     print(summary + (f" ({'; '.join(verdict.notes)})" if verdict.notes else ""))
+    if args.verbose:
+        for line in verdict.observations:
+            print(f"observed: {line}")
     return EXIT_OK
 
 
@@ -440,6 +444,7 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--driver", metavar="535.54.03", help="host driver (default: SageMaker's for the family)")
     group.add_argument("--inference-ami", metavar="NAME", help="SageMaker InferenceAmiVersion of the endpoint")
     p.add_argument("--json", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print what AWS shipped (observations)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("render", parents=[common, selectors], help="render build contexts into images/")

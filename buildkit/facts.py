@@ -125,9 +125,18 @@ class TorchRelease:
 class DeepSpeedRelease:
     minor: str
     versions: tuple[str, ...]
-    python: tuple[str, str]
+    python_classifiers: tuple[str, str]  # evidence, not a limit: DeepSpeed sets no python_requires
     cuda12_minors: tuple[str, ...]
     cuda12_minors_from: dict[str, tuple[str, ...]]
+    python_classifiers_from: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def classifiers(self, version: str) -> tuple[str, str]:
+        """The Python range the classifiers of this exact release name."""
+        found = self.python_classifiers
+        for since, bounds in sorted(self.python_classifiers_from.items(), key=lambda kv: versions.key(kv[0])):
+            if versions.at_least(version, since):
+                found = bounds
+        return found
 
     def accepted_cuda12_minors(self, version: str) -> tuple[str, ...]:
         extra = [m for since, ms in self.cuda12_minors_from.items() if versions.at_least(version, since) for m in ms]
@@ -146,13 +155,14 @@ class DeepSpeedOp:
     what: str = ""
     needs: str | None = None
     training: bool = False
+    also: tuple[str, ...] = ()  # releases before `since` that had it too (utils: 0.9.0-0.9.4)
 
 
 @dataclass(frozen=True)
 class DjlRelease:
     version: str
-    java: str
-    python: tuple[str, str]
+    java: str  # requirement: DJL Serving compiles with release = 11
+    aws_python: str | None  # observation: the Python AWS's LMI images shipped it with (not a requirement)
     sha256: str | None
 
 
@@ -166,6 +176,11 @@ class OperatingSystem:
     java: str
     aio_package: str  # libaio, for DeepSpeed's async I/O op
     mpi_package: str  # an MPI runtime (mpirun), for DJL's MPI mode
+    other_pythons: tuple[str, ...] = ()  # further interpreters the release packages (focal: python3.9)
+
+    @property
+    def pythons(self) -> tuple[str, ...]:
+        return (self.python, *self.other_pythons)
 
 
 @dataclass(frozen=True)
@@ -187,7 +202,7 @@ class Facts:
 
     def ops_of(self, deepspeed: str) -> tuple[DeepSpeedOp, ...]:
         """The ops a DeepSpeed release has (op_builder at that tag)."""
-        return tuple(op for op in self.deepspeed_ops if versions.at_least(deepspeed, op.since))
+        return tuple(op for op in self.deepspeed_ops if versions.at_least(deepspeed, op.since) or deepspeed in op.also)
 
     def source(self, topic: str, key: str) -> str:
         """The recorded source of a fact: topic is the data file's stem, key its `sources` entry."""
@@ -278,7 +293,8 @@ def load() -> Facts:
         minor: DeepSpeedRelease(
             minor=minor,
             versions=tuple(r["versions"]),
-            python=tuple(r["python"]),
+            python_classifiers=tuple(r["python_classifiers"]),
+            python_classifiers_from={k: tuple(v) for k, v in (r.get("python_classifiers_from") or {}).items()},
             cuda12_minors=tuple(r["cuda12_minors"]),
             cuda12_minors_from={k: tuple(v) for k, v in (r.get("cuda12_minors_from") or {}).items()},
         )
@@ -292,15 +308,17 @@ def load() -> Facts:
         torch=torch_releases,
         torch_wheel_index=torch["wheel_index"],
         deepspeed=ds_releases,
-        deepspeed_ops=tuple(DeepSpeedOp(name=op, **o) for op, o in ds["ops"].items()),
+        deepspeed_ops=tuple(DeepSpeedOp(name=op, **{k: tuple(v) if k == "also" else v for k, v in o.items()})
+                            for op, o in ds["ops"].items()),
         djl={
-            ver: DjlRelease(version=ver, java=r["java"], python=tuple(r["python"]), sha256=r.get("sha256"))
+            ver: DjlRelease(version=ver, java=r["java"], aws_python=r.get("aws_python"), sha256=r.get("sha256"))
             for ver, r in djl["releases"].items()
         },
         djl_package_url=djl["package_url"],
         djl_checksum_unknown=" ".join(djl["checksum_unknown_reason"].split()),
         djl_deepspeed_handler_last=djl["deepspeed_handler_last"],
-        systems={name: OperatingSystem(name=name, **s) for name, s in osd["systems"].items()},
+        systems={name: OperatingSystem(name=name, **{k: tuple(v) if k == "other_pythons" else v for k, v in s.items()})
+                 for name, s in osd["systems"].items()},
         sources={
             "instances": {**inst["sources"], "ami": inst["inference_amis"]["source"]},
             "cuda": cuda["sources"],

@@ -51,6 +51,7 @@ class Finding:
 class Verdict:
     errors: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    observations: list[str] = field(default_factory=list)  # what AWS or NVIDIA shipped: shown by -v only
     needs_compat: bool = False
     driver: str | None = None
     wheel_variant: str = "cpu"
@@ -90,7 +91,7 @@ def _known(ctx: _Ctx) -> None:
     c, f = ctx.combo, ctx.facts
     checks: list[tuple[str, str | None, list[str], str]] = [
         ("family", c.family, list(f.families), f.source("instances", "ec2")),
-        ("djl", c.djl, list(f.djl), f.source("djl", "python")),
+        ("djl", c.djl, list(f.djl), f.source("djl", "package")),
         ("deepspeed", c.deepspeed, f.deepspeed_versions, f.source("deepspeed", "tags")),
         ("torch", c.torch, f.torch_versions, f.source("torch", "python")),
         ("python", c.python, f.python_versions, f.source("torch", "python")),
@@ -245,29 +246,33 @@ def _ami_fix(facts: Facts, need: str) -> str:
 
 
 def _python(ctx: _Ctx) -> None:
+    """Requirements only: the OS must package the Python, and torch must publish a wheel for it.
+    DeepSpeed's classifiers are evidence (a note), DJL Serving declares no Python requirement, and what
+    AWS shipped is an observation (a note under -v)."""
     c, f = ctx.combo, ctx.facts
     if c.python not in f.python_versions:
         return
     system = f.systems.get(c.os)
-    if system and system.python != c.python:
-        others = [name for name, s in f.systems.items() if s.python == c.python]
+    if system and c.python not in system.pythons:
+        others = [name for name, s in f.systems.items() if c.python in s.pythons]
         fix = f"python {system.python}" + (f", or os {others[0]}" if others else "")
-        ctx.error("python-range", "python", f"{c.os} ships Python {system.python}, not {c.python}",
-                  f.source("os", "ubuntu"), fix)
-    ranges = []
-    if ctx.torch:
-        ranges.append(("torch " + c.torch, ctx.torch.python, f.source("torch", "python")))
+        ctx.error("python-range", "python", f"{c.os} packages Python {', '.join(system.pythons)}, not {c.python}",
+                  f.source("os", "ubuntu" if c.os.startswith("ubuntu") else "debian"), fix)
+    if ctx.torch and not versions.in_range(c.python, ctx.torch.python):
+        bounds = ctx.torch.python
+        inside = [p for p in f.python_versions if versions.in_range(p, bounds)]
+        ctx.error("python-range", "python", f"torch {c.torch} has wheels for Python {bounds[0]}-{bounds[1]}, "
+                  f"not {c.python}", f.source("torch", "python"),
+                  "python " + " or ".join(versions.nearest(c.python, inside, 2)))
     ds = f.deepspeed_release(c.deepspeed)
-    if ds:
-        ranges.append(("DeepSpeed " + c.deepspeed, ds.python, f.source("deepspeed", "tags")))
+    if ds and not versions.in_range(c.python, ds.classifiers(c.deepspeed)):
+        lo, hi = ds.classifiers(c.deepspeed)
+        ctx.verdict.notes.append(f"DeepSpeed {c.deepspeed}'s classifiers name Python {lo}-{hi}, not {c.python}: "
+                                 "evidence of what it was tested on, not a limit (it sets no python_requires)")
     djl = f.djl.get(c.djl)
-    if djl:
-        ranges.append(("DJL Serving " + c.djl, djl.python, f.source("djl", "python")))
-    for what, bounds, source in ranges:
-        if not versions.in_range(c.python, bounds):
-            inside = [p for p in f.python_versions if versions.in_range(p, bounds)]
-            ctx.error("python-range", "python", f"{what} supports Python {bounds[0]}-{bounds[1]}, not {c.python}",
-                      source, "python " + " or ".join(versions.nearest(c.python, inside, 2)))
+    if djl and djl.aws_python:
+        ctx.verdict.observations.append(f"AWS shipped DJL Serving {c.djl} with Python {djl.aws_python} "
+                                        f"({'the same' if djl.aws_python == c.python else 'this is ' + c.python})")
 
 
 # --- rule 5: an nvidia/cuda base image exists for (CUDA, Ubuntu) -------------------------------------

@@ -149,25 +149,75 @@ def test_host_driver_unknown_default_asks_for_ami(facts) -> None:
 # --- rule 4: Python ranges ------------------------------------------------------------------------------
 
 
-def test_python_outside_deepspeed_range(facts) -> None:
-    combo = Combo("g5", "0.36.0", "0.16.9", "2.9.1", "12.8", "3.12", "ubuntu24.04")
+def test_deepspeed_classifiers_are_evidence_not_a_limit(facts) -> None:
+    # DeepSpeed 0.16.2 names Python 3.6-3.10 in its classifiers and sets no python_requires: a note.
+    combo = Combo("g5", "0.36.0", "0.16.2", "2.9.1", "12.6", "3.12", "ubuntu24.04", driver="570.124.06")
     verdict = evaluate(combo, facts)
-    assert {e.rule for e in verdict.errors} == {"python-range", "deepspeed-cuda"} or \
-        {e.rule for e in verdict.errors} == {"python-range"}
-    assert any("DeepSpeed 0.16.9 supports Python 3.6-3.10" in e.message for e in verdict.errors)
+    assert "python-range" not in {e.rule for e in verdict.errors}
+    assert any("DeepSpeed 0.16.2's classifiers name Python 3.6-3.10, not 3.12" in n for n in verdict.notes)
+    # From 0.16.3 the classifiers name 3.8-3.12 (setup.py at the tag): no note (the old data said 3.6-3.10).
+    assert facts.deepspeed_release("0.16.3").classifiers("0.16.3") == ("3.8", "3.12")
+    assert facts.deepspeed_release("0.16.9").classifiers("0.16.9") == ("3.8", "3.12")
+    assert facts.deepspeed_release("0.16.2").classifiers("0.16.2") == ("3.6", "3.10")
 
 
 def test_python_outside_torch_range(facts) -> None:
     combo = Combo("g5", "0.23.0", "0.10.0", "2.0.1", "11.8", "3.12", "ubuntu24.04")
     messages = [e.message for e in evaluate(combo, facts).errors if e.rule == "python-range"]
-    assert any("torch 2.0.1 supports Python 3.8-3.11" in m for m in messages)
+    assert any("torch 2.0.1 has wheels for Python 3.8-3.11, not 3.12" in m for m in messages)
 
 
-def test_python_must_be_the_os_python(facts) -> None:
+@pytest.mark.parametrize("minor,old,new", [
+    ("2.2", ("3.8", "3.11"), ("3.8", "3.12")),  # cp312 wheels exist for 2.2.x
+    ("2.3", ("3.8", "3.11"), ("3.8", "3.12")),
+    ("2.5", ("3.9", "3.12"), ("3.9", "3.13")),  # cp313 wheels exist for 2.5.x
+    ("2.13", ("3.10", "3.15"), ("3.10", "3.14")),  # cp315 wheels first appear in 2.15.0
+    ("2.14", ("3.10", "3.15"), ("3.10", "3.14")),
+])
+def test_torch_python_ranges_follow_the_wheels(facts, minor, old, new) -> None:
+    assert facts.torch[minor].python == new != old
+
+
+def test_python_must_be_one_the_os_packages(facts) -> None:
     combo = Combo("g5", "0.27.0", "0.12.6", "2.1.2", "12.1", "3.9", "ubuntu22.04")
     verdict = evaluate(combo, facts)
     assert {e.rule for e in verdict.errors} == {"python-range"}
-    assert any("ubuntu22.04 ships Python 3.10" in e.message for e in verdict.errors)
+    assert any("ubuntu22.04 packages Python 3.10, not 3.9" in e.message for e in verdict.errors)
+
+
+def test_djl_python_is_an_observation_not_a_requirement(facts) -> None:
+    # AWS shipped DJL 0.31/0.32 with Python 3.11; DJL declares no Python requirement, so 3.10 on
+    # ubuntu22.04 (and 3.12 on 24.04) is fine, with what AWS shipped as an observation.
+    verdict = evaluate(Combo("g5", "0.31.0", "0.15.1", "2.5.1", "12.4", "3.10", "ubuntu22.04"), facts)
+    assert verdict.ok, verdict.errors
+    assert verdict.observations == ["AWS shipped DJL Serving 0.31.0 with Python 3.11 (this is 3.10)"]
+    assert facts.djl["0.32.0"].aws_python == "3.11"
+
+
+# What AWS shipped as LMI DeepSpeed images (DJL 0.23-0.27), each with its own OS and Python.
+AWS_SHIPPED = [
+    ("g5", "0.23.0", "0.9.5", "2.0.1", "11.8", "3.9", "ubuntu20.04"),
+    ("p4d", "0.24.0", "0.10.0", "2.0.1", "11.8", "3.9", "ubuntu20.04"),
+    ("g4dn", "0.25.0", "0.11.0", "2.0.1", "11.8", "3.9", "ubuntu20.04"),
+    ("g5", "0.26.0", "0.12.6", "2.1.2", "12.1", "3.10", "ubuntu22.04"),
+    ("p4d", "0.27.0", "0.12.6", "2.1.2", "12.1", "3.10", "ubuntu22.04"),
+    ("p5", "0.27.0", "0.12.6", "2.1.2", "12.1", "3.10", "ubuntu22.04"),
+]
+
+
+@pytest.mark.parametrize("combo", AWS_SHIPPED)
+def test_what_aws_shipped_passes(facts, combo) -> None:
+    verdict = evaluate(Combo(*combo), facts)
+    assert verdict.ok, [e.text() for e in verdict.errors]
+
+
+@pytest.mark.parametrize("combo,rule", [
+    (("g5", "0.23.0", "0.9.5", "2.0.1", "11.8", "3.10", "ubuntu20.04"), "python-range"),  # focal has 3.8, 3.9
+    (("p6-b200", "0.27.0", "0.12.6", "2.1.2", "12.1", "3.10", "ubuntu22.04"), "arch-in-wheel"),
+    (("g5", "0.27.0", "0.12.6", "2.1.2", "12.4", "3.10", "ubuntu22.04", "12.1"), "deepspeed-cuda"),
+])
+def test_impossible_ones_still_fail_naming_the_rule(facts, combo, rule) -> None:
+    assert rule in {e.rule for e in evaluate(Combo(*combo), facts).errors}
 
 
 # --- rule 5: base image exists --------------------------------------------------------------------------
