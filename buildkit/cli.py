@@ -182,6 +182,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_facts_verify(args: argparse.Namespace) -> int:
+    from . import verify
+
+    f = facts.load()
+    m = matrix.load(_matrix_path(args), f)
+    pins = sorted({f"{name}=={version}" for image in m.images for name, version in image.libraries.items()}
+                  | {pin for image in m.images for pin in image.pip})
+    print(f"reading {verify.index_url()} ...")
+    drift, checked = verify.verify(f, pins)
+    for line in drift:
+        print(f"drift: {line}")
+    if drift:
+        print(f"{len(drift)} of {checked} facts differ from the index: fix buildkit/data (with the source) or the "
+              "matrix", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"ok: {checked} facts match the index (torch wheels and Python ranges, DeepSpeed versions, "
+          f"{len(pins)} pins of {m.path})")
+    return EXIT_OK
+
+
 def cmd_engine(args: argparse.Namespace) -> int:
     print(engine.ensure_engine())
     client = engine.detect_client(args.docker or os.environ.get("DOCKER"))
@@ -434,6 +454,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", parents=[common], help="check every image against the compatibility rules")
     p.add_argument("-v", "--verbose", action="store_true", help="also print each image's notes")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("facts", parents=[common], help="facts about the facts: `lmi facts verify` against the index")
+    facts_sub = p.add_subparsers(dest="facts_command", required=True, metavar="ACTION")
+    q = facts_sub.add_parser("verify", parents=[common], help="re-derive torch wheels/Pythons and DeepSpeed and "
+                                                             "library versions from the package index; report drift")
+    q.set_defaults(func=cmd_facts_verify)
 
     p = sub.add_parser("check", parents=[common], help="can I build this combination? (no matrix needed)")
     for name, hint in (("instance", "g5"), ("cuda", "12.4"), ("torch", "2.4.0"), ("deepspeed", "0.15.1"),

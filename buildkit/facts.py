@@ -29,6 +29,7 @@ class Family:
     legacy: str | None
     unverified: str | None
     sources: dict[str, str]
+    default_driver_note: str | None = None  # the default driver is weakly sourced: said in a note
 
     @property
     def is_gpu(self) -> bool:
@@ -248,6 +249,7 @@ def load() -> Facts:
             min_driver=f.get("min_driver"),
             legacy=f.get("legacy"),
             unverified=f.get("unverified"),
+            default_driver_note=" ".join(f["default_driver_note"].split()) if f.get("default_driver_note") else None,
             sources={k: inst["sources"][v] for k, v in f["sources"].items()},
         )
         for name, f in inst["families"].items()

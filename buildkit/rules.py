@@ -375,6 +375,8 @@ def _family_notes(ctx: _Ctx) -> None:
     fam = ctx.family
     if fam and fam.legacy:
         ctx.verdict.notes.append(f"{fam.name} is legacy: {fam.legacy}")
+    if fam and fam.default_driver_note and ctx.combo.driver is None:
+        ctx.verdict.notes.append(f"{fam.name}'s default driver {fam.default_driver}: {fam.default_driver_note}")
     if fam and not fam.is_gpu and ctx.combo.cuda:
         ctx.verdict.notes.append("cpu images use the torch CPU build; cuda is ignored")
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+
+import pytest
+from conftest import lmi
 
 from buildkit import versions
 from buildkit.facts import variant_cuda, variant_name
@@ -63,3 +67,76 @@ def test_nearest_versions() -> None:
     assert versions.nearest("g55", ["g5", "g6", "p5"], 1) == ["g5"]
     assert versions.at_least("535.104.05", "535.54.03") and not versions.at_least("535", "535.104.05")
     assert versions.in_range("3.12", ("3.8", "3.12")) and not versions.in_range("3.13", ("3.8", "3.12"))
+
+
+# --- `lmi facts verify`: the data against the package index ----------------------------------------------
+
+
+def _index_reachable() -> bool:
+    from buildkit import verify
+
+    try:
+        verify.fetch_files("deepspeed")
+        return True
+    except verify.IndexUnreachable:
+        return False
+
+
+def test_facts_verify_reports_no_drift_against_the_index() -> None:
+    if not _index_reachable():
+        pytest.skip("the package index is unreachable from here: `lmi facts verify` cannot run")
+    import time
+
+    start = time.monotonic()
+    result = lmi("facts", "verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "facts match the index" in result.stdout and time.monotonic() - start < 60
+
+
+def test_facts_verify_finds_drift_on_a_local_index(facts, tmp_path) -> None:
+    """A loopback index whose torch 2.2 has no cp312 wheel, and where DeepSpeed 0.12.6 is missing."""
+    import http.server
+    import json
+    import threading
+
+    from buildkit import verify
+
+    files = {"torch": [], "deepspeed": [], "numpy": ["numpy-1.26.4.tar.gz"]}
+    for release in facts.torch.values():
+        for version in release.versions:
+            lo, hi = release.python
+            top = 11 if version.startswith("2.2.") else int(hi.split(".")[1])
+            files["torch"] += [f"torch-{version}-cp3{m}-cp3{m}-manylinux_2_28_x86_64.whl"
+                               for m in range(int(lo.split(".")[1]), top + 1)]
+    files["deepspeed"] = [f"deepspeed-{v}.tar.gz" for v in facts.deepspeed_versions if v != "0.12.6"]
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            name = self.path.strip("/").split("/")[-1]
+            body = json.dumps({"files": [{"filename": f} for f in files.get(name, [])]}).encode()
+            self.send_response(200 if name in files else 404)
+            self.send_header("Content-Type", "application/vnd.pypi.simple.v1+json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        drift, checked = verify.verify(facts, ["numpy==1.26.4"], base=f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    assert checked > 100
+    assert drift == [
+        "torch 2.2: the data says Python 3.8-3.12, the wheels of every 2.2.x cover 3.8-3.11 "
+        "(buildkit/data/torch.yaml)",
+        "deepspeed 0.12.6: not on the index (buildkit/data/deepspeed.yaml)",
+    ]
+
+
+def test_facts_verify_without_an_index_is_a_clear_error(monkeypatch) -> None:
+    result = lmi("facts", "verify", env={**os.environ, "PIP_INDEX_URL": "http://127.0.0.1:9/simple"})
+    assert result.returncode == 2 and "the package index is unreachable" in result.stderr
+    assert "Traceback" not in result.stderr

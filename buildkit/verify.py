@@ -1,0 +1,120 @@
+"""`lmi facts verify`: re-derive from the package index what buildkit/data records and can be derived
+there, and report drift: every torch version of the data has manylinux x86_64 wheels, and the Pythons
+that every version of a torch minor has wheels for are the data's range; every DeepSpeed version of the
+data exists; the matrix's libraries and pins exist. Reads the index's simple API (PEP 691 JSON, else
+PEP 503 HTML) at PIP_INDEX_URL or PyPI; nothing else is contacted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
+from packaging.version import Version
+
+from .errors import UserError
+from .facts import Facts
+
+DEFAULT_INDEX = "https://pypi.org/simple"
+TIMEOUT_S = 30
+
+
+class IndexUnreachable(UserError):
+    pass
+
+
+def index_url() -> str:
+    return (os.environ.get("PIP_INDEX_URL") or DEFAULT_INDEX).rstrip("/")
+
+
+def fetch_files(project: str, base: str | None = None) -> list[str]:
+    """File names the index lists for a project."""
+    url = f"{base or index_url()}/{canonicalize_name(project)}/"
+    request = urllib.request.Request(url, headers={
+        "Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1", "User-Agent": "lmi-facts-verify"})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            body = response.read()
+            kind = response.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return []
+        raise IndexUnreachable(f"{url}: HTTP {exc.code}; check PIP_INDEX_URL") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise IndexUnreachable(f"the package index is unreachable ({url}: {getattr(exc, 'reason', exc)}); "
+                               "`lmi facts verify` needs it") from exc
+    if "json" in kind:
+        return [f["filename"] for f in json.loads(body)["files"]]
+    return re.findall(r'<a [^>]*>([^<]+)</a>', body.decode("utf-8", "replace"))
+
+
+def torch_pythons(files: list[str]) -> dict[str, set[tuple[int, int]]]:
+    """torch version -> the CPython versions it has manylinux x86_64 wheels for (free-threaded ones aside)."""
+    found: dict[str, set[tuple[int, int]]] = defaultdict(set)
+    for name in files:
+        if not name.endswith(".whl"):
+            continue
+        try:
+            _, version, _, tags = parse_wheel_filename(name)
+        except ValueError:
+            continue
+        for tag in tags:
+            match = re.fullmatch(r"cp3(\d+)", tag.interpreter)
+            if match and tag.abi == tag.interpreter and "manylinux" in tag.platform and "x86_64" in tag.platform:
+                found[version.base_version].add((3, int(match.group(1))))
+    return found
+
+
+def _released(files: list[str]) -> set[Version]:
+    """Versions a project has files for (wheels and sdists)."""
+    versions = set()
+    for name in files:
+        try:
+            versions.add(parse_wheel_filename(name)[1] if name.endswith(".whl") else parse_sdist_filename(name)[1])
+        except ValueError:
+            continue
+    return versions
+
+
+def verify(facts: Facts, requirements: list[str], base: str | None = None) -> tuple[list[str], int]:
+    """(drift lines, facts checked). `requirements` are name==version pins the matrix installs."""
+    projects = {"torch", "deepspeed", *(Requirement(r).name for r in requirements)}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        listing = dict(zip(projects, pool.map(lambda p: fetch_files(p, base), projects), strict=True))
+    drift, checked = [], 0
+    pythons = torch_pythons(listing["torch"])
+    for minor, release in facts.torch.items():
+        have = []
+        for version in release.versions:
+            checked += 1
+            if not pythons.get(version):
+                drift.append(f"torch {version}: no manylinux x86_64 wheel on the index (buildkit/data/torch.yaml)")
+            else:
+                have.append(pythons[version])
+        if have:
+            common = set.intersection(*have)
+            checked += 1
+            derived = (f"{min(common)[0]}.{min(common)[1]}", f"{max(common)[0]}.{max(common)[1]}") if common else None
+            if derived != tuple(release.python):
+                drift.append(f"torch {minor}: the data says Python {release.python[0]}-{release.python[1]}, the "
+                             f"wheels of every {minor}.x cover {derived[0]}-{derived[1] if derived else 'nothing'}"
+                             " (buildkit/data/torch.yaml)")
+    ds_versions = _released(listing["deepspeed"])
+    for version in facts.deepspeed_versions:
+        checked += 1
+        if Version(version) not in ds_versions:
+            drift.append(f"deepspeed {version}: not on the index (buildkit/data/deepspeed.yaml)")
+    for req in sorted(set(requirements)):
+        parsed = Requirement(req)
+        pinned = next(iter(parsed.specifier)).version
+        checked += 1
+        if Version(pinned) not in _released(listing[parsed.name]):
+            drift.append(f"{parsed.name} {pinned}: not on the index (the matrix pins it)")
+    return drift, checked
