@@ -329,12 +329,13 @@ def cmd_ci_matrix(args: argparse.Namespace) -> int:
 
 
 def cmd_index_merge(args: argparse.Namespace) -> int:
-    merged = index.load(args.index)
-    for url in args.fetch or []:  # start from what is published
-        merged = index.merge(merged, publish.fetch_index(_address(url), args.repository)["images"])
-    for fragment in args.fragments:
-        merged = index.merge(merged, index.load(fragment)["images"])
-    index.write(Path(args.index), merged)
+    with index.locked(Path(args.index)):  # read, merge and replace under one lock: no writer is lost
+        merged = index.load(args.index, missing_ok=True)
+        for url in args.fetch or []:  # start from what is published
+            merged = index.merge(merged, publish.fetch_index(_address(url), args.repository)["images"], url)
+        for fragment in args.fragments:
+            merged = index.merge(merged, index.load(fragment)["images"], str(fragment))
+        index.write(Path(args.index), merged)
     print(f"{args.index}: {len(merged['images'])} image(s), {len(args.fragments)} fragment(s) merged; "
           "AVAILABLE_IMAGES.md beside it")
     publish.publish_index(Path(args.index), [_address(u) for u in args.publish or []], args.repository)

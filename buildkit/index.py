@@ -8,8 +8,12 @@ beside it. `lmi uri` and `buildkit.image_uri()` answer from it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
+import stat
 import tempfile
 import urllib.request
 from datetime import datetime, timezone
@@ -17,6 +21,7 @@ from pathlib import Path
 
 from . import versions
 from .errors import UserError
+from .spec import is_alias
 
 SCHEMA = 1
 DEFAULT_INDEX = Path("images.json")
@@ -26,8 +31,12 @@ def empty() -> dict:
     return {"schema": SCHEMA, "generated": None, "images": []}
 
 
-def load(location: str | Path) -> dict:
-    """An index from a path or a URL (http, https, file). A missing local file is an empty index."""
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def load(location: str | Path, missing_ok: bool = False) -> dict:
+    """An index from a path or a URL (http, https, file), validated. A local path that does not exist is
+    an error (a mistyped --index must not read as an empty index) unless the caller creates it."""
     text = str(location)
     try:
         if "://" in text:
@@ -36,19 +45,51 @@ def load(location: str | Path) -> dict:
         else:
             path = Path(text)
             if not path.exists():
-                return empty()
+                if missing_ok:
+                    return empty()
+                raise UserError(f"{text}: no release index there; check --index (lmi push and lmi index merge "
+                                "create one)")
             data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{text}: cannot read the release index ({exc}); pass a valid --index") from exc
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise UserError(f"{text}: not a release index of schema {SCHEMA} (got {data.get('schema')!r}); "
+        got = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise UserError(f"{text}: not a release index of schema {SCHEMA} (got {str(got)[:40]!r}); "
                         "upgrade lmi or point --index at an index it wrote")
+    validate(data, text)
     return data
 
 
-def merge(index: dict, entries: list[dict]) -> dict:
-    """Add entries; an image already listed (same id and digest) gains the new URIs and tags."""
+def validate(data: dict, source: str) -> None:
+    """Every digest is sha256:<64 hex>, and every URI pins its entry's digest."""
+    images = data.get("images")
+    if not isinstance(images, list):
+        raise UserError(f"{source}: 'images' is not a list; not a release index lmi wrote")
+    for i, entry in enumerate(images):
+        digest = entry.get("digest") if isinstance(entry, dict) else None
+        if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+            raise UserError(f"{source}: image {i + 1} has digest {str(digest)[:80]!r}, not sha256:<64 hex>; "
+                            "the index is damaged or was not written by lmi")
+        for reg in entry.get("registries") or []:
+            uri = reg.get("uri", "") if isinstance(reg, dict) else ""
+            if not uri.endswith("@" + digest):
+                raise UserError(f"{source}: image {entry.get('id')} lists URI {uri[:120]!r}, which does not pin "
+                                f"its digest {digest}")
+
+
+def merge(index: dict, entries: list[dict], source: str = "the new entries") -> dict:
+    """Add entries; an image already listed (same id and digest) gains the new URIs and tags. An immutable
+    tag that would name two digests is refused, naming both."""
+    validate({"images": list(entries)}, source)
     images = [dict(e) for e in index.get("images", [])]
+    owner = {(e["repository"] if "repository" in e else e["id"], t): e for e in images for t in e.get("tags", [])
+             if not is_alias(t)}
+    for new in entries:
+        for tag in new.get("tags", []):
+            held = owner.get((new["repository"] if "repository" in new else new["id"], tag))
+            if held is not None and held["digest"] != new["digest"]:
+                raise UserError(f"immutable tag {tag} would name two images: {held['digest']} (in the index) and "
+                                f"{new['digest']} (from {source}); an immutable tag is never moved")
     for new in entries:
         old = next((e for e in images if e["id"] == new["id"] and e["digest"] == new["digest"]), None)
         if old is None:
@@ -69,15 +110,47 @@ def _union(a: list, b: list, key) -> list:
 
 
 def write(path: Path, index: dict) -> None:
-    """Atomically: a reader sees the old index or the new one, never half of one."""
+    """Atomically: a reader sees the old index or the new one, never half of one. The file keeps its mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for target, text in ((path, json.dumps(index, indent=2, sort_keys=True) + "\n"),
                          (path.with_name("AVAILABLE_IMAGES.md"), markdown(index))):
+        try:
+            mode = stat.S_IMODE(target.stat().st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """One writer at a time: an exclusive lock on <index>.lock, held across read-merge-write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def update(path: Path, entries: list[dict], source: str = "the new entries") -> dict:
+    """Merge entries into the index at path under the lock, re-reading it there, then replace it."""
+    with locked(path):
+        merged = merge(load(path, missing_ok=True), entries, source)
+        write(path, merged)
+    return merged
 
 
 def _newness(entry: dict) -> tuple:

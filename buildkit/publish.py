@@ -9,6 +9,7 @@ halfway is completed by running it again. The index is written only when every p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -228,8 +229,7 @@ def push(specs: list[ImageSpec], address: Address, index_path: Path, log_dir: Pa
 
 def _update_index(index_path: Path, entries: list[dict], targets: list[Target], repositories: set[str]) -> None:
     """Write the index file, then publish it beside the images (a mutable `index-latest` artifact tag)."""
-    merged = index.merge(index.load(index_path), entries)
-    index.write(index_path, merged)
+    index.update(index_path, entries)
     for target in targets:
         for repo in sorted(repositories):
             try:
@@ -263,7 +263,7 @@ def promote(specs: list[ImageSpec], source: Address, targets: list[Address], ind
     client = engine.detect_client()
     src = Target(source, client.path)
     dsts = [Target(t, client.path) for t in targets]
-    known = index.load(index_path)
+    known = index.load(index_path, missing_ok=True)
     done, entries = [], []
     try:
         src.prepare(set())
@@ -325,7 +325,16 @@ def fetch_index(address: Address, repository: str) -> dict:
         if found is None:
             return index.empty()
         layer = json.loads(found[2])["layers"][0]["digest"]
-        return json.loads(target.oci.request("GET", f"/v2/{repo}/blobs/{layer}").read())
+        if not index.DIGEST.fullmatch(str(layer)):
+            raise PublishError(f"{address.url}: the release index manifest names layer {str(layer)[:80]!r}, not a "
+                               "sha256 digest; refusing it")
+        blob = target.oci.request("GET", f"/v2/{repo}/blobs/{layer}").read()
+        if "sha256:" + hashlib.sha256(blob).hexdigest() != layer:
+            raise PublishError(f"{address.url}: the release index blob does not match its digest {layer}; "
+                               "refusing a tampered or damaged index")
+        data = json.loads(blob)
+        index.validate(data, f"{address.url} ({repository}:{INDEX_TAG})")
+        return data
     except (RegistryError, AuthError) as exc:
         raise PublishError(f"{address.url}: cannot fetch the release index: {exc}") from None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -59,7 +60,55 @@ class Address:
 
     @property
     def loopback(self) -> bool:
-        return self.host.split(":")[0] in ("127.0.0.1", "localhost", "[::1]") or self.host.startswith("127.")
+        return is_loopback(self.host)
+
+
+def host_only(host: str) -> str:
+    """'127.0.0.1:5000' -> '127.0.0.1', '[::1]:5000' -> '::1'."""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_loopback(host: str) -> bool:
+    """The one rule for what counts as loopback (plain HTTP and Basic auth are allowed only there):
+    `localhost` or an IP address in 127.0.0.0/8 or ::1, parsed, never prefix-matched (127.evil.example
+    is a host name, not loopback)."""
+    name = host_only(host)
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def redact(url: str) -> str:
+    """A URL fit for messages and logs: any user:password@ replaced."""
+    return re.sub(r"(?<=://)[^/@\s]*@", "***@", url)
+
+
+class _NoCrossOriginAuth(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but never carry credentials to another origin (scheme, host or port), nor from
+    HTTPS down to HTTP."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            old, dest = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(new.full_url)
+            if (old.scheme, old.hostname, old.port) != (dest.scheme, dest.hostname, dest.port):
+                for name in list(new.headers):
+                    if name.lower() == "authorization":
+                        del new.headers[name]
+                new.unredirected_hdrs.pop("Authorization", None)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_NoCrossOriginAuth)
+
+
+def urlopen(req, timeout: float):
+    return _OPENER.open(req, timeout=timeout)
 
 
 def parse(url: str) -> Address:
@@ -72,7 +121,7 @@ def parse(url: str) -> Address:
     m = re.fullmatch(r"oci://([A-Za-z0-9.-]+(?::\d{1,5})?|\[[0-9a-fA-F:]+\](?::\d{1,5})?)(?:/([a-z0-9._/-]+))?", url)
     if m:
         return Address(url, "oci", m.group(1), (m.group(2) or "").strip("/"))
-    raise UserError(f"registry '{url}' is not an address; use ecr://ACCOUNT/REGION[/PREFIX] "
+    raise UserError(f"registry '{redact(url)}' is not an address; use ecr://ACCOUNT/REGION[/PREFIX] "
                     "(e.g. ecr://123456789012/us-west-2/ml) or oci://HOST[:PORT][/PREFIX] (e.g. oci://127.0.0.1:5000)")
 
 
@@ -108,8 +157,7 @@ class OciClient:
     def __init__(self, host: str, credentials: tuple[str, str] | None = None, retries: int = 4,
                  backoff: float = 0.5) -> None:
         self.host = host
-        loop = host.split(":")[0] in ("127.0.0.1", "localhost") or host.startswith("127.")
-        self.base = f"{'http' if loop else 'https'}://{host}"
+        self.base = f"{'http' if is_loopback(host) else 'https'}://{host}"
         self.credentials = credentials if credentials is not None else docker_credentials(host)
         self.retries = retries
         self.backoff = backoff
@@ -119,10 +167,14 @@ class OciClient:
         if challenge and challenge.lower().startswith("bearer"):
             params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
             query = urllib.parse.urlencode({k: v for k, v in params.items() if k in ("service", "scope")})
+            realm = urllib.parse.urlsplit(params["realm"])
+            if realm.scheme != "https" and not (realm.scheme == "http" and is_loopback(realm.netloc)):
+                raise AuthError(f"{self.host}: its token service {redact(params['realm'])} is not HTTPS; "
+                                "credentials are never sent there")
             req = urllib.request.Request(f"{params['realm']}?{query}")
             if self.credentials:
                 req.add_header("Authorization", self._basic())
-            with urllib.request.urlopen(req, timeout=30) as resp:
+            with urlopen(req, timeout=30) as resp:
                 body = json.loads(resp.read())
             self._bearer = "Bearer " + (body.get("token") or body.get("access_token"))
             return self._bearer
@@ -141,7 +193,7 @@ class OciClient:
             if auth:
                 req.add_header("Authorization", auth)
             try:
-                resp = urllib.request.urlopen(req, timeout=120)
+                resp = urlopen(req, timeout=120)
                 if resp.status in ok:
                     return resp
                 raise RegistryError(f"{method} {url}: unexpected HTTP {resp.status}")
@@ -371,7 +423,7 @@ def ensure_local_registry(host: str = "127.0.0.1:5000", root: Path = Path(".lmi/
     if registry_answers(host):
         return f"registry already answers on {host}"
     address, _, port = host.rpartition(":")
-    if not (address.startswith("127.") or address == "localhost"):
+    if not is_loopback(host):
         raise UserError(f"{host}: the embedded registry only ever listens on loopback")
     binary = shutil.which("docker-registry")
     if not binary:

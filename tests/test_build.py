@@ -47,22 +47,27 @@ def local(tmp_path_factory):
         engine.ensure_engine()
     except engine.EngineError as exc:
         pytest.skip(f"no docker engine can run here: {exc}")
-    info = prepare.prepare(prepare.LOCAL_MATRIX)
-    for version in ("0.31.0",):  # for the DJL-bump test
-        prepare.standin_deb(version)
-    server = None
-    if prepare.port_free(info["port"]):
-        server = prepare.PackageServer(prepare.PACKAGES, info["port"], lifetime_s=1800).__enter__()
-    yield {"wheelhouse": wheelhouse, "port": info["port"], "dir": tmp_path_factory.mktemp("local")}
-    if server:
-        server.__exit__()
+    prepare.prepare(prepare.LOCAL_MATRIX)
+    # The tests' own packages on a port of their own: a walkthrough's server on the matrix's fixed port
+    # (make build leaves one for an hour) never answers for them.
+    packages = tmp_path_factory.mktemp("packages")
+    for version in ("0.32.0", "0.31.0"):  # 0.31.0: the DJL-bump test
+        prepare.standin_deb(version, packages)
+    server = prepare.PackageServer(packages, 0, lifetime_s=3600).__enter__()
+    SERVED["base"] = f"http://127.0.0.1:{server.port}/"
+    yield {"wheelhouse": wheelhouse, "port": server.port, "dir": tmp_path_factory.mktemp("local"),
+           "djl_url": SERVED["base"] + "djl-serving_0.32.0-1_all.deb"}
+    server.__exit__()
+
+
+SERVED: dict[str, str] = {}  # where the `local` fixture serves the stand-in packages
 
 
 def local_matrix(directory: Path, repo: str, extra_lines: str = "", rerun_djl_step: bool = False,
                  **changes: str) -> Path:
     """The local matrix under another repository name (so tests do not see each other's tags).
     rerun_djl_step adds a nonce to the DJL package URL, so BuildKit's cache cannot answer that step."""
-    text = prepare.LOCAL_MATRIX.read_text()
+    text = prepare.LOCAL_MATRIX.read_text().replace("http://127.0.0.1:38771/", SERVED["base"])
     if rerun_djl_step:
         text = text.replace('_all.deb"', f'_all.deb?run={uuid.uuid4().hex}"')
     text = text.replace("repository: lmi-local", f"repository: {repo}")
@@ -245,7 +250,7 @@ def test_interrupt_stops_the_build_and_tags_nothing(local, repo, when, sig, code
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}/slow.deb"
-    matrix = local_matrix(local["dir"], repo, **{"http://127.0.0.1:38771/djl-serving_0.32.0-1_all.deb": url})
+    matrix = local_matrix(local["dir"], repo, **{local["djl_url"]: url})
     log = ROOT / ".lmi" / "logs" / "local-cpu.log"
     log.unlink(missing_ok=True)  # wait on this build's log, not an earlier one
     # As from an interactive terminal: a shell starts background jobs with SIGINT ignored, which would

@@ -147,7 +147,7 @@ def test_immutable_tag_with_another_image_is_refused(local, tested, auth_registr
     # Rebuild the same spec with a changed Dockerfile input: a new image under the same immutable tag.
     env = {**client_env}
     result = lmi("--matrix", str(matrix), "build", "--plain", "--force", "--wheelhouse", str(local["wheelhouse"]),
-                 "--build-arg", "DJL_SERVING_URL=http://127.0.0.1:38771/djl-serving_0.32.0-1_all.deb?v=2")
+                 "--build-arg", f"DJL_SERVING_URL={local['djl_url']}?v=2")
     assert result.returncode == 0, result.stderr
     assert lmi("--matrix", str(matrix), "test", "--tier", "cpu").returncode == 0
     refused = push(tested, f"oci://{host}/imm", idx, env)
@@ -162,7 +162,7 @@ def test_no_smoke_record_no_push(local, tested, auth_registry, client_env, tmp_p
     login(client_env, host, "lmi", auth_registry["password"])
     matrix = tested["matrix"]
     result = lmi("--matrix", str(matrix), "build", "--plain", "--force", "--wheelhouse", str(local["wheelhouse"]),
-                 "--build-arg", f"DJL_SERVING_URL=http://127.0.0.1:38771/djl-serving_0.32.0-1_all.deb?u={time.time()}")
+                 "--build-arg", f"DJL_SERVING_URL={local['djl_url']}?u={time.time()}")
     assert result.returncode == 0
     idx = tmp_path / "images.json"
     refused = push(tested, f"oci://{host}/gate", idx, client_env)

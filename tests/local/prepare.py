@@ -117,8 +117,10 @@ class PackageServer:
             pass
 
     def __init__(self, directory: Path, port: int, lifetime_s: float) -> None:
+        """port 0: an ephemeral port of its own (see .port), so nothing else can answer in its place."""
         handler = lambda *a, **kw: self.Quiet(*a, directory=str(directory), **kw)  # noqa: E731
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self.port = self.httpd.server_address[1]
         self.deadline = time.monotonic() + lifetime_s
         self.thread = threading.Thread(target=self._serve, daemon=True)
 

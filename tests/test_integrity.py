@@ -1,0 +1,207 @@
+"""Registry trust and release-index integrity, against local servers on loopback (no engine needed):
+credentials never cross origins, loopback is parsed not prefix-matched, passwords never echo, the
+index refuses bad digests, tampered blobs and moved immutable tags, and concurrent writers lose nothing."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, lmi
+
+from buildkit import index, publish, registry
+from buildkit.errors import UserError
+
+
+class Server:
+    """A loopback HTTP server whose handler records every request's Authorization header."""
+
+    def __init__(self, handler_cls) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+        outer = self
+
+        class Handler(handler_cls):
+            def log_message(self, *args):
+                pass
+
+            def record(self):
+                outer.seen.append((self.path, self.headers.get("Authorization")))
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+def test_credentials_never_follow_a_redirect_to_another_origin() -> None:
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.record()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    other = Server(Other)
+
+    class Redirecting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.record()
+            target = f"http://127.0.0.1:{other.port}/elsewhere" if "away" in self.path else "/v2/same-origin"
+            if self.path == "/v2/same-origin":
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"{}")
+                return
+            self.send_response(307)
+            self.send_header("Location", target)
+            self.end_headers()
+
+    origin = Server(Redirecting)
+    try:
+        client = registry.OciClient(f"127.0.0.1:{origin.port}", credentials=("lmi", "s3cret"), retries=0)
+        client.request("GET", "/v2/away")
+        client.request("GET", "/v2/here")
+        basic = "Basic " + base64.b64encode(b"lmi:s3cret").decode()
+        assert origin.seen[0] == ("/v2/away", basic)
+        assert other.seen == [("/elsewhere", None)]  # another port is another origin: no credentials
+        assert ("/v2/same-origin", basic) in origin.seen  # the same origin keeps them
+    finally:
+        origin.close()
+        other.close()
+
+
+@pytest.mark.parametrize("host,loopback", [
+    ("127.0.0.1:5000", True), ("127.3.4.5", True), ("localhost:5000", True), ("[::1]:5000", True),
+    ("127.evil.example", False), ("127.0.0.1.nip.io:5000", False), ("10.0.0.1:5000", False),
+    ("localhost.example", False), ("registry.example:443", False),
+])
+def test_loopback_is_parsed_not_prefix_matched(host, loopback) -> None:
+    assert registry.is_loopback(host) is loopback
+    assert registry.OciClient(host, credentials=None).base.startswith("http://" if loopback else "https://")
+
+
+def test_a_rejected_registry_url_never_echoes_its_password() -> None:
+    with pytest.raises(UserError) as err:
+        registry.parse("oci://admin:hunter2@registry.example:5000/ml")
+    assert "hunter2" not in str(err.value) and "***@" in str(err.value)
+    result = lmi("push", "--registry", "https://admin:hunter2@registry.example/ml")
+    assert result.returncode == 2 and "hunter2" not in result.stdout + result.stderr
+
+
+def test_a_plain_http_token_service_never_gets_credentials() -> None:
+    class Challenging(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.record()
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Bearer realm="http://tokens.example/token",service="r"')
+            self.end_headers()
+
+    server = Server(Challenging)
+    try:
+        client = registry.OciClient(f"127.0.0.1:{server.port}", credentials=("lmi", "s3cret"), retries=0)
+        with pytest.raises(registry.AuthError, match="is not HTTPS"):
+            client.request("GET", "/v2/")
+    finally:
+        server.close()
+
+
+# --- the release index ------------------------------------------------------------------------------------
+
+
+def entry(i: int, digest: str | None = None, tag: str | None = None) -> dict:
+    digest = digest or "sha256:" + hashlib.sha256(str(i).encode()).hexdigest()
+    return {"id": f"line{i}-g5", "family": "g5", "repository": "lmi", "tag": tag or f"t{i}",
+            "tags": [tag or f"t{i}", "djl0.36-g5"], "digest": digest,
+            "components": {"djl_serving": "0.36.0", "deepspeed": "0.18.9", "torch": "2.9.1", "cuda": "12.8.1",
+                           "python": "3.12", "os": "ubuntu24.04"},
+            "registries": [{"url": "oci://r.example/ml", "kind": "oci", "region": None,
+                            "uri": f"r.example/ml/lmi@{digest}"}]}
+
+
+@pytest.mark.parametrize("digest", ["sha256:abc", "md5:" + "0" * 32, "sha256:" + "G" * 64, None])
+def test_digests_are_validated_on_read_and_write(tmp_path, digest) -> None:
+    bad = entry(1)
+    bad["digest"] = digest
+    path = tmp_path / "images.json"
+    path.write_text(json.dumps({"schema": 1, "generated": None, "images": [bad]}))
+    with pytest.raises(UserError, match="not sha256:<64 hex>"):
+        index.load(path)
+    with pytest.raises(UserError, match="not sha256:<64 hex>"):
+        index.merge(index.empty(), [bad])
+
+
+def test_an_immutable_tag_never_names_two_digests() -> None:
+    one = index.merge(index.empty(), [entry(1, tag="0.36.0-g5")])
+    moved = entry(2, tag="0.36.0-g5")
+    with pytest.raises(UserError) as err:
+        index.merge(one, [moved], "fragment.json")
+    assert one["images"][0]["digest"] in str(err.value) and moved["digest"] in str(err.value)
+    assert "fragment.json" in str(err.value)
+    # Aliases float: the same alias on another digest is fine.
+    assert len(index.merge(one, [entry(3)])["images"]) == 2
+
+
+def test_a_mistyped_index_path_is_an_error_not_an_empty_index(tmp_path) -> None:
+    result = lmi("uri", "--instance", "g5", "--index", str(tmp_path / "imagse.json"))
+    assert result.returncode == 2 and "no release index there" in result.stderr
+
+
+def test_twenty_concurrent_merges_keep_twenty_entries(tmp_path) -> None:
+    path = tmp_path / "images.json"
+    fragments = []
+    for i in range(20):
+        fragment = tmp_path / f"fragment{i}.json"
+        fragment.write_text(json.dumps({"schema": 1, "generated": None, "images": [entry(i)]}))
+        fragments.append(fragment)
+    procs = [subprocess.Popen([str(Path(sys.executable).parent / "lmi"), "index", "merge", str(f), "--index",
+                               str(path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for f in fragments]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert len(json.loads(path.read_text())["images"]) == 20
+
+
+def test_index_files_keep_their_mode(tmp_path) -> None:
+    path = tmp_path / "images.json"
+    index.write(path, index.empty())
+    os.chmod(path, 0o644)
+    index.update(path, [entry(1)])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_tampered_published_index_is_refused(monkeypatch) -> None:
+    good = json.dumps({"schema": 1, "generated": None, "images": [entry(1)]}).encode()
+    layer = "sha256:" + hashlib.sha256(good).hexdigest()
+    manifest = json.dumps({"schemaVersion": 2, "layers": [{"digest": layer}]}).encode()
+    state = {"blob": good}
+
+    class Registry(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.record()
+            body = manifest if "/manifests/" in self.path else state["blob"] if "/blobs/" in self.path else b"{}"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+            self.send_header("Docker-Content-Digest", "sha256:" + hashlib.sha256(body).hexdigest())
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = Server(Registry)
+    try:
+        address = registry.parse(f"oci://127.0.0.1:{server.port}/ml")
+        assert publish.fetch_index(address, "lmi")["images"][0]["id"] == "line1-g5"
+        state["blob"] = good.replace(b"line1-g5", b"evil1-g5")
+        with pytest.raises(publish.PublishError, match="does not match its digest"):
+            publish.fetch_index(address, "lmi")
+    finally:
+        server.close()
