@@ -7,6 +7,7 @@ leaves an image that a later run would mistake for complete.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
@@ -16,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -77,12 +79,25 @@ def build_args(spec: ImageSpec, options: BuildOptions, matrix_args: dict[str, st
                 ref = engine.mirrored(base, mirror)
                 args[key] = pin(ref) if options.pin_bases else ref
     if options.pip_index_url:
-        args["PIP_INDEX_URL"] = options.pip_index_url
+        # Without its credentials: those travel as the BuildKit secret pip_index_url, never as an argument.
+        args["PIP_INDEX_URL"] = redact_credentials(options.pip_index_url)
     if wheelhouse_ref:
         args["WHEELHOUSE"] = wheelhouse_ref
         args["PIP_FIND_LINKS"] = "/wheelhouse"
     args.update(options.build_args)
     return args
+
+
+def redact_credentials(url: str) -> str:
+    """The URL without user:password@ (the content hash and logs see this one)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def has_credentials(url: str | None) -> bool:
+    return bool(url) and "@" in urllib.parse.urlsplit(url).netloc
 
 
 def wheelhouse_ref(directory: Path) -> str:
@@ -117,13 +132,15 @@ def ensure_wheelhouse_image(client: Client, directory: Path, ref: str) -> None:
 
 
 def _command(client: Client, planned: PlannedImage, context: Path, options: BuildOptions, iidfile: Path,
-             ca: Path | None) -> list[str]:
+             ca: Path | None, index_secret: Path | None = None) -> list[str]:
     spec = planned.spec
     cmd = [*client.build_command(), "--network=host", "--progress=plain", "--iidfile", str(iidfile),
            "--label", f"io.lmi.content-hash={planned.content_hash}",
            "--label", f"org.opencontainers.image.created={datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}"]
     if ca:
         cmd += ["--secret", f"id=ca,src={ca}"]
+    if index_secret:
+        cmd += ["--secret", f"id=pip_index_url,src={index_secret}"]
     for key, value in sorted(planned.build_args.items()):
         cmd += ["--build-arg", f"{key}={value}"]
     if options.registry:
@@ -152,6 +169,14 @@ class Builder:
         self.ca = ca if ca and ca.is_file() else None
         if options.ca_bundle is not None and self.ca is None:
             raise UserError(f"{options.ca_bundle}: CA bundle not found; pass an existing file to --ca-bundle")
+        self.index_secret: Path | None = None
+        if has_credentials(options.pip_index_url):
+            # The URL with its credentials, readable by this user only, for the builds' secret mount.
+            fd, name = tempfile.mkstemp(prefix="lmi-pip-index-")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(options.pip_index_url)
+            self.index_secret = Path(name)
+            atexit.register(self.index_secret.unlink, missing_ok=True)
 
     def build_all(self, work: list[tuple[PlannedImage, Path]]) -> list[Result]:
         results: dict[str, Result] = {}
@@ -206,7 +231,7 @@ class Builder:
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="lmi-") as tmp:
             iidfile = Path(tmp) / "iid"
-            cmd = _command(self.client, planned, context, self.options, iidfile, self.ca)
+            cmd = _command(self.client, planned, context, self.options, iidfile, self.ca, self.index_secret)
             code = self._run(spec.id, cmd, log)
             image_id = iidfile.read_text().strip() if code == 0 and iidfile.exists() else None
         seconds = time.monotonic() - started

@@ -218,7 +218,8 @@ def _build_options(args: argparse.Namespace, m: matrix.Matrix) -> build.BuildOpt
         extra[key] = value
     return build.BuildOptions(
         jobs=args.jobs, force=getattr(args, "force", False), base_mirror=args.base_mirror or m.base_mirror,
-        pip_index_url=args.pip_index_url, wheelhouse=Path(args.wheelhouse) if args.wheelhouse else None,
+        pip_index_url=args.pip_index_url or os.environ.get("LMI_PIP_INDEX_URL"),
+        wheelhouse=Path(args.wheelhouse) if args.wheelhouse else None,
         ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None, build_args=extra, registry=args.registry,
         pin_bases=args.pin_bases,
     )
@@ -292,7 +293,8 @@ def cmd_bake(args: argparse.Namespace) -> int:
             "args": p.build_args,
             "labels": {"io.lmi.content-hash": p.content_hash},
             "network": "host",
-            "secret": [f"id=ca,src={options.ca_bundle or build.DEFAULT_CA_BUNDLE}"],
+            "secret": [f"id=ca,src={options.ca_bundle or build.DEFAULT_CA_BUNDLE}"]
+            + (["id=pip_index_url,env=LMI_PIP_INDEX_URL"] if build.has_credentials(options.pip_index_url) else []),
         }
         if options.wheelhouse:  # buildx: the folder itself replaces the `wheelhouse` stage
             target["contexts"] = {"wheelhouse": str(options.wheelhouse.resolve())}
@@ -302,6 +304,9 @@ def cmd_bake(args: argparse.Namespace) -> int:
             target["cache-to"] = [f"type=registry,ref={cache},mode=max"]
         targets[bake_target(p.spec.id)] = target
     print(json.dumps({"group": {"default": {"targets": list(targets)}}, "target": targets}, indent=2))
+    if build.has_credentials(options.pip_index_url):
+        print("note: the package index's credentials are not in the bake file; set LMI_PIP_INDEX_URL to the "
+              "full URL where `docker buildx bake` runs", file=sys.stderr)
     return EXIT_OK
 
 
@@ -490,7 +495,9 @@ def _parser() -> argparse.ArgumentParser:
     build_opts.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="parallel builds")
     build_opts.add_argument("--registry", metavar="HOST/PREFIX", help="name images for this registry")
     build_opts.add_argument("--base-mirror", metavar="PREFIX", help="pull base images through this prefix")
-    build_opts.add_argument("--pip-index-url", metavar="URL", help="package index used inside the builds")
+    build_opts.add_argument("--pip-index-url", metavar="URL",
+                            help="package index used inside the builds; one with credentials is better given as "
+                                 "$LMI_PIP_INDEX_URL (not in argv); either way they reach builds as a secret only")
     build_opts.add_argument("--wheelhouse", metavar="DIR", help="wheels to prefer, mounted into the builds")
     build_opts.add_argument("--ca-bundle", metavar="FILE",
                             help=f"CA bundle passed as a BuildKit secret (default: {build.DEFAULT_CA_BUNDLE})")

@@ -205,3 +205,25 @@ def test_a_tampered_published_index_is_refused(monkeypatch) -> None:
             publish.fetch_index(address, "lmi")
     finally:
         server.close()
+
+
+def test_package_index_credentials_travel_as_a_secret_only(tmp_path, monkeypatch) -> None:
+    from buildkit import build, matrix
+    from buildkit import facts as facts_mod
+    from buildkit.spec import resolve
+
+    url = "https://ci:t0ps3cret@pypi.internal.example/simple"
+    f = facts_mod.load()
+    spec = resolve(matrix.load(ROOT / "matrix.yaml", f), f)[0]
+    options = build.BuildOptions(pip_index_url=url)
+    args = build.build_args(spec, options, {}, None)
+    assert args["PIP_INDEX_URL"] == "https://pypi.internal.example/simple"
+    secret = tmp_path / "secret"
+    cmd = build._command(type("C", (), {"build_command": lambda self: ["docker", "build"]})(),
+                         build.PlannedImage(spec, "0" * 64, args), tmp_path, options, tmp_path / "iid", None, secret)
+    assert "t0ps3cret" not in " ".join(cmd) and f"id=pip_index_url,src={secret}" in cmd
+    result = lmi("bake", "--instance", "g5", env={**os.environ, "LMI_PIP_INDEX_URL": url})
+    assert result.returncode == 0 and "t0ps3cret" not in result.stdout
+    assert "id=pip_index_url,env=LMI_PIP_INDEX_URL" in result.stdout and "LMI_PIP_INDEX_URL" in result.stderr
+    dockerfile = (ROOT / "images" / "djl0.36-g5" / "Dockerfile").read_text()
+    assert dockerfile.count("--mount=type=secret,id=pip_index_url,required=false") >= 4
