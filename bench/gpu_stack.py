@@ -63,6 +63,20 @@ def layers(ref: str) -> list[tuple[str, int, str]]:
     return out
 
 
+def wrong_op_claim(ref: str, spec) -> str:
+    """The op check run in the image against a deliberately wrong claim: it must fail, naming the ops."""
+    claims = spec.claims()
+    ops = claims["deepspeed_ops"]
+    wrong = {"prebuilt": [op for op in ops["prebuilt"] if op != "transformer_inference"] + ["cutlass_ops"],
+             "absent": {**ops["absent"], "transformer_inference": "claimed absent on purpose"}}
+    record = [{"name": "deepspeed-prebuilt-ops", "tier": "cpu", "kind": "builtin"}]
+    out = subprocess.run([engine.detect_client().path, "run", "--rm", "--network=none", ref, "python",
+                          "/opt/lmi/lmi_check.py", "--claims-json", json.dumps({**claims, "deepspeed_ops": wrong}),
+                          "--checks-json", json.dumps(record)], capture_output=True, text=True)
+    event = json.loads(out.stdout.strip().splitlines()[-1])
+    return f"exit {out.returncode}, passed={event['passed']}: {event['message']}"
+
+
 def kind(instruction: str) -> str:
     for marker, name in (("deepspeed-builder", "DeepSpeed (prebuilt wheel)"), ("deepspeed==", "DeepSpeed"),
                          ("torch==", "torch + NVIDIA libraries"), ("requirements.txt", "libraries + mpi4py"),
@@ -76,7 +90,7 @@ def kind(instruction: str) -> str:
 def main() -> None:
     f = facts.load()
     specs = resolve(matrix.load(MATRIX, f), f)
-    rows, layer_rows, per_image = [], [], {}
+    rows, layer_rows, per_image, wrong_claims = [], [], {}, []
     for spec in specs:
         ref = f"{spec.repository}:{spec.tag}"
         log = (LOGS / f"{spec.id}.log").read_text()
@@ -92,6 +106,7 @@ def main() -> None:
                         "du -sb /opt/venv/lib/python3*/site-packages/nvidia/* | sort -rn")
         libs = [(int(n), Path(p).name) for n, p in (line.split("\t") for line in nvidia.splitlines())]
         biggest = ", ".join(f"{name} {n / GB:.2f}" for n, name in libs[:6])
+        wrong_claims.append((spec.id, wrong_op_claim(ref, spec)))
         rows.append((spec.id, spec.family.sm, total.group(1) + " s" if total else "see log",
                      f"{compile_s / 60:.1f} min" if compile_s else "cached", f"{torch_s:.0f} s", f"{size / GB:.2f} GB",
                      f"{sum(n for n, _ in libs) / GB:.2f} GB ({biggest})"))
@@ -123,7 +138,10 @@ def main() -> None:
                   f"With DeepSpeed before the libraries, Java and DJL Serving (the earlier order), the same "
                   f"layers come to {unique_before / GB:.2f} GB, {unique_before / total:.0%} (computed from the "
                   "measured layer sizes).", "",
-              "| image | layer | size | diff id |", "|---|---|---|---|"]
+              "A deliberately wrong op claim (transformer_inference claimed absent, cutlass_ops claimed prebuilt), "
+              "checked in each image:", ""]
+    lines += [f"- {image}: {result}" for image, result in wrong_claims]
+    lines += ["", "| image | layer | size | diff id |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(r)} |" for r in layer_rows]
     section = "\n".join(lines) + "\n"
     results = ROOT / "bench" / "results.md"

@@ -98,6 +98,19 @@ def test_incheck_wrong_claim_names_both_versions(host_torch) -> None:
     assert events[0]["message"] == "torch: the matrix says 2.12.0, the image has 2.13.0"
 
 
+def test_incheck_prebuilt_op_claims(host_torch) -> None:
+    """DeepSpeed from the index prebuilds nothing: a claim of no ops passes, a claim of prebuilt ops fails
+    naming them (the GPU images of `make test-gpu-stack` are checked the same way against their claims)."""
+    record = [{"name": "deepspeed-prebuilt-ops", "tier": "cpu", "kind": "builtin"}]
+    code, events = incheck({**host_claims(), "deepspeed_ops": None}, record)
+    assert code == 0 and "no op prebuilt" in events[0]["message"]
+    wrong = {"prebuilt": ["transformer_inference", "cpu_adam"], "absent": {"cutlass_ops": "needs deepspeed-kernels"}}
+    code, events = incheck({**host_claims(), "deepspeed_ops": wrong}, record)
+    assert code == 1
+    assert events[0]["message"] == ("ops the family's SM allows but the image lacks: "
+                                    "['cpu_adam', 'transformer_inference']")
+
+
 def test_incheck_stops_a_hanging_check_and_goes_on(host_torch) -> None:
     records = [{"name": "hangs", "tier": "cpu", "kind": "command", "command": "sleep 600"},
                {"name": "after", "tier": "cpu", "kind": "command", "command": "echo fine", "expect": "^fine"}]
