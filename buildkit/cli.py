@@ -334,16 +334,26 @@ def cmd_ci_matrix(args: argparse.Namespace) -> int:
 
 
 def cmd_index_merge(args: argparse.Namespace) -> int:
-    with index.locked(Path(args.index)):  # read, merge and replace under one lock: no writer is lost
-        merged = index.load(args.index, missing_ok=True)
-        for url in args.fetch or []:  # start from what is published
-            merged = index.merge(merged, publish.fetch_index(_address(url), args.repository)["images"], url)
-        for fragment in args.fragments:
-            merged = index.merge(merged, index.load(fragment)["images"], str(fragment))
-        index.write(Path(args.index), merged)
+    publish_to = [_address(u) for u in args.publish or []]
+    for attempt in range(1, 4):
+        read_at: dict[str, str | None] = {}
+        with index.locked(Path(args.index)):  # read, merge and replace under one lock: no writer is lost
+            merged = index.load(args.index, missing_ok=True)
+            for url in args.fetch or []:  # start from what is published
+                published, read_at[_address(url).url] = publish.fetch_index_at(_address(url), args.repository)
+                merged = index.merge(merged, published["images"], url)
+            for fragment in args.fragments:
+                merged = index.merge(merged, index.load(fragment)["images"], str(fragment))
+            index.write(Path(args.index), merged)
+            try:  # compare-and-swap on what was fetched: a concurrent publish is merged in, never dropped
+                publish.publish_index(Path(args.index), publish_to, args.repository, read_at)
+                break
+            except publish.IndexMoved as moved:
+                if attempt == 3:
+                    raise
+                print(f"{moved}; merging again ({attempt}/3)", file=sys.stderr)
     print(f"{args.index}: {len(merged['images'])} image(s), {len(args.fragments)} fragment(s) merged; "
           "AVAILABLE_IMAGES.md beside it")
-    publish.publish_index(Path(args.index), [_address(u) for u in args.publish or []], args.repository)
     for url in args.publish or []:
         print(f"published to {url} ({args.repository}:{publish.INDEX_TAG})")
     return EXIT_OK

@@ -315,15 +315,24 @@ def _index_target(address: Address) -> Target:
     return Target(address, engine.detect_client().path if address.kind == "ecr" else "docker")
 
 
+class IndexMoved(PublishError):
+    """index-latest changed between reading it and publishing over it."""
+
+
 def fetch_index(address: Address, repository: str) -> dict:
     """The release index published beside the images (an empty one if none is there yet)."""
+    return fetch_index_at(address, repository)[0]
+
+
+def fetch_index_at(address: Address, repository: str) -> tuple[dict, str | None]:
+    """The published index and the manifest digest it was read at (None: none published yet)."""
     target = _index_target(address)
     target.prepare(set())
     repo = address.path(repository)
     try:
         found = target.oci.manifest(repo, INDEX_TAG)
         if found is None:
-            return index.empty()
+            return index.empty(), None
         layer = json.loads(found[2])["layers"][0]["digest"]
         if not index.DIGEST.fullmatch(str(layer)):
             raise PublishError(f"{address.url}: the release index manifest names layer {str(layer)[:80]!r}, not a "
@@ -334,16 +343,25 @@ def fetch_index(address: Address, repository: str) -> dict:
                                "refusing a tampered or damaged index")
         data = json.loads(blob)
         index.validate(data, f"{address.url} ({repository}:{INDEX_TAG})")
-        return data
+        return data, found[0]
     except (RegistryError, AuthError) as exc:
         raise PublishError(f"{address.url}: cannot fetch the release index: {exc}") from None
 
 
-def publish_index(path: Path, addresses: list[Address], repository: str) -> None:
+def publish_index(path: Path, addresses: list[Address], repository: str,
+                  read_at: dict[str, str | None] | None = None) -> None:
+    """Push the index as index-latest. With read_at (url -> the manifest digest the merge started from),
+    an index-latest that moved since is not overwritten (IndexMoved): the caller merges again. OCI
+    registries have no conditional tag update, so the check comes right before the push."""
     for address in addresses:
         target = _index_target(address)
         try:
             target.prepare({repository})
+            if read_at is not None and address.url in read_at:
+                now = target.oci.manifest(address.path(repository), INDEX_TAG)
+                if (now[0] if now else None) != read_at[address.url]:
+                    raise IndexMoved(f"{address.url}: {INDEX_TAG} moved while merging (read at "
+                                     f"{read_at[address.url]}, now {now[0] if now else None})")
             target.oci.push_artifact(address.path(repository), INDEX_TAG, path.read_bytes(), INDEX_MEDIA_TYPE)
         except (RegistryError, AuthError) as exc:
             raise PublishError(f"{address.url}: cannot publish the release index: {exc}") from None

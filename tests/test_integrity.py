@@ -227,3 +227,30 @@ def test_package_index_credentials_travel_as_a_secret_only(tmp_path, monkeypatch
     assert "id=pip_index_url,env=LMI_PIP_INDEX_URL" in result.stdout and "LMI_PIP_INDEX_URL" in result.stderr
     dockerfile = (ROOT / "images" / "djl0.36-g5" / "Dockerfile").read_text()
     assert dockerfile.count("--mount=type=secret,id=pip_index_url,required=false") >= 4
+
+
+def test_index_latest_is_not_overwritten_when_it_moved(tmp_path, monkeypatch) -> None:
+    pushed = []
+
+    class Oci:
+        def manifest(self, repo, ref):
+            return ("sha256:" + "b" * 64, "application/vnd.oci.image.manifest.v1+json", b"{}")
+
+        def push_artifact(self, *args):
+            pushed.append(args)
+
+    class Target:
+        oci = Oci()
+
+        def prepare(self, repositories):
+            return []
+
+    monkeypatch.setattr(publish, "_index_target", lambda address: Target())
+    path = tmp_path / "images.json"
+    index.write(path, index.empty())
+    address = registry.parse("oci://r.example/ml")
+    with pytest.raises(publish.IndexMoved, match="moved while merging"):
+        publish.publish_index(path, [address], "lmi", {address.url: "sha256:" + "a" * 64})
+    assert pushed == []
+    publish.publish_index(path, [address], "lmi", {address.url: "sha256:" + "b" * 64})
+    assert len(pushed) == 1
