@@ -18,8 +18,11 @@ import pytest
 from conftest import ROOT, lmi
 from test_build import build, docker, local, local_matrix  # noqa: F401 - shared fixtures
 
-from buildkit import engine, index, registry
+from buildkit import engine, index, registry, smoke
+from buildkit import facts as facts_mod
+from buildkit import matrix as matrix_mod
 from buildkit.publish import docker_login
+from buildkit.spec import resolve
 
 pytestmark = pytest.mark.engine
 
@@ -68,15 +71,40 @@ def login(env, host, user, password):
             os.environ["DOCKER_CONFIG"] = old
 
 
+def small_image(tested, payload: str, passed: bool | None = True) -> str:
+    """A few-KB image under the spec's immutable tag, labelled like an `lmi build` image, with a smoke
+    record for its digest (passed, failed, or none): registry logic needs no 2 GB image. The gate and the
+    end-to-end flow with the real local image are tested in tests/test_smoke.py and tests/test_ci.py."""
+    import hashlib
+
+    spec = tested["spec"]
+    context = Path(tested["dir"]) / f"small-{hashlib.sha256(payload.encode()).hexdigest()[:8]}"
+    context.mkdir(exist_ok=True)
+    (context / "payload").write_text(payload)
+    content_hash = hashlib.sha256(payload.encode()).hexdigest()
+    (context / "Dockerfile").write_text(f"FROM scratch\nCOPY payload /payload\n"
+                                        f"LABEL io.lmi.content-hash={content_hash}\n")
+    ref = f"{spec.repository}:{spec.tag}"
+    assert docker("build", "-q", "-t", ref, str(context)).returncode == 0
+    image_id = docker("inspect", ref, "--format", "{{.Id}}").stdout.strip()
+    if passed is not None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        smoke.Record(schema=smoke.RECORD_SCHEMA, image=ref, image_id=image_id, content_hash=content_hash,
+                     spec_id=spec.id, tiers=["cpu"], passed=passed, outcomes=[], started=now,
+                     finished=now).save(ROOT / smoke.RECORD_DIR)
+    return image_id
+
+
 @pytest.fixture(scope="module")
 def tested(local, tmp_path_factory):  # noqa: F811
-    """One image of the local matrix, built and smoke-tested (cpu tier), in a repository of its own."""
+    """The spec of the local matrix in a repository of its own, with a small image under its tag."""
     repo = f"lmi-pub-{secrets.token_hex(4)}"
     matrix = local_matrix(local["dir"], repo)
-    assert build(matrix, local).returncode == 0
-    result = lmi("--matrix", str(matrix), "test", "--tier", "cpu")
-    assert result.returncode == 0, result.stdout + result.stderr
-    yield {"repo": repo, "matrix": matrix}
+    f = facts_mod.load()
+    spec = resolve(matrix_mod.load(matrix, f), f)[0]
+    info = {"repo": repo, "matrix": matrix, "spec": spec, "dir": tmp_path_factory.mktemp("small")}
+    small_image(info, "v1")
+    yield info
     for tag in docker("images", repo, "--format", "{{.Tag}}").stdout.split():
         docker("rmi", "-f", f"{repo}:{tag}")
 
@@ -127,30 +155,15 @@ def test_push_uri_pull_and_rerun(tested, auth_registry, client_env, tmp_path) ->
     no_secret(password, first.stdout, first.stderr, again.stdout, again.stderr, idx.read_text())
 
 
-def _variant(local, tested, test: bool) -> Path:  # noqa: F811
-    """The same matrix entry built differently (a new build arg): same immutable tag, another image."""
-    matrix = tested["matrix"]
-    assert build(matrix, local, "--build-arg", f"LMI_VARIANT={secrets.token_hex(4)}",
-                 "--build-arg", "DJL_SERVING_SHA256=").returncode == 0
-    if test:
-        assert lmi("--matrix", str(matrix), "test", "--tier", "cpu").returncode == 0
-    return matrix
-
-
 def test_immutable_tag_with_another_image_is_refused(local, tested, auth_registry, client_env, tmp_path) -> None:  # noqa: F811
     host = auth_registry["host"]
     login(client_env, host, "lmi", auth_registry["password"])
     idx = tmp_path / "images.json"
     assert push(tested, f"oci://{host}/imm", idx, client_env).returncode == 0
     before = idx.read_bytes()
-    matrix = tested["matrix"]
-    # Rebuild the same spec with a changed Dockerfile input: a new image under the same immutable tag.
-    env = {**client_env}
-    result = lmi("--matrix", str(matrix), "build", "--plain", "--force", "--wheelhouse", str(local["wheelhouse"]),
-                 "--build-arg", f"DJL_SERVING_URL={local['djl_url']}?v=2")
-    assert result.returncode == 0, result.stderr
-    assert lmi("--matrix", str(matrix), "test", "--tier", "cpu").returncode == 0
-    refused = push(tested, f"oci://{host}/imm", idx, env)
+    # Another image under the same immutable tag (smoke-tested too).
+    small_image(tested, "v2")
+    refused = push(tested, f"oci://{host}/imm", idx, client_env)
     assert refused.returncode == 1
     assert "already holds image" in refused.stderr and "immutable tags are never overwritten" in refused.stderr
     assert "nothing was pushed" in refused.stderr and "Traceback" not in refused.stderr
@@ -160,10 +173,7 @@ def test_immutable_tag_with_another_image_is_refused(local, tested, auth_registr
 def test_no_smoke_record_no_push(local, tested, auth_registry, client_env, tmp_path) -> None:  # noqa: F811
     host = auth_registry["host"]
     login(client_env, host, "lmi", auth_registry["password"])
-    matrix = tested["matrix"]
-    result = lmi("--matrix", str(matrix), "build", "--plain", "--force", "--wheelhouse", str(local["wheelhouse"]),
-                 "--build-arg", f"DJL_SERVING_URL={local['djl_url']}?u={time.time()}")
-    assert result.returncode == 0
+    small_image(tested, f"v3-{time.time()}", passed=None)  # built, never tested
     idx = tmp_path / "images.json"
     refused = push(tested, f"oci://{host}/gate", idx, client_env)
     assert refused.returncode == 1
@@ -171,8 +181,11 @@ def test_no_smoke_record_no_push(local, tested, auth_registry, client_env, tmp_p
     assert not idx.exists()
     oci = registry.OciClient(host, credentials=("lmi", auth_registry["password"]))
     assert oci.manifest(f"gate/{tested['repo']}", "djl0.32-cpu") is None
-    # and once tested, it goes through
-    assert lmi("--matrix", str(matrix), "test", "--tier", "cpu").returncode == 0
+    small_image(tested, f"v4-{time.time()}", passed=False)  # tested, failed
+    refused = push(tested, f"oci://{host}/gate", idx, client_env)
+    assert refused.returncode == 1 and "has no passing smoke record" in refused.stderr
+    # and once it passes, it goes through
+    small_image(tested, f"v5-{time.time()}", passed=True)
     assert push(tested, f"oci://{host}/gate", idx, client_env).returncode == 0
 
 
@@ -433,14 +446,16 @@ def test_ecr_and_oci_addresses() -> None:
 
 def test_index_merge_is_by_image_and_atomic(tmp_path) -> None:
     path = tmp_path / "images.json"
-    entry = {"id": "a-g5", "family": "g5", "digest": "sha256:1", "tags": ["t"], "built": "1", "tag": "t",
+    digest = "sha256:" + "1" * 64
+    entry = {"id": "a-g5", "family": "g5", "digest": digest, "tags": ["t"], "built": "1", "tag": "t",
              "components": {"djl_serving": "0.27.0", "deepspeed": "0.12.6", "torch": "2.1.2", "cuda": "12.1.1",
                             "python": "3.10", "os": "ubuntu22.04"},
-             "registries": [{"url": "oci://a", "kind": "oci", "region": None, "uri": "a/x@sha256:1"}]}
-    index.write(path, index.merge(index.load(path), [entry]))
-    other = {**entry, "registries": [{"url": "oci://b", "kind": "oci", "region": None, "uri": "b/x@sha256:1"}]}
-    index.write(path, index.merge(index.load(path), [other]))
+             "registries": [{"url": "oci://a", "kind": "oci", "region": None, "uri": f"a/x@{digest}"}]}
+    index.update(path, [entry])
+    other = {**entry, "registries": [{"url": "oci://b", "kind": "oci", "region": None, "uri": f"b/x@{digest}"}]}
+    index.update(path, [other])
     data = json.loads(path.read_text())
     assert len(data["images"]) == 1 and {r["url"] for r in data["images"][0]["registries"]} == {"oci://a", "oci://b"}
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+    # no temp files left (the writers' lock file stays, empty)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".images.json.lock"]
     assert lmi("uri", "--instance", "g5", "--index", str(tmp_path / "broken.json")).returncode == 2
