@@ -15,6 +15,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -77,6 +78,26 @@ def wrong_op_claim(ref: str, spec) -> str:
     return f"exit {out.returncode}, passed={event['passed']}: {event['message']}"
 
 
+def cubin_archs(ref: str, devel: str) -> dict[str, str]:
+    """op library -> the SMs of the cubins in it, read with the toolkit's cuobjdump: the prebuild is for
+    the family's SM only."""
+    docker = engine.detect_client().path
+    with tempfile.TemporaryDirectory() as tmp:
+        box = subprocess.run([docker, "create", ref], capture_output=True, text=True, check=True).stdout.strip()
+        try:
+            site = "/opt/venv/lib/python3.11/site-packages/deepspeed"
+            subprocess.run([docker, "cp", f"{box}:{site}", tmp], capture_output=True, check=True)
+        finally:
+            subprocess.run([docker, "rm", box], capture_output=True)
+        script = ('for f in $(find /ds -name "*_op*.so" -o -name "*ops*.so" | sort); do '
+                  'echo "$(basename $f | cut -d. -f1) $(cuobjdump --list-elf $f 2>/dev/null | '
+                  'grep -o "sm_[0-9]*" | sort -u | tr "\\n" " ")"; done')
+        out = subprocess.run([docker, "run", "--rm", "--network=none", "-v", f"{tmp}/deepspeed:/ds:ro", devel,
+                              "bash", "-c", script], capture_output=True, text=True, check=True).stdout
+    return {line.split(" ", 1)[0]: (line.split(" ", 1)[1].strip() if " " in line else "") or "host code only"
+            for line in out.splitlines() if line.strip()}
+
+
 def kind(instruction: str) -> str:
     for marker, name in (("deepspeed-builder", "DeepSpeed (prebuilt wheel)"), ("deepspeed==", "DeepSpeed"),
                          ("torch==", "torch + NVIDIA libraries"), ("requirements.txt", "libraries + mpi4py"),
@@ -90,7 +111,7 @@ def kind(instruction: str) -> str:
 def main() -> None:
     f = facts.load()
     specs = resolve(matrix.load(MATRIX, f), f)
-    rows, layer_rows, per_image, wrong_claims = [], [], {}, []
+    rows, layer_rows, per_image, wrong_claims, cubins = [], [], {}, [], []
     for spec in specs:
         ref = f"{spec.repository}:{spec.tag}"
         log = (LOGS / f"{spec.id}.log").read_text()
@@ -107,6 +128,8 @@ def main() -> None:
         libs = [(int(n), Path(p).name) for n, p in (line.split("\t") for line in nvidia.splitlines())]
         biggest = ", ".join(f"{name} {n / GB:.2f}" for n, name in libs[:6])
         wrong_claims.append((spec.id, wrong_op_claim(ref, spec)))
+        archs = cubin_archs(ref, engine.mirrored(spec.builder_image, "lmi-local"))
+        cubins.append((spec.id, ", ".join(f"{op}: {a}" for op, a in sorted(archs.items()))))
         rows.append((spec.id, spec.family.sm, total.group(1) + " s" if total else "see log",
                      f"{compile_s / 60:.1f} min" if compile_s else "cached", f"{torch_s:.0f} s", f"{size / GB:.2f} GB",
                      f"{sum(n for n, _ in libs) / GB:.2f} GB ({biggest})"))
@@ -141,6 +164,8 @@ def main() -> None:
               "A deliberately wrong op claim (transformer_inference claimed absent, cutlass_ops claimed prebuilt), "
               "checked in each image:", ""]
     lines += [f"- {image}: {result}" for image, result in wrong_claims]
+    lines += ["", "The SMs of the cubins in each prebuilt op library (cuobjdump of the toolkit):", ""]
+    lines += [f"- {image}: {archs}" for image, archs in cubins]
     lines += ["", "| image | layer | size | diff id |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(r)} |" for r in layer_rows]
     section = "\n".join(lines) + "\n"

@@ -145,7 +145,7 @@ def test_djl_bump_reuses_torch_and_library_layers(local, repo) -> None:
         steps[match.group(1)] = match.group(2)
     cached = set(re.findall(r"^#(\d+) CACHED$", log, re.M))
     by_kind = {kind: [n for n, step in steps.items() if marker in step] for kind, marker in (
-        ("torch", '"torch=='), ("deepspeed", "deepspeed=="), ("libraries", "requirements.txt"),
+        ("torch", " torch=="), ("deepspeed", "deepspeed=="), ("libraries", "requirements.txt"),
         ("djl", "djl-serving.deb"))}
     assert all(by_kind.values()), by_kind
     for kind in ("torch", "libraries"):
