@@ -36,9 +36,16 @@ def write_matrix(tmp_path: Path):
     return write
 
 
-def lmi(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+# A bound for one `lmi` run, sized for the heaviest work a test asks of it (a cold build of the local image,
+# a 2 GB push) on a busy 2-core machine: it stops a hang, not slow work.
+LMI_TIMEOUT_S = 1200
+
+
+def lmi(*args: str, cwd: Path | None = None, env: dict | None = None,
+        timeout: float = LMI_TIMEOUT_S) -> subprocess.CompletedProcess:
     """Run the installed `lmi` console script for real."""
-    return subprocess.run([str(LMI), *args], cwd=cwd or ROOT, capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([str(LMI), *args], cwd=cwd or ROOT, capture_output=True, text=True, env=env,
+                          timeout=timeout)
 
 
 LINE_027 = """

@@ -86,7 +86,7 @@ def build(matrix: Path, local, *args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def docker(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([engine.detect_client().path, *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([engine.detect_client().path, *args], capture_output=True, text=True, timeout=900)
 
 
 def tags_of(repo: str) -> set[str]:
