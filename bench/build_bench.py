@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.results_md import write_section  # noqa: E402
 from buildkit import engine  # noqa: E402
 from tests.local import prepare  # noqa: E402
 
@@ -138,13 +139,7 @@ def main() -> None:
              "| what | result |", "|---|---|"]
     lines += [f"| {what} | {value} |" for what, value in rows]
     section = "\n".join(lines) + "\n"
-    results = ROOT / "bench" / "results.md"
-    old = results.read_text() if results.exists() else "# Benchmarks\n"
-    if MARKER in old:
-        before, _, rest = old.partition(MARKER)
-        after = rest[rest.find("\n## "):] if "\n## " in rest else ""
-        old = before.rstrip("\n") + "\n" + after
-    results.write_text(old.rstrip("\n") + "\n\n" + section)
+    write_section(MARKER, section)
     print(section)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.results_md import write_section  # noqa: E402
 from buildkit import engine, facts, matrix  # noqa: E402
 from buildkit.spec import resolve  # noqa: E402
 
@@ -169,13 +170,7 @@ def main() -> None:
     lines += ["", "| image | layer | size | diff id |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(r)} |" for r in layer_rows]
     section = "\n".join(lines) + "\n"
-    results = ROOT / "bench" / "results.md"
-    old = results.read_text()
-    if MARKER in old:
-        before, _, rest = old.partition(MARKER)
-        after = rest[rest.find("\n## "):] if "\n## " in rest else ""
-        old = before.rstrip("\n") + "\n" + after
-    results.write_text(old.rstrip("\n") + "\n\n" + section)
+    write_section(MARKER, section)
     print(section)
 
 

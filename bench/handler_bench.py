@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.results_md import write_section  # noqa: E402
 from buildkit import engine, incheck  # noqa: E402
 from tests.local import prepare  # noqa: E402
 
@@ -125,13 +126,7 @@ def main() -> None:
               f"{jit / 1e6:.0f} MB |",
               f"| lmi_deepspeed.py | {(ROOT / 'buildkit' / 'lmi_deepspeed.py').stat().st_size / 1e3:.0f} kB |"]
     section = "\n".join(lines) + "\n"
-    results_md = ROOT / "bench" / "results.md"
-    old = results_md.read_text()
-    if MARKER in old:
-        before, _, rest = old.partition(MARKER)
-        after = rest[rest.find("\n## "):] if "\n## " in rest else ""
-        old = before.rstrip("\n") + "\n" + after
-    results_md.write_text(old.rstrip("\n") + "\n\n" + section)
+    write_section(MARKER, section)
     print(section)
 
 

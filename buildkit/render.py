@@ -30,6 +30,7 @@ BUILDER_TEMPLATES = {"build-requirements.txt": "build-requirements.txt.j2"}  # o
 EXECUTABLE = {"entrypoint.sh"}
 CHECK_MODULE = Path(__file__).with_name("incheck.py")
 HANDLER_MODULE = Path(__file__).with_name("lmi_deepspeed.py")  # the toolkit's DeepSpeed handler
+VERBATIM = {"lmi_check.py": CHECK_MODULE, "lmi_deepspeed.py": HANDLER_MODULE}  # copied into every context
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,8 @@ class Renderer:
                                 "fix the template") from exc
             files[name] = text.encode()
         files["image.json"] = (json.dumps(spec.claims(), indent=2, sort_keys=True) + "\n").encode()
-        files["lmi_check.py"] = CHECK_MODULE.read_bytes()  # the in-image smoke checks, verbatim
-        files["lmi_deepspeed.py"] = HANDLER_MODULE.read_bytes()  # the DeepSpeed handler, verbatim
+        for name, source in VERBATIM.items():  # the in-image smoke checks and the DeepSpeed handler
+            files[name] = source.read_bytes()
         return Context(spec.id, files)
 
 

@@ -30,8 +30,9 @@ def production(facts):
 
 def test_golden_rendering(facts, request) -> None:
     m = matrix.load(GOLDEN / "matrix.yaml", facts)
-    # lmi_check.py is copied verbatim (no template): render --check guards it in images/, not the goldens.
-    contexts = [render.Context(c.id, {n: b for n, b in c.files.items() if n != "lmi_check.py"})
+    # lmi_check.py and lmi_deepspeed.py are copied verbatim (no template): render --check guards them in
+    # images/, not the goldens.
+    contexts = [render.Context(c.id, {n: b for n, b in c.files.items() if n not in render.VERBATIM})
                 for c in (render.Renderer(ROOT / "templates").render(s) for s in resolve(m, facts))]
     assert [c.id for c in contexts] == ["ds012-g4dn", "ds012-p5", "ds018-g6e", "ds018-cpu"]
     if request.config.getoption("--update-golden"):
