@@ -140,25 +140,22 @@ def main() -> None:
     sizes = {diff: b for ls in per_image.values() for diff, b, _ in ls}
     total = sum(b for ls in per_image.values() for _, b, _ in ls)
     unique = sum(sizes.values())
-    # By construction: a layer is shared when its instruction and every layer below it are the same (what
-    # one BuildKit cache gives families built from one template); same measured sizes.
+    # By construction: with one BuildKit cache, families share every layer below the first family-specific
+    # one (the DeepSpeed wheel, compiled for the family's SM); same measured sizes.
     stacks = list(per_image.values())
 
-    def prefix_unique(shared_until) -> int:
-        first = stacks[0]
-        common = 0
-        for i, (_, b, instruction) in enumerate(first):
-            if shared_until(i, instruction) and all(len(ls) > i and ls[i][2] == instruction for ls in stacks):
-                common = i + 1
-            else:
+    def prefix_unique(shared) -> int:
+        first, common = stacks[0], 0
+        for _, _, instruction in first:
+            if not shared(kind(instruction)):
                 break
+            common += 1
         return sum(b for _, b, _ in first[:common]) + sum(b for ls in stacks for _, b, _ in ls[common:])
 
-    unique_now = prefix_unique(lambda i, instruction: True)
+    unique_now = prefix_unique(lambda k: k != "DeepSpeed (prebuilt wheel)")
     # The earlier order put DeepSpeed before the libraries, Java and DJL Serving: only base, OS and torch
     # could be shared.
-    shared_kinds = ("base image", "OS + Python", "torch + NVIDIA libraries")
-    unique_before = prefix_unique(lambda i, instruction: kind(instruction) in shared_kinds)
+    unique_before = prefix_unique(lambda k: k in ("base image", "OS + Python", "torch + NVIDIA libraries"))
     n = len(per_image)
     lines = [MARKER + " (issue #9, tests/matrix.gpu-local.yaml)", "",
              f"Measured {datetime.now(timezone.utc):%Y-%m-%d} by `make test-gpu-stack` (bench/gpu_stack.py) on this "
@@ -172,9 +169,9 @@ def main() -> None:
                   f"DeepSpeed last (this template), when the families are built from one cache: "
                   f"{unique_now / GB:.2f} GB = **{unique_now / total:.0%}** of the sum; with DeepSpeed before the "
                   f"libraries, Java and DJL Serving (the earlier order): {unique_before / GB:.2f} GB = "
-                  f"{unique_before / total:.0%} (both from the measured layer sizes, shared = same instructions "
-                  f"on the same layers below). Distinct layers found in the engine: {unique / GB:.2f} GB = "
-                  f"{unique / total:.0%} (lower only where these images were built from one cache).", "",
+                  f"{unique_before / total:.0%} (both from the measured layer sizes). Distinct layers found in the "
+                  f"engine: {unique / GB:.2f} GB = {unique / total:.0%} (as low only where these images were built "
+                  "from one cache).", "",
               "A deliberately wrong op claim (transformer_inference claimed absent, cutlass_ops claimed prebuilt), "
               "checked in each image:", ""]
     lines += [f"- {image}: {result}" for image, result in wrong_claims]
