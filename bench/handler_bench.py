@@ -113,7 +113,8 @@ def main() -> None:
     lines = [MARKER + " (issue #10, CPU)", "",
              f"Measured {datetime.now(timezone.utc):%Y-%m-%d} by `python bench/handler_bench.py` on this machine "
              f"(2 cores), DeepSpeed 0.18.9, torch 2.13 CPU; the tiny Llama of the tests (2 layers, hidden 64, "
-             f"8 heads), {len(PROMPTS)} prompts x {NEW_TOKENS} new tokens, greedy, best of {ROUNDS} after a warm-up.",
+             f"8 heads), {len(PROMPTS)} prompts x {NEW_TOKENS} new tokens, greedy, best of {ROUNDS} after a warm-up; "
+             f"1-minute load average at the end: {os.getloadavg()[0]:.1f} on 2 cores.",
              "", "| ranks | model load (import, init, partition) | batch time (median) | tokens/s (best) |",
              "|---|---|---|---|"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
