@@ -209,8 +209,8 @@ class Runner:
             reference, problem = self._tiny_model(image, model_dir, gpu)
             if problem:
                 return [Outcome(c.name, c.tier, False, problem) for c in checks]
-            tp = serving_ranks(spec, gpu)
-            (model_dir / "serving.properties").write_text(serving_properties(spec, tp))
+            tp = serving_ranks(spec, gpu, visible_gpus() if gpu else 0)
+            (model_dir / "serving.properties").write_text(serving_properties(spec, tp, gpu))
             container = self._container(image, ["serve"], gpu,
                                         volumes={str(model_dir): {"bind": "/opt/ml/model", "mode": "ro"}})
         except Exception as exc:
@@ -281,17 +281,30 @@ class Runner:
             time.sleep(1)
         return f"GET /ping did not answer 200 within {self.serving_timeout:.0f} s"
 
-def serving_ranks(spec: ImageSpec, gpu: bool) -> int:
-    """Ranks for the serving tier: two on a CPU image (gloo, DeepSpeed's CPU all-reduce JIT-compiled by the
-    image's g++), one where a GPU image runs without a GPU (it carries no compiler for CPU ops), and on a
-    GPU one rank (a tiny model; the GPU tier's all-reduce covers NCCL across the visible GPUs)."""
+def visible_gpus() -> int:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return 0
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+    return len([line for line in listed.stdout.splitlines() if line.startswith("GPU ")])
+
+
+def serving_ranks(spec: ImageSpec, gpu: bool, gpus: int = 0) -> int:
+    """Ranks for the serving tier. On a GPU: one per visible GPU (NCCL from two on), the largest power of
+    two up to 8 (the tiny model has 8 heads). A CPU image: two (gloo; DeepSpeed's CPU all-reduce is
+    JIT-compiled by the image's g++). A GPU image without a GPU: one (it carries no compiler for CPU ops)."""
+    if gpu and gpus:
+        return 1 << (min(gpus, 8).bit_length() - 1)
     return 2 if not spec.builder_image else 1
 
 
-def serving_properties(spec: ImageSpec, tp: int) -> str:
-    """The tiny model's serving.properties, as an LMI user writes them for the image's DeepSpeed handler."""
+def serving_properties(spec: ImageSpec, tp: int, gpu: bool = False) -> str:
+    """The tiny model's serving.properties, as an LMI user writes them for the image's DeepSpeed handler.
+    fp32 and AutoTP everywhere, so the answer must equal plain Transformers' token for token (kernel
+    injection's numerics are the GPU tier's deepspeed-inference check, with a tolerance)."""
     return ("engine=Python\noption.mpi_mode=true\noption.entryPoint=lmi_deepspeed\n"
-            f"option.tensor_parallel_degree={tp}\noption.dtype=fp32\noption.max_new_tokens=64\n")
+            f"option.tensor_parallel_degree={tp}\noption.dtype=fp32\noption.max_new_tokens=64\n"
+            + ("option.kernel_injection=false\n" if gpu else ""))
 
 
 def _short(exc: Exception) -> str:

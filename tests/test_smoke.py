@@ -282,3 +282,12 @@ def test_arch_list_coverage_as_torch_reports_it() -> None:
     assert arch_covers(cu128, (7, 0)) is None  # V100 is not in this wheel
     assert arch_covers(["sm_80", "sm_90a", "compute_80"], (9, 0)) == "compute_80"  # sm_90a is not sm_90
     assert arch_covers(["sm_80", "sm_90a"], (9, 0)) is None
+
+
+def test_serving_ranks_follow_the_gpus(production) -> None:
+    gpu_image, cpu_image = production["djl0.36-p4d"], production["djl0.36-cpu"]
+    assert smoke.serving_ranks(cpu_image, False) == 2
+    assert smoke.serving_ranks(gpu_image, False) == 1  # a GPU image on a CPU host
+    assert [smoke.serving_ranks(gpu_image, True, n) for n in (1, 2, 3, 4, 8, 16)] == [1, 2, 2, 4, 8, 8]
+    props = smoke.serving_properties(gpu_image, 8, gpu=True)
+    assert "option.tensor_parallel_degree=8" in props and "option.kernel_injection=false" in props
