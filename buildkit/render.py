@@ -175,8 +175,12 @@ def write(contexts: list[Context], out_dir: Path, prune: bool) -> list[str]:
     mine = owned(out_dir)  # raises before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     for child in out_dir.iterdir():  # what an interrupted render left behind
-        if child.name.startswith(_TEMP_PREFIXES) and child.name != f"{_TEMP_PREFIXES[0]}{MANIFEST}":
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        if not child.name.startswith(_TEMP_PREFIXES):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
     keep = {c.id for c in contexts}
     if not keep <= mine or not (out_dir / MANIFEST).exists():
         mine |= keep
