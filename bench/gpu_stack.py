@@ -30,6 +30,9 @@ MATRIX = ROOT / "tests" / "matrix.gpu-local.yaml"
 LOGS = ROOT / ".lmi" / "logs"
 BUILD_OUTPUT = ROOT / ".lmi" / "gpu-stack-build.txt"  # what `lmi build` printed (make test-gpu-stack)
 MARKER = "## GPU stack"
+# What NVIDIA's `runtime` flavor adds to `base` (cuda-libraries: cuBLAS, cuFFT, cuRAND, cuSOLVER, cuSPARSE,
+# NPP, nvJPEG, NCCL) that torch's wheels also bring, as their wheel folders under site-packages/nvidia.
+RUNTIME_FLAVOR_LIBS = ("cublas", "cufft", "curand", "cusolver", "cusparse", "nccl", "npp", "nvjpeg")
 GB = 1e9
 
 
@@ -48,21 +51,21 @@ def step_times(log: str) -> dict[str, float]:
     return times
 
 
+LAYER_STEPS = ("RUN", "COPY", "ADD", "WORKDIR", "/bin/sh -c")  # history rows that make a filesystem layer
+
+
 def layers(ref: str) -> list[tuple[str, int, str]]:
-    """(diff id, bytes, instruction) per filesystem layer, bottom first."""
+    """(diff id, bytes, instruction) per filesystem layer, bottom first: the history rows that make a
+    layer (an imported base has an empty instruction) map one to one onto RootFS.Layers."""
     info = json.loads(docker("image", "inspect", ref))[0]
     diff_ids = info["RootFS"]["Layers"]
     rows = [json.loads(line) for line in docker("history", "--no-trunc", "--human=false", "--format",
                                                 "{{json .}}", ref).splitlines()]
     rows.reverse()  # bottom first
-    sized = [r for r in rows if int(r["Size"]) > 0 or "COPY" in r["CreatedBy"] or "ADD" in r["CreatedBy"]]
-    out = []
-    # The base image's layers come first; history rows with a filesystem change map onto diff ids in order.
-    offset = len(diff_ids) - len(sized)
-    for i, diff in enumerate(diff_ids):
-        row = sized[i - offset] if i >= offset else None
-        out.append((diff, int(row["Size"]) if row else 0, (row["CreatedBy"] if row else "base image")[:200]))
-    return out
+    made = [r for r in rows if not r["CreatedBy"] or r["CreatedBy"].startswith(LAYER_STEPS)]
+    if len(made) != len(diff_ids):
+        raise SystemExit(f"{ref}: {len(made)} layer-making history rows for {len(diff_ids)} layers")
+    return [(diff, int(r["Size"]), r["CreatedBy"]) for diff, r in zip(diff_ids, made, strict=True)]
 
 
 def wrong_op_claim(ref: str, spec) -> str:
@@ -100,13 +103,13 @@ def cubin_archs(ref: str, devel: str) -> dict[str, str]:
 
 
 def kind(instruction: str) -> str:
-    for marker, name in (("deepspeed-builder", "DeepSpeed (prebuilt wheel)"), ("deepspeed==", "DeepSpeed"),
+    for marker, name in (("wheels/deepspeed-", "DeepSpeed (prebuilt wheel)"), ("deepspeed==", "DeepSpeed"),
                          ("torch==", "torch + NVIDIA libraries"), ("requirements.txt", "libraries + mpi4py"),
                          ("djl-serving.deb", "Java + DJL Serving + MPI runtime"), ("python3", "OS + Python"),
-                         ("lmi_deepspeed", "handler"), ("base image", "base image")):
+                         ("lmi_deepspeed", "handler"), ("cuda-12.4", "base image")):
         if marker in instruction:
             return name
-    return "config"
+    return "base image" if not instruction else "config"
 
 
 def main() -> None:
@@ -127,6 +130,7 @@ def main() -> None:
         nvidia = docker("run", "--rm", "--network=none", "--entrypoint", "bash", ref, "-c",
                         "du -sb /opt/venv/lib/python3*/site-packages/nvidia/* | sort -rn")
         libs = [(int(n), Path(p).name) for n, p in (line.split("\t") for line in nvidia.splitlines())]
+        twice = {name: n for n, name in libs if name in RUNTIME_FLAVOR_LIBS}
         biggest = ", ".join(f"{name} {n / GB:.2f}" for n, name in libs[:6])
         wrong_claims.append((spec.id, wrong_op_claim(ref, spec)))
         archs = cubin_archs(ref, engine.mirrored(spec.builder_image, "lmi-local"))
@@ -175,6 +179,11 @@ def main() -> None:
               "A deliberately wrong op claim (transformer_inference claimed absent, cutlass_ops claimed prebuilt), "
               "checked in each image:", ""]
     lines += [f"- {image}: {result}" for image, result in wrong_claims]
+    lines += ["", f"Runtime base: torch's wheels install {', '.join(f'{k} {v / GB:.2f}' for k, v in twice.items())} "
+                  f"GB = {sum(twice.values()) / GB:.2f} GB of the libraries NVIDIA's `runtime` flavor adds to "
+                  "`base`; torch loads its own (RPATH into site-packages/nvidia), so a `runtime` base would store "
+                  "them a second time, unused. The images use the `base` flavor (libcudart and, where needed, "
+                  "cuda-compat)."]
     lines += ["", "The SMs of the cubins in each prebuilt op library (cuobjdump of the toolkit):", ""]
     lines += [f"- {image}: {archs}" for image, archs in cubins]
     lines += ["", "| image | layer | size | diff id |", "|---|---|---|---|"]
