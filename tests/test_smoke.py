@@ -107,7 +107,7 @@ def test_incheck_prebuilt_op_claims(host_torch) -> None:
     wrong = {"prebuilt": ["transformer_inference", "cpu_adam"], "absent": {"cutlass_ops": "needs deepspeed-kernels"}}
     code, events = incheck({**host_claims(), "deepspeed_ops": wrong}, record)
     assert code == 1
-    assert events[0]["message"] == ("ops the family's SM allows but the image lacks: "
+    assert events[0]["message"] == ("ops claimed prebuilt that the image lacks: "
                                     "['cpu_adam', 'transformer_inference']")
 
 

@@ -209,7 +209,7 @@ def deepspeed_prebuilt_ops(claims):
         return "no op prebuilt (CPU image: DeepSpeed JIT-compiles where a toolkit exists)"
     want = set(ops["prebuilt"])
     missing, extra = sorted(want - installed), sorted(installed - want)
-    expect(not missing, f"ops the family's SM allows but the image lacks: {missing}")
+    expect(not missing, f"ops claimed prebuilt that the image lacks: {missing}")
     expect(not extra, "ops prebuilt that the image should not carry: "
                       + ", ".join(f"{op} ({ops['absent'].get(op, 'not claimed')})" for op in extra))
     absent = ", ".join(f"{op} ({why})" for op, why in sorted(ops["absent"].items()))
