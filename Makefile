@@ -82,7 +82,7 @@ lint: venv ## ruff, the render gate, and hadolint on every rendered Dockerfile
 	$(BIN)/actionlint
 
 test: lint engine mpi ## lint, then the test suite (engine tests build real images)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The GPU stack: real GPU images (DeepSpeed ops compiled for sm_86 and sm_70) on a CUDA toolchain made
 # here from Debian packages; ~1 h on 2 cores, GBs of downloads. Too heavy for `make test`.
