@@ -85,7 +85,8 @@ def run(*args: str, **kw) -> subprocess.CompletedProcess:
 
 @pytest.mark.engine
 def test_publish_workflow_sequence_then_nothing_new(local, plain_registry, tmp_path) -> None:  # noqa: F811
-    """What publish.yml does on main, step by step, with the same commands."""
+    """What publish.yml does on main, step by step, with the same commands (the smoke step on the cpu tier
+    only: the serving tier's two-rank model is tests/test_smoke.py's, and a GPU runner adds the gpu tier)."""
     repo = f"lmi-ci-{uuid.uuid4().hex[:6]}"
     matrix = str(local_matrix(local["dir"], repo))
     wheels = ["--wheelhouse", str(local["wheelhouse"])]
