@@ -23,7 +23,7 @@ REGISTRY ?= oci://127.0.0.1:5000
 LOCAL := $(findstring local,$(notdir $(MATRIX)))
 WHEELHOUSE ?= $(if $(findstring matrix.local,$(MATRIX)),$(firstword $(PIP_FIND_LINKS)))
 
-.PHONY: help venv mpi engine registry build test-images push render validate plan lint test test-gpu-stack bench clean
+.PHONY: help venv mpi engine registry build test-images push render validate plan lint test test-e2e test-gpu-stack bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -82,7 +82,12 @@ lint: venv ## ruff, the render gate, and hadolint on every rendered Dockerfile
 	$(BIN)/actionlint
 
 test: lint engine mpi ## lint, then the test suite (engine tests build real images)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -m "not e2e"
+
+# The publish.yml sequence and the weekly rebuild end to end with the 2 GB local image (~4 min more than
+# make test); last result in bench/results.md.
+test-e2e: engine mpi ## the publishing workflows end to end on local registries
+	$(BIN)/python -m pytest -q --durations=5 -m e2e
 
 # The GPU stack: real GPU images (DeepSpeed ops compiled for sm_86 and sm_70) on a CUDA toolchain made
 # here from Debian packages; ~1 h on 2 cores, GBs of downloads. Too heavy for `make test`.

@@ -84,6 +84,7 @@ def run(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.engine
+@pytest.mark.e2e
 def test_publish_workflow_sequence_then_nothing_new(local, plain_registry, tmp_path) -> None:  # noqa: F811
     """What publish.yml does on main, step by step, with the same commands (the smoke step on the cpu tier
     only: the serving tier's two-rank model is tests/test_smoke.py's, and a GPU runner adds the gpu tier)."""
@@ -134,6 +135,7 @@ def test_publish_workflow_sequence_then_nothing_new(local, plain_registry, tmp_p
 
 
 @pytest.mark.engine
+@pytest.mark.e2e
 def test_weekly_rebuild_on_a_new_base_digest(local, plain_registry, tmp_path) -> None:  # noqa: F811
     """The scheduled run: bases pinned to today's digest; a new base digest means a new content hash,
     a rebuild, new immutable tags with a revision, and only the aliases move."""
