@@ -95,16 +95,25 @@ def generate(spec: ImageSpec, tiers: tuple[str, ...]) -> list[Check]:
 
 def gpu_runtime() -> tuple[bool, str]:
     """Is there a GPU containers can use? (nvidia-smi on the host and the NVIDIA container runtime.)"""
-    smi = shutil.which("nvidia-smi")
-    if not smi:
+    if not shutil.which("nvidia-smi"):
         return False, "nvidia-smi is not on this host"
-    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
-    if listed.returncode or not listed.stdout.strip():
-        return False, f"nvidia-smi lists no GPU ({listed.stderr.strip()[:200]})"
+    gpus, error = _list_gpus()
+    if not gpus:
+        return False, f"nvidia-smi lists no GPU ({error[:200]})"
     info = engine.sdk().info()
     if "nvidia" not in (info.get("Runtimes") or {}) and not shutil.which("nvidia-container-runtime-hook"):
         return False, "the NVIDIA Container Toolkit is not installed for this engine"
-    return True, listed.stdout.strip().splitlines()[0]
+    return True, gpus[0]
+
+
+def _list_gpus() -> tuple[list[str], str]:
+    """The `nvidia-smi -L` lines of the host's GPUs, and what it said on stderr."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return [], "nvidia-smi is not on this host"
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+    gpus = [line for line in listed.stdout.splitlines() if line.startswith("GPU ")] if not listed.returncode else []
+    return gpus, listed.stderr.strip()
 
 
 # --- running --------------------------------------------------------------------------------------------
@@ -206,7 +215,7 @@ class Runner:
         model_dir = Path(os.path.realpath(os.environ.get("TMPDIR", "/tmp"))) / f"lmi-model-{uuid.uuid4().hex[:8]}"
         model_dir.mkdir()
         try:
-            reference, problem = self._tiny_model(image, model_dir, gpu)
+            reference, problem = self._tiny_model(image, model_dir)
             if problem:
                 return [Outcome(c.name, c.tier, False, problem) for c in checks]
             tp = serving_ranks(spec, gpu, visible_gpus() if gpu else 0)
@@ -251,7 +260,7 @@ class Runner:
             shutil.rmtree(model_dir, ignore_errors=True)
         return [o for o in outcomes if o.name in {c.name for c in checks}]
 
-    def _tiny_model(self, image: str, model_dir: Path, gpu: bool) -> tuple[str | None, str | None]:
+    def _tiny_model(self, image: str, model_dir: Path) -> tuple[str | None, str | None]:
         """Make the tiny model with the image's own Transformers (no hub) and its reference continuation."""
         model_dir.chmod(0o777)  # the image runs as uid 1001
         container = self._container(image, ["python", CHECK_MODULE, "--make-tiny-model", "/opt/ml/model",
@@ -282,11 +291,7 @@ class Runner:
         return f"GET /ping did not answer 200 within {self.serving_timeout:.0f} s"
 
 def visible_gpus() -> int:
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return 0
-    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
-    return len([line for line in listed.stdout.splitlines() if line.startswith("GPU ")])
+    return len(_list_gpus()[0])
 
 
 def serving_ranks(spec: ImageSpec, gpu: bool, gpus: int = 0) -> int:
