@@ -13,6 +13,7 @@ SELECT := $(foreach i,$(INSTANCE),--instance $(i))
 # Extra flags for `lmi build` and `lmi test`, e.g. BUILD_FLAGS="-j 2 --force", TEST_FLAGS="--gpu required".
 BUILD_FLAGS ?=
 TEST_FLAGS ?=
+LOCK_FLAGS ?=
 # Where `make push` publishes: ecr://ACCOUNT/REGION[/PREFIX] or oci://HOST[:PORT][/PREFIX]; the default is
 # the embedded local registry, started when absent.
 REGISTRY ?= oci://127.0.0.1:5000
@@ -23,7 +24,7 @@ REGISTRY ?= oci://127.0.0.1:5000
 LOCAL := $(findstring local,$(notdir $(MATRIX)))
 WHEELHOUSE ?= $(if $(findstring matrix.local,$(MATRIX)),$(firstword $(PIP_FIND_LINKS)))
 
-.PHONY: help venv mpi engine registry build test-images push render validate plan lint test test-e2e test-gpu-stack bench clean
+.PHONY: help venv mpi engine registry build test-images push lock render validate plan lint test test-e2e test-gpu-stack bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -66,6 +67,10 @@ registry: venv ## start the embedded local registry on 127.0.0.1:5000 when absen
 push: engine ## push the smoke-tested images of INSTANCE to REGISTRY and record them in images.json
 	$(LMI) push $(SELECT) --registry $(REGISTRY)
 
+# Locks need the package indexes; the local matrix also resolves from the wheelhouse (its torch wheel).
+lock: venv ## resolve every image's Python dependencies, hashed, into MATRIX's .lock, then re-render
+	$(LMI) lock $(SELECT) $(if $(WHEELHOUSE),--wheelhouse $(WHEELHOUSE)) $(LOCK_FLAGS)
+
 render: venv ## re-render images/ from the matrix and templates
 	$(LMI) render
 
@@ -75,9 +80,11 @@ validate: venv ## check the matrix against the compatibility rules
 plan: venv ## image ids, tags and content hashes
 	$(LMI) plan $(SELECT)
 
-lint: venv ## ruff, the render gate, and hadolint on every rendered Dockerfile
+lint: venv ## ruff, the render and lock gates, and hadolint on every rendered Dockerfile
 	$(BIN)/ruff check buildkit tests bench
 	$(BIN)/lmi render --check
+	$(BIN)/lmi lock --check
+	$(BIN)/lmi --matrix tests/matrix.local.yaml lock --check
 	$(BIN)/hadolint --config .hadolint.yaml images/*/Dockerfile
 	$(BIN)/actionlint
 

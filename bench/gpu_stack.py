@@ -103,8 +103,10 @@ def cubin_archs(ref: str, devel: str) -> dict[str, str]:
 
 
 def kind(instruction: str) -> str:
-    for marker, name in (("wheels/deepspeed-", "DeepSpeed (prebuilt wheel)"), ("deepspeed==", "DeepSpeed"),
-                         ("torch==", "torch + NVIDIA libraries"), ("requirements.txt", "libraries + mpi4py"),
+    for marker, name in (("wheels/deepspeed-", "DeepSpeed (prebuilt wheel)"), ("deepspeed.lock", "DeepSpeed"),
+                         ("deepspeed==", "DeepSpeed"), ("torch.lock", "torch + NVIDIA libraries"),
+                         ("torch==", "torch + NVIDIA libraries"), ("requirements.lock", "libraries + mpi4py"),
+                         ("requirements.txt", "libraries + mpi4py"), ("/opt/lmi/lock/", "locks"),
                          ("djl-serving.deb", "Java + DJL Serving + MPI runtime"), ("python3", "OS + Python"),
                          ("lmi_deepspeed", "handler"), ("cuda-12.4", "base image")):
         if marker in instruction:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, build, ci, engine, facts, index, matrix, publish, registry, render, smoke, versions
+from . import __version__, build, ci, engine, facts, index, lock, matrix, publish, registry, render, smoke, versions
 from .errors import UserError
 from .progress import progress_for
 from .rules import Combo, evaluate
@@ -43,6 +43,11 @@ def _load(args: argparse.Namespace) -> tuple[matrix.Matrix, list[ImageSpec]]:
     f = facts.load()
     m = matrix.load(_matrix_path(args), f)
     return m, resolve(m, f)
+
+
+def _renderer(m: matrix.Matrix) -> render.Renderer:
+    """Renders m's contexts with their locks (the matrix's lock file, beside it)."""
+    return render.Renderer(m.templates, lock.load(lock.lock_path(m.path)), m.build_args)
 
 
 def select(specs: list[ImageSpec], instances: Sequence[str], patterns: Sequence[str]) -> list[ImageSpec]:
@@ -150,7 +155,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     problem = matrix.output_problem(out, m.path.parent, outside_ok=True) if args.out else None
     if problem:
         raise UserError(f"--out {args.out}: {problem}")
-    renderer = render.Renderer(m.templates)
+    renderer = _renderer(m)
     contexts = [renderer.render(s) for s in specs]
     whole = not args.instance and not args.patterns
     if args.check:
@@ -170,9 +175,48 @@ def cmd_render(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_lock(args: argparse.Namespace) -> int:
+    """Resolve the selected images' Python dependency sets into the matrix's lock file, then re-render."""
+    from . import locker
+
+    m, specs = _selected(args)
+    path = lock.lock_path(m.path)
+    current = lock.load(path)
+    if args.check:
+        stale, unresolved = lock.problems(specs, current, m.build_args)
+        for line in unresolved:
+            print(f"warning: {line} (its images cannot be built until it is)", file=sys.stderr)
+        if stale:
+            for line in stale:
+                print(line, file=sys.stderr)
+            print(f"{path} is stale: run `lmi lock` (or `make lock`) and commit it with images/", file=sys.stderr)
+            return EXIT_FAIL
+        print(f"ok: the dependency sets of {len(specs)} images are locked in {path} for their current inputs")
+        return EXIT_OK
+    wanted = lock.plan(specs, m.build_args)
+    index_url = args.pip_index_url or os.environ.get("LMI_PIP_INDEX_URL")
+    find_links = [Path(args.wheelhouse)] if args.wheelhouse else []
+    sets, failed = locker.update(current, wanted, upgrade=args.upgrade, index_url=index_url, find_links=find_links,
+                                 say=print)
+    whole = not args.instance and not args.patterns
+    if whole:  # sets no image of the matrix uses any more
+        sets = {k: v for k, v in sets.items() if k in wanted}
+    locker.write(lock.LockFile(path, sets))
+    renderer = _renderer(m)
+    contexts = [renderer.render(s) for s in specs]
+    changed = render.write(contexts, m.output, prune=False)
+    print(f"wrote {path}; re-rendered {len(changed)} context(s) in {m.output}")
+    for line in failed:
+        print(f"error: {path}: {line}", file=sys.stderr)
+    if failed:
+        print("recorded as not locked: its images cannot be built; run `lmi lock` where the index is reachable",
+              file=sys.stderr)
+    return EXIT_FAIL if failed else EXIT_OK
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     m, specs = _selected(args)
-    planned = render.plan(specs, render.Renderer(m.templates))
+    planned = render.plan(specs, _renderer(m))
     if args.json:
         print(json.dumps([p.to_json() for p, _ in planned], indent=2, sort_keys=True))
         return EXIT_OK
@@ -235,7 +279,7 @@ def _planned_for_build(args: argparse.Namespace, client: engine.Client | None):
     wheelhouse_ref = build.wheelhouse_ref(options.wheelhouse) if options.wheelhouse else None
     if wheelhouse_ref and client:
         build.ensure_wheelhouse_image(client, options.wheelhouse, wheelhouse_ref)
-    renderer = render.Renderer(m.templates)
+    renderer = _renderer(m)
     planned = []
     for spec in specs:
         ctx = renderer.render(spec)
@@ -244,10 +288,28 @@ def _planned_for_build(args: argparse.Namespace, client: engine.Client | None):
     return m, options, planned
 
 
+def _refuse_unlocked(m: matrix.Matrix, planned) -> None:
+    """Every build installs from its context's locks: one without them cannot be built."""
+    path = lock.lock_path(m.path)
+    current = lock.load(path)
+    lines = []
+    for p, ctx in planned:
+        if set(lock.FILES.values()) <= set(ctx.files):
+            continue
+        found = current.sets.get(lock.inputs_of(p.spec, m.build_args).key)
+        why = (f"not locked: {found.unresolved[:200]}" if found and found.unresolved else
+               "its lock set is stale" if found else "it has no lock set")
+        lines.append(f"{path}: image {p.spec.id}: {why}; run `lmi lock` (make lock) where its package indexes "
+                     "are reachable, then build")
+    if lines:
+        raise UserError(*lines)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     engine.sdk()  # a stopped daemon is reported as such, not as a client that cannot build
     client = engine.detect_client(args.docker or os.environ.get("DOCKER"))
     m, options, planned = _planned_for_build(args, client)
+    _refuse_unlocked(m, planned)
     contexts = [ctx for _, ctx in planned]
     stale = render.diff(contexts, m.output, prune=False)
     if stale:
@@ -283,6 +345,7 @@ def _summary(results: list[build.Result]) -> None:
 def cmd_bake(args: argparse.Namespace) -> int:
     """A docker buildx bake file: one target per image, for remote or Kubernetes BuildKit builders."""
     m, options, planned = _planned_for_build(args, None)
+    _refuse_unlocked(m, planned)
     targets = {}
     for p, _ in planned:
         repo = build.repository(p.spec, options.registry)
@@ -493,6 +556,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="render into DIR instead of the matrix's output")
     p.add_argument("--check", action="store_true", help="exit 1 when the contexts differ from a fresh render")
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("lock", parents=[common, selectors],
+                       help="resolve every image's Python dependencies, hashed, into the matrix's lock file")
+    p.add_argument("--check", action="store_true", help="exit 1 when a set is missing or stale (offline)")
+    p.add_argument("--upgrade", action="store_true", help="resolve again even the sets that are current")
+    p.add_argument("--wheelhouse", metavar="DIR", help="a folder of wheels to resolve from too (and hash)")
+    p.add_argument("--pip-index-url", metavar="URL", help="the package index (default: uv's, PyPI); one with "
+                   "credentials is better given as $LMI_PIP_INDEX_URL")
+    p.set_defaults(func=cmd_lock)
 
     p = sub.add_parser("plan", parents=[common, selectors], help="image ids, tags and content hashes")
     p.add_argument("--json", action="store_true")

@@ -177,11 +177,16 @@ class OperatingSystem:
     java: str
     aio_package: str  # libaio, for DeepSpeed's async I/O op
     mpi_package: str  # an MPI runtime (mpirun), for DJL's MPI mode
+    glibc: str  # the release's glibc: wheels up to manylinux_<glibc> run on it
     other_pythons: tuple[str, ...] = ()  # further interpreters the release packages (focal: python3.9)
 
     @property
     def pythons(self) -> tuple[str, ...]:
         return (self.python, *self.other_pythons)
+
+    def wheel_platform(self, arch: str) -> str:
+        """The newest manylinux platform whose wheels run here, e.g. x86_64-manylinux_2_39."""
+        return f"{arch}-manylinux_{self.glibc.replace('.', '_')}"
 
 
 @dataclass(frozen=True)
@@ -200,10 +205,31 @@ class Facts:
     djl_deepspeed_handler_last: str  # the last DJL Serving release with its own DeepSpeed handler
     systems: dict[str, OperatingSystem]
     sources: dict[str, dict[str, str]] = field(repr=False)
+    deepspeed_requires: dict[str, tuple[str, ...]] = field(default_factory=dict)  # first release -> list
+    deepspeed_requires_cuda: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    deepspeed_requires_read_through: str = "0"
 
     def ops_of(self, deepspeed: str) -> tuple[DeepSpeedOp, ...]:
         """The ops a DeepSpeed release has (op_builder at that tag)."""
         return tuple(op for op in self.deepspeed_ops if versions.at_least(deepspeed, op.since) or deepspeed in op.also)
+
+    def deepspeed_requirements(self, version: str, cuda: bool) -> tuple[str, ...] | None:
+        """DeepSpeed `version`'s install_requires as its setup.py computes them (with the CUDA additions
+        when built for CUDA); None when that release's lists have not been read."""
+        if not versions.at_least(self.deepspeed_requires_read_through, version):
+            return None
+        found: tuple[str, ...] | None = None
+        for table, extra in ((self.deepspeed_requires, False), (self.deepspeed_requires_cuda, True)):
+            if extra and not cuda:
+                continue
+            chosen = None
+            for since, reqs in sorted(table.items(), key=lambda kv: versions.key(kv[0])):
+                if versions.at_least(version, since):
+                    chosen = reqs
+            if not extra and chosen is None:
+                return None
+            found = (*(found or ()), *(chosen or ()))
+        return found
 
     def source(self, topic: str, key: str) -> str:
         """The recorded source of a fact: topic is the data file's stem, key its `sources` entry."""
@@ -319,6 +345,9 @@ def load() -> Facts:
         djl_package_url=djl["package_url"],
         djl_checksum_unknown=" ".join(djl["checksum_unknown_reason"].split()),
         djl_deepspeed_handler_last=djl["deepspeed_handler_last"],
+        deepspeed_requires={k: tuple(v) for k, v in ds["requires"].items()},
+        deepspeed_requires_cuda={k: tuple(v) for k, v in ds["requires_cuda"].items()},
+        deepspeed_requires_read_through=ds["requires_read_through"],
         systems={name: OperatingSystem(name=name, **{k: tuple(v) if k == "other_pythons" else v for k, v in s.items()})
                  for name, s in osd["systems"].items()},
         sources={

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jinja2
 
+from . import lock
 from .errors import UserError
 from .spec import ImageSpec, PlannedImage, content_hash
 
@@ -25,8 +26,8 @@ TEMPLATES = {
     "entrypoint.sh": "entrypoint.sh.j2",
     "config.properties": "config.properties.j2",
     "requirements.txt": "requirements.txt.j2",
+    "build-requirements.txt": "build-requirements.txt.j2",
 }
-BUILDER_TEMPLATES = {"build-requirements.txt": "build-requirements.txt.j2"}  # only images with a builder stage
 EXECUTABLE = {"entrypoint.sh"}
 CHECK_MODULE = Path(__file__).with_name("incheck.py")
 HANDLER_MODULE = Path(__file__).with_name("lmi_deepspeed.py")  # the toolkit's DeepSpeed handler
@@ -62,7 +63,13 @@ def label_value(value: object) -> str:
 
 
 class Renderer:
-    def __init__(self, templates_dir: Path) -> None:
+    """Renders contexts from templates; with `locks` (the matrix's lock file), every context whose
+    dependency set is locked for exactly its inputs also gets its lock files (buildkit/lock.py)."""
+
+    def __init__(self, templates_dir: Path, locks: lock.LockFile | None = None,
+                 build_args: dict[str, str] | None = None) -> None:
+        self.locks = locks
+        self.build_args = dict(build_args or {})
         if not templates_dir.is_dir():
             raise UserError(f"{templates_dir}: templates directory not found; set 'templates' in the matrix")
         self.env = jinja2.Environment(
@@ -78,11 +85,10 @@ class Renderer:
         self.env.filters["label"] = label_value
 
     def render(self, spec: ImageSpec) -> Context:
-        wanted = dict(TEMPLATES, **(BUILDER_TEMPLATES if spec.builder_image else {}))
         files = {}
-        for name, template in sorted(wanted.items()):
+        for name, template in sorted(TEMPLATES.items()):
             try:
-                text = self.env.get_template(template).render(spec=spec)
+                text = self.env.get_template(template).render(spec=spec, lock_files=lock.FILES)
             except jinja2.TemplateError as exc:
                 lineno = getattr(exc, "lineno", None)
                 at = f"{template}:{lineno}" if lineno else template
@@ -92,7 +98,14 @@ class Renderer:
         files["image.json"] = (json.dumps(spec.claims(), indent=2, sort_keys=True) + "\n").encode()
         for name, source in VERBATIM.items():  # the in-image smoke checks and the DeepSpeed handler
             files[name] = source.read_bytes()
+        found = self.locks.current(spec, self.build_args) if self.locks else None
+        if found:
+            files.update(lock.context_files(found, spec.id))
         return Context(spec.id, files)
+
+    def unlocked(self, contexts: list[Context]) -> list[str]:
+        """Ids of contexts rendered without their lock files (none current for their inputs)."""
+        return [c.id for c in contexts if not set(lock.FILES.values()) <= set(c.files)]
 
 
 def plan(specs: list[ImageSpec], renderer: Renderer, build_args: dict[str, str] | None = None

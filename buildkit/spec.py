@@ -27,6 +27,10 @@ def is_alias(tag: str) -> bool:
 HANDLER_MODULE = "lmi_deepspeed"  # buildkit/lmi_deepspeed.py, at /opt/lmi/python in every image
 # What the handler needs beside the OS's MPI runtime: mpi4py's manylinux wheel loads the system's libmpi.
 HANDLER_REQUIREMENTS = ("mpi4py==4.1.2",)
+# What DeepSpeed's setup.py needs to build its sdist beside torch (--no-build-isolation), in the builder
+# stage of GPU images and for the Python-only install of CPU images. `lmi lock` pins them; setuptools is a
+# floor, not a pin, because torch itself requires setuptools on Python >= 3.12 (2.13: >= 77.0.3).
+BUILD_REQUIREMENTS = ("setuptools>=75.8.2", "wheel==0.45.1", "ninja==1.11.1.4", "packaging==24.2", "py-cpuinfo==9.0.0")
 SAGEMAKER_BIND_LABEL = "com.amazonaws.sagemaker.capabilities.accept-bind-to-port"
 
 
@@ -68,6 +72,12 @@ class ImageSpec:
     tag_suffix: str = ""
     toolkit_compat_pin: str | None = None
     handler: str = "lmi"  # who serves DeepSpeed models by default: the toolkit's lmi_deepspeed, or DJL's own
+    wheel_platform: str = "x86_64-manylinux_2_17"  # the wheels that run on the image's OS and arch
+    deepspeed_requires: tuple[str, ...] | None = None  # DeepSpeed's install_requires as built here; None: unknown
+
+    @property
+    def build_requirements(self) -> tuple[str, ...]:
+        return BUILD_REQUIREMENTS
 
     @property
     def handler_requirements(self) -> tuple[str, ...]:
@@ -194,6 +204,8 @@ def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
         checks=image.checks, size_budget_gb=image.size_budget_gb, tag_suffix=image.tag_suffix,
         toolkit_compat_pin=toolkit.compat_pin if toolkit else None,
         handler=combo.handler or default_handler(combo.djl, facts),
+        wheel_platform=system.wheel_platform(family.arch),
+        deepspeed_requires=facts.deepspeed_requirements(combo.deepspeed, cuda=toolkit is not None),
     )
 
 

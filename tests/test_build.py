@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import LMI, ROOT, lmi
 
-from buildkit import engine
+from buildkit import engine, lock
 from tests.local import prepare
 
 pytestmark = pytest.mark.engine
@@ -78,6 +79,7 @@ def local_matrix(directory: Path, repo: str, extra_lines: str = "", rerun_djl_st
         text = text.replace(old, new)
     path = directory / f"{repo}.yaml"
     path.write_text(text + extra_lines)
+    shutil.copyfile(lock.lock_path(prepare.LOCAL_MATRIX), lock.lock_path(path))  # its locks, beside it
     return path
 
 
@@ -145,7 +147,7 @@ def test_djl_bump_reuses_torch_and_library_layers(local, repo) -> None:
         steps[match.group(1)] = match.group(2)
     cached = set(re.findall(r"^#(\d+) CACHED$", log, re.M))
     by_kind = {kind: [n for n, step in steps.items() if marker in step] for kind, marker in (
-        ("torch", " torch=="), ("deepspeed", "deepspeed=="), ("libraries", "requirements.txt"),
+        ("torch", "torch.lock"), ("deepspeed", "deepspeed.lock"), ("libraries", "requirements.lock"),
         ("djl", "djl-serving.deb"))}
     assert all(by_kind.values()), by_kind
     for kind in ("torch", "libraries"):
@@ -156,6 +158,7 @@ def test_djl_bump_reuses_torch_and_library_layers(local, repo) -> None:
 
 
 def test_broken_image_fails_alone_with_its_log(local, repo) -> None:
+    # A second line whose lock was tampered with: one file's sha256 no longer matches what the index serves.
     broken = """
   broken:
     djl: "0.32.0"
@@ -165,16 +168,23 @@ def test_broken_image_fails_alone_with_its_log(local, repo) -> None:
     os: debian12
     transformers: "4.57.3"
     diffusers: "0.35.2"
-    accelerate: "0.0.404"
+    accelerate: "1.11.0"
     tag_suffix: broken
 """
     matrix = local_matrix(local["dir"], repo, extra_lines=broken)
+    doc = json.loads(lock.lock_path(matrix).read_text())
+    tampered = json.loads(json.dumps(doc["sets"]["local-cpu"]))
+    for pin in tampered["layers"]["runtime"]:
+        if pin[0] == "accelerate":
+            pin[2] = ["sha256:" + "0" * 64]
+    doc["sets"]["broken-cpu"] = tampered
+    lock.lock_path(matrix).write_text(json.dumps(doc))
     result = build(matrix, local, "-j", "2")
     assert result.returncode == 1
     assert re.search(r"local-cpu\s+built", result.stdout), result.stdout
     assert re.search(r"broken-cpu\s+failed", result.stdout)
     assert "failed: broken-cpu:" in result.stderr and "log: " in result.stderr
-    assert "accelerate==0.0.404" in result.stderr  # the tail of its log names what failed
+    assert "HASHES" in result.stderr and "accelerate" in result.stderr  # the tail of its log names what failed
     assert "Traceback" not in result.stderr
     tags = tags_of(repo)
     broken = json.loads(lmi("--matrix", str(matrix), "plan", "--json", "broken-*").stdout)[0]

@@ -150,7 +150,7 @@ def test_changed_since_follows_the_content_hash(tmp_path) -> None:
     import shutil
     import subprocess
 
-    for name in ("matrix.yaml", "templates", "images"):
+    for name in ("matrix.yaml", "matrix.lock", "templates", "images"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
     git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731

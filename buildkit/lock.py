@@ -1,0 +1,314 @@
+"""Locked Python dependencies: what `lmi lock` resolved for each image, and how a context installs it.
+
+An image installs its Python packages in layers: torch (with the matrix's `pip:` pins), the build tools
+DeepSpeed's setup.py needs, the libraries (with DeepSpeed's own requirements and the handler's), and
+DeepSpeed itself from its sdist. Each layer installs from a lock file with
+`pip install --require-hashes --no-deps`: exactly the versions and files that were resolved, nothing a
+later release of some transitive package could change.
+
+The locks of a matrix live in one file beside it (matrix.yaml -> matrix.lock). It holds one *set* per
+distinct dependency set (all GPU images of a line share one), keyed `<line>-<torch variant>`; each set
+records the fingerprint of the inputs it was resolved from, so changing a version in the matrix, the
+facts or the toolkit makes it stale (`lmi lock --check`, a CI gate). `lmi render` copies a current set
+into every context that uses it, so the content hash covers the lock.
+
+Core module: reads its inputs only. Resolving (uv, the network) is buildkit/locker.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+from .errors import UserError
+
+SCHEMA = 1
+LAYERS = ("torch", "build", "runtime", "deepspeed")
+FILES = {"torch": "torch.lock", "build": "build.lock", "runtime": "requirements.lock", "deepspeed": "deepspeed.lock"}
+MAX_BYTES = 32 << 20  # a lock file is text; refuse anything that is plainly not one
+_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+!_-]*")
+
+
+def lock_path(matrix_path: Path) -> Path:
+    """Where a matrix's locks live: beside it, same stem (matrix.yaml -> matrix.lock)."""
+    return matrix_path.with_suffix(".lock")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What one dependency set is resolved from. Equal inputs, equal fingerprint."""
+
+    key: str
+    python: str
+    platform: str  # e.g. x86_64-manylinux_2_39: the wheels that run on the image's OS and arch
+    indexes: tuple[str, ...]  # extra indexes (the torch variant's); the default index is the user's
+    roots: tuple[tuple[str, tuple[str, ...]], ...]  # (layer, requirements), in LAYERS order
+
+    def roots_of(self, layer: str) -> tuple[str, ...]:
+        return dict(self.roots)[layer]
+
+    @property
+    def fingerprint(self) -> str:
+        doc = {"schema": SCHEMA, "python": self.python, "platform": self.platform, "indexes": list(self.indexes),
+               "roots": {layer: sorted(reqs) for layer, reqs in self.roots}}
+        return "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def inputs_of(spec, build_args: Mapping[str, str] | None = None) -> Inputs:
+    """The dependency set of one image spec. `build_args` are the matrix's: a TORCH_INDEX_URL there
+    replaces the variant's index (the local matrix takes torch from a wheelhouse instead)."""
+    if spec.deepspeed_requires is None:
+        raise UserError(f"image {spec.id}: DeepSpeed {spec.deepspeed}'s requirements are not recorded "
+                        "(buildkit/data/deepspeed.yaml `requires`, read through "
+                        "requires_read_through); read requirements/requirements.txt and setup.py at "
+                        f"v{spec.deepspeed} and add them")
+    index = (build_args or {}).get("TORCH_INDEX_URL", spec.torch_index or "")
+    torch = (spec.torch_requirement, *spec.pip)
+    runtime = (*(f"{n}=={v}" for n, v in sorted(spec.libraries.items())), *spec.handler_requirements, *spec.pip,
+               *spec.deepspeed_requires)
+    return Inputs(
+        key=f"{spec.line}-{spec.wheel_variant}", python=spec.python, platform=spec.wheel_platform,
+        indexes=(index,) if index else (),
+        roots=(("torch", torch), ("build", tuple(spec.build_requirements)), ("runtime", runtime),
+               ("deepspeed", (f"deepspeed=={spec.deepspeed}",))),
+    )
+
+
+def plan(specs: Iterable, build_args: Mapping[str, str] | None = None) -> dict[str, tuple[Inputs, list[str]]]:
+    """The sets these images need: key -> (inputs, image ids). Images that share a key share inputs."""
+    wanted: dict[str, tuple[Inputs, list[str]]] = {}
+    for spec in specs:
+        inputs = inputs_of(spec, build_args)
+        known = wanted.setdefault(inputs.key, (inputs, []))
+        if known[0].fingerprint != inputs.fingerprint:
+            raise UserError(f"images {known[1][0]} and {spec.id} share lock set {inputs.key} but not its inputs; "
+                            "give one of their lines another name")
+        known[1].append(spec.id)
+    return wanted
+
+
+@dataclass(frozen=True)
+class Pin:
+    """One locked distribution: name==version and the sha256 of every file pip may pick."""
+
+    name: str
+    version: str
+    hashes: tuple[str, ...]
+
+    def line(self) -> str:
+        return " \\\n    ".join([f"{self.name}=={self.version}", *(f"--hash={h}" for h in self.hashes)])
+
+
+@dataclass(frozen=True)
+class LockSet:
+    key: str
+    inputs: str  # the fingerprint of the inputs it was resolved from
+    python: str
+    platform: str
+    indexes: tuple[str, ...]
+    resolver: str = ""  # e.g. "uv 0.13.9"
+    layers: dict[str, tuple[Pin, ...]] = field(default_factory=dict)
+    unresolved: str | None = None  # why these inputs could not be resolved where `lmi lock` ran
+
+    def to_json(self) -> dict:
+        doc = {"inputs": self.inputs, "python": self.python, "platform": self.platform,
+               "indexes": list(self.indexes), "resolver": self.resolver}
+        if self.unresolved:
+            doc["unresolved"] = self.unresolved
+        else:
+            doc["layers"] = {layer: [[p.name, p.version, list(p.hashes)] for p in self.layers[layer]]
+                             for layer in LAYERS}
+        return doc
+
+
+@dataclass(frozen=True)
+class LockFile:
+    path: Path
+    sets: dict[str, LockSet]
+
+    def current(self, spec, build_args: Mapping[str, str] | None = None) -> LockSet | None:
+        """The set `spec` installs from, when it was resolved from exactly the spec's inputs."""
+        wanted = inputs_of(spec, build_args)
+        found = self.sets.get(wanted.key)
+        return found if found and found.inputs == wanted.fingerprint and not found.unresolved else None
+
+    def dumps(self) -> str:
+        body = {"lmi-lock": SCHEMA,
+                "note": "Written by `lmi lock`; do not edit. Each set: the pins and sha256 of every Python "
+                        "distribution an image installs, by layer.",
+                "sets": {key: self.sets[key].to_json() for key in sorted(self.sets)}}
+        return json.dumps(body, indent=1, sort_keys=True) + "\n"
+
+
+def load(path: Path) -> LockFile:
+    """Read a lock file; a missing one is an empty lock (nothing is locked yet)."""
+    if not path.exists():
+        return LockFile(path, {})
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file; remove it and run `lmi lock`")
+    if path.stat().st_size > MAX_BYTES:
+        raise UserError(f"{path}: larger than {MAX_BYTES >> 20} MiB, not a lock file `lmi lock` wrote; "
+                        "remove it and run `lmi lock`")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if doc.get("lmi-lock") != SCHEMA:
+            raise ValueError(f"schema {doc.get('lmi-lock')!r}, expected {SCHEMA}")
+        return LockFile(path, {key: _set(key, raw) for key, raw in doc["sets"].items()})
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path}: not a lock file this toolkit can read ({str(exc)[:200]}); "
+                        "remove it and run `lmi lock`") from exc
+
+
+def _set(key: str, raw: dict) -> LockSet:
+    if not isinstance(key, str) or not _NAME.fullmatch(key):
+        raise ValueError(f"set name {str(key)[:60]!r}")
+    if not _HASH.fullmatch(raw["inputs"]):
+        raise ValueError(f"set {key}: inputs {str(raw['inputs'])[:80]!r} is not a sha256")
+    common = dict(key=key, inputs=raw["inputs"], python=str(raw["python"]), platform=str(raw["platform"]),
+                  indexes=tuple(str(i) for i in raw["indexes"]), resolver=str(raw.get("resolver", "")))
+    if raw.get("unresolved"):
+        return LockSet(**common, unresolved=str(raw["unresolved"])[:500])
+    layers = {}
+    for layer in LAYERS:
+        pins = []
+        for name, version, hashes in raw["layers"][layer]:
+            if not _NAME.fullmatch(name) or not _VERSION.fullmatch(version):
+                raise ValueError(f"set {key}: {str(name)[:60]!r}=={str(version)[:60]!r} is not a pin")
+            if not hashes or not all(isinstance(h, str) and _HASH.fullmatch(h) for h in hashes):
+                raise ValueError(f"set {key}: {name} has no valid sha256")
+            pins.append(Pin(name, version, tuple(hashes)))
+        layers[layer] = tuple(pins)
+    return LockSet(**common, layers=layers)
+
+
+def context_files(found: LockSet, image_id: str) -> dict[str, bytes]:
+    """The lock files of one context, in pip's requirements format (--require-hashes)."""
+    files = {}
+    for layer in LAYERS:
+        head = (f"# {image_id}: the {layer} layer, locked by `lmi lock` (set {found.key} of the matrix's lock file;\n"
+                f"# Python {found.python}, {found.platform}, {found.resolver}). Installed with\n"
+                "# pip install --require-hashes --no-deps: change the matrix, then run `lmi lock`.\n")
+        body = "".join(p.line() + "\n" for p in found.layers[layer])
+        files[FILES[layer]] = (head + body).encode()
+    return files
+
+
+# --- reading a resolver's output -------------------------------------------------------------------
+
+
+def parse_graph(text: str) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """Pins and edges (parent -> children) from a pip-compile style requirements file whose `# via`
+    annotations name each package's dependents (uv pip compile --annotation-style split)."""
+    pins: dict[str, str] = {}
+    edges: dict[str, set[str]] = {}
+    current: str | None = None
+    in_via = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("--hash") or line.startswith("--"):
+            continue
+        if not raw.startswith((" ", "#")):
+            spec = line.rstrip("\\").strip()
+            if ";" in spec:
+                raise UserError(f"the resolver left a marker on '{spec[:80]}': resolve for one platform only")
+            name, sep, version = spec.partition("==")
+            if not sep:
+                raise UserError(f"the resolver wrote '{spec[:80]}', not a pin")
+            current, in_via = canonicalize_name(name), False
+            pins[current] = version.strip()
+            continue
+        if current is None or not line.startswith("#"):
+            continue
+        comment = line.lstrip("#").strip()
+        if comment.startswith("via"):
+            in_via = True
+            comment = comment[3:].strip()
+            if not comment:
+                continue
+        elif not in_via:
+            continue
+        if comment and not comment.startswith(("-r ", "-c ", "(")):
+            edges.setdefault(canonicalize_name(comment.split()[0]), set()).add(current)
+    return pins, edges
+
+
+def parse_pylock(doc: dict) -> dict[str, Pin]:
+    """Pins with the sha256 of every file a PEP 751 lock lists for them (the files for the target)."""
+    out = {}
+    for pkg in doc.get("packages", []):
+        files = [*pkg.get("wheels", []), *([pkg["sdist"]] if pkg.get("sdist") else [])]
+        hashes = sorted({f"sha256:{f['hashes']['sha256']}" for f in files if f.get("hashes", {}).get("sha256")})
+        name = canonicalize_name(pkg["name"])
+        out[name] = Pin(name, str(pkg["version"]), tuple(hashes))
+    return out
+
+
+def names(requirements: Iterable[str]) -> set[str]:
+    found = set()
+    for text in requirements:
+        try:
+            found.add(canonicalize_name(Requirement(text).name))
+        except InvalidRequirement as exc:
+            raise UserError(f"'{text[:80]}' is not a requirement ({exc})") from exc
+    return found
+
+
+def closure(roots: set[str], edges: Mapping[str, set[str]]) -> set[str]:
+    seen, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(edges.get(name, ()))
+    return seen
+
+
+def partition(inputs: Inputs, pins: Mapping[str, Pin], edges: Mapping[str, set[str]],
+              deepspeed: Pin) -> dict[str, tuple[Pin, ...]]:
+    """Split one resolution into the image's layers: each layer is the closure of its roots, less what
+    the torch layer below it already installed. DeepSpeed is its own layer (its sdist)."""
+    torch = closure(names(inputs.roots_of("torch")), edges)
+    build = closure(names(inputs.roots_of("build")), edges) - torch
+    runtime = closure(names(inputs.roots_of("runtime")), edges) - torch - {canonicalize_name("deepspeed")}
+    layers = {}
+    for layer, wanted in (("torch", torch), ("build", build), ("runtime", runtime)):
+        missing = sorted(wanted - set(pins))
+        if missing:
+            raise UserError(f"set {inputs.key}: the resolver listed no files for {', '.join(missing[:5])}; "
+                            "run `lmi lock` again")
+        unhashed = sorted(n for n in wanted if not pins[n].hashes)
+        if unhashed:
+            raise UserError(f"set {inputs.key}: no sha256 for {', '.join(unhashed[:5])} (a wheelhouse or index "
+                            "that publishes no hashes); `lmi lock` needs every file hashed")
+        layers[layer] = tuple(pins[n] for n in sorted(wanted))
+    layers["deepspeed"] = (deepspeed,)
+    return layers
+
+
+def problems(specs: Iterable, lockfile: LockFile, build_args: Mapping[str, str] | None = None
+             ) -> tuple[list[str], list[str]]:
+    """(stale or missing sets, sets recorded as unresolvable here) for these specs, one line each."""
+    stale, unresolved, seen = [], [], set()
+    for spec in specs:
+        wanted = inputs_of(spec, build_args)
+        if wanted.key in seen:
+            continue
+        seen.add(wanted.key)
+        found = lockfile.sets.get(wanted.key)
+        if found is None:
+            stale.append(f"{lockfile.path}: set {wanted.key} ({spec.id} and its line) is missing")
+        elif found.inputs != wanted.fingerprint:
+            stale.append(f"{lockfile.path}: set {wanted.key} is stale (its inputs changed: versions, pins, Python, "
+                         "OS or index)")
+        elif found.unresolved:
+            unresolved.append(f"{lockfile.path}: set {wanted.key} is not locked: {found.unresolved}")
+    return stale, unresolved
