@@ -1,7 +1,8 @@
 """`lmi`: the command line. Each subcommand is one step of matrix -> specs -> contexts -> plan.
 
-Exit codes: 0 ok, 1 failure (e.g. `render --check` found drift), 2 invalid input or usage.
-Errors are one line each, without a traceback; --debug shows it.
+Exit codes: 0 ok, 1 failure (e.g. `render --check` found drift), 2 invalid input or usage; an error
+says its own (buildkit/errors.py: LmiError.exit_code). Errors are one line each, without a traceback;
+--debug shows it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__, build, ci, engine, facts, index, lock, matrix, publish, registry, render, smoke, versions
-from .errors import UserError
+from .errors import LmiError, UserError
 from .progress import progress_for
 from .rules import Combo, evaluate
 from .spec import ImageSpec, PlannedImage, content_hash, resolve
@@ -673,18 +674,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
-    except UserError as exc:
+    except LmiError as exc:  # each kind of error carries its exit code (buildkit/errors.py)
         if debug:
             raise
         for line in exc.lines:
-            print(line, file=sys.stderr)
-        return EXIT_USAGE
-    except publish.PublishError as exc:
-        if debug:
-            raise
-        for line in exc.lines:
-            print(f"error: {line}", file=sys.stderr)
-        return EXIT_FAIL
+            print(f"{exc.prefix}{line}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt as exc:
         print("interrupted", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130

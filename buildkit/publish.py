@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import engine, index, smoke
-from .errors import UserError
+from .errors import LmiError, UserError
 from .registry import Address, AuthError, Ecr, OciClient, RegistryError
 from .spec import ALIAS_FILTERS, ImageSpec, is_alias
 
@@ -27,14 +27,8 @@ TRANSIENT = re.compile(r"connection refused|connection reset|EOF|timeout|i/o tim
 DENIED = re.compile(r"unauthorized|denied|authentication required|no basic auth credentials", re.I)
 
 
-class PublishError(Exception):
-    """Publishing failed or was refused; nothing more was pushed and the index was not touched."""
-
-    exit_code = 1
-
-    def __init__(self, *lines: str) -> None:
-        super().__init__("\n".join(lines))
-        self.lines = list(lines)
+class PublishError(LmiError):
+    """Publishing failed or was refused; nothing more was pushed and the index was not touched (exit 1)."""
 
 
 @dataclass

@@ -22,7 +22,7 @@ from buildkit import engine, index, registry, smoke
 from buildkit import facts as facts_mod
 from buildkit import matrix as matrix_mod
 from buildkit.publish import docker_login
-from buildkit.spec import resolve
+from buildkit.spec import ALIAS_FILTERS, resolve
 
 pytestmark = pytest.mark.engine
 
@@ -395,7 +395,7 @@ def test_ecr_repository_settings(moto_ecr) -> None:
     assert ecr.ensure_repository("ml/lmi-inference") == ["created repository ml/lmi-inference"]
     repo = ecr.client.describe_repositories(repositoryNames=["ml/lmi-inference"])["repositories"][0]
     assert repo["imageTagMutability"] == "IMMUTABLE_WITH_EXCLUSION"
-    assert {f["filter"] for f in repo["imageTagMutabilityExclusionFilters"]} == set(registry.ALIAS_FILTERS)
+    assert {f["filter"] for f in repo["imageTagMutabilityExclusionFilters"]} == set(ALIAS_FILTERS)
     assert repo["imageScanningConfiguration"]["scanOnPush"] is True
     assert repo["encryptionConfiguration"]["encryptionType"] == "AES256"
     policy = json.loads(ecr.client.get_lifecycle_policy(repositoryName="ml/lmi-inference")["lifecyclePolicyText"])
