@@ -201,7 +201,10 @@ def test_serving_tier_fails_with_a_broken_handler(local, repo, tmp_path) -> None
     (context / "Dockerfile").write_text(f"FROM {repo}:djl0.32-cpu\nCOPY lmi_deepspeed.py /opt/lmi/python/\n")
     tag = f"{repo}-broken:serving"
     assert docker("build", "-q", "-t", tag, str(context)).returncode == 0
-    result = lmi("--matrix", str(matrix_path), "test", "--tier", "serving", "--image", tag)
+    try:
+        result = lmi("--matrix", str(matrix_path), "test", "--tier", "serving", "--image", tag)
+    finally:
+        docker("rmi", "-f", tag)  # not under `repo`: its fixture would leave it behind
     assert result.returncode == 1, result.stdout
     assert "FAIL serving/serving-invocations: HTTP 200" in result.stdout and "plain Transformers gives" in result.stdout
     assert smoke_containers() == ""
