@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.results_md import write_section  # noqa: E402
-from buildkit import engine  # noqa: E402
+from buildkit import engine, lock  # noqa: E402
 from tests.local import prepare  # noqa: E402
 
 LMI = Path(sys.executable).parent / "lmi"
@@ -50,6 +51,11 @@ def matrix(tmp: Path, repo: str, lines: int = 1, djl: str = "0.32.0", nonce: boo
             'accelerate: "1.11.0"', f'accelerate: "1.{10 - i}.0"\n    tag_suffix: a{i}')
     path = tmp / f"{repo}-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(text)
+    # Its locks: the local line's as committed; the extra lines' resolved here (they differ in accelerate).
+    shutil.copyfile(lock.lock_path(prepare.LOCAL_MATRIX), lock.lock_path(path))
+    if lines > 1:
+        subprocess.run([str(LMI), "--matrix", str(path), "lock", "--wheelhouse", str(WHEELHOUSE)], check=True,
+                       capture_output=True)
     return path
 
 
