@@ -36,6 +36,10 @@ MAX_BYTES = 32 << 20  # a lock file is text; refuse anything that is plainly not
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+!_-]*")
+_PYTHON = re.compile(r"\d+\.\d+")
+_PLATFORM = re.compile(r"[a-z0-9_]+-[a-z0-9_]+")
+_RESOLVER = re.compile(r"[A-Za-z0-9 ._+-]{0,60}")
+_URL = re.compile(r"https?://[^\s\x00-\x1f\x7f]+")
 
 
 def lock_path(matrix_path: Path) -> Path:
@@ -163,7 +167,7 @@ def load(path: Path) -> LockFile:
         if doc.get("lmi-lock") != SCHEMA:
             raise ValueError(f"schema {doc.get('lmi-lock')!r}, expected {SCHEMA}")
         return LockFile(path, {key: _set(key, raw) for key, raw in doc["sets"].items()})
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise UserError(f"{path}: not a lock file this toolkit can read ({str(exc)[:200]}); "
                         "remove it and run `lmi lock`") from exc
 
@@ -175,6 +179,12 @@ def _set(key: str, raw: dict) -> LockSet:
         raise ValueError(f"set {key}: inputs {str(raw['inputs'])[:80]!r} is not a sha256")
     common = dict(key=key, inputs=raw["inputs"], python=str(raw["python"]), platform=str(raw["platform"]),
                   indexes=tuple(str(i) for i in raw["indexes"]), resolver=str(raw.get("resolver", "")))
+    # Every text that reaches a rendered lock file is one plain token: nothing can add a line to it.
+    for field_, pattern in (("python", _PYTHON), ("platform", _PLATFORM), ("resolver", _RESOLVER)):
+        if not pattern.fullmatch(common[field_]):
+            raise ValueError(f"set {key}: {field_} {common[field_][:60]!r}")
+    if not all(_URL.fullmatch(i) for i in common["indexes"]):
+        raise ValueError(f"set {key}: an index that is not a plain URL")
     if raw.get("unresolved"):
         return LockSet(**common, unresolved=str(raw["unresolved"])[:500])
     layers = {}

@@ -148,6 +148,8 @@ def test_committed_local_lock_hashes_the_wheelhouse_torch() -> None:
     (lambda d: d["sets"]["local-cpu"]["layers"]["torch"][0][2].__setitem__(0, "sha256:xyz"), "no valid sha256"),
     (lambda d: d["sets"]["local-cpu"]["layers"]["runtime"][0].__setitem__(1, "1.0\n--index-url http://evil"),
      "is not a pin"),
+    (lambda d: d["sets"]["local-cpu"].update(resolver="uv\n--index-url http://evil"), "resolver"),
+    (lambda d: d["sets"]["local-cpu"].update(python="3.11\n--trusted-host evil"), "python"),
 ])
 def test_a_tampered_lock_file_is_refused(tmp_path, tamper, message) -> None:
     doc = json.loads(lock.lock_path(LOCAL).read_text())
@@ -155,6 +157,13 @@ def test_a_tampered_lock_file_is_refused(tmp_path, tamper, message) -> None:
     path = tmp_path / "m.lock"
     path.write_text(json.dumps(doc))
     with pytest.raises(UserError, match=re.escape(message)):
+        lock.load(path)
+
+
+def test_a_nesting_bomb_is_refused_in_one_line(tmp_path) -> None:
+    path = tmp_path / "m.lock"
+    path.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(UserError, match="not a lock file this toolkit can read"):
         lock.load(path)
 
 
