@@ -298,7 +298,7 @@ def _refuse_unlocked(m: matrix.Matrix, planned) -> None:
     current = lock.load(path)
     lines = []
     for p, ctx in planned:
-        if set(lock.FILES.values()) <= set(ctx.files):
+        if lock.is_locked(ctx.files):
             continue
         found = current.sets.get(lock.inputs_of(p.spec, m.build_args).key)
         why = (f"not locked: {found.unresolved[:200]}" if found and found.unresolved else

@@ -200,6 +200,11 @@ def _set(key: str, raw: dict) -> LockSet:
     return LockSet(**common, layers=layers)
 
 
+def is_locked(files: Mapping[str, bytes]) -> bool:
+    """Whether a rendered context carries its lock files (only a current set is ever copied in)."""
+    return set(FILES.values()) <= set(files)
+
+
 def context_files(found: LockSet, image_id: str) -> dict[str, bytes]:
     """The lock files of one context, in pip's requirements format (--require-hashes)."""
     files = {}

@@ -105,7 +105,7 @@ class Renderer:
 
     def unlocked(self, contexts: list[Context]) -> list[str]:
         """Ids of contexts rendered without their lock files (none current for their inputs)."""
-        return [c.id for c in contexts if not set(lock.FILES.values()) <= set(c.files)]
+        return [c.id for c in contexts if not lock.is_locked(c.files)]
 
 
 def plan(specs: list[ImageSpec], renderer: Renderer, build_args: dict[str, str] | None = None
