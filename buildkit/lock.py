@@ -205,12 +205,14 @@ def is_locked(files: Mapping[str, bytes]) -> bool:
     return set(FILES.values()) <= set(files)
 
 
-def context_files(found: LockSet, image_id: str) -> dict[str, bytes]:
-    """The lock files of one context, in pip's requirements format (--require-hashes)."""
+def context_files(found: LockSet) -> dict[str, bytes]:
+    """The lock files of one context, in pip's requirements format (--require-hashes). Byte-identical in
+    every image of the set: each is bind-mounted into its layer's step, so the families of a line share
+    those layers only if nothing image-specific is written here."""
     files = {}
     for layer in LAYERS:
-        head = (f"# {image_id}: the {layer} layer, locked by `lmi lock` (set {found.key} of the matrix's lock file;\n"
-                f"# Python {found.python}, {found.platform}, {found.resolver}). Installed with\n"
+        head = (f"# The {layer} layer of lock set {found.key}, locked by `lmi lock` from the matrix's lock file\n"
+                f"# (Python {found.python}, {found.platform}, {found.resolver}). Installed with\n"
                 "# pip install --require-hashes --no-deps: change the matrix, then run `lmi lock`.\n")
         body = "".join(p.line() + "\n" for p in found.layers[layer])
         files[FILES[layer]] = (head + body).encode()

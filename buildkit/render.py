@@ -100,7 +100,7 @@ class Renderer:
             files[name] = source.read_bytes()
         found = self.locks.current(spec, self.build_args) if self.locks else None
         if found:
-            files.update(lock.context_files(found, spec.id))
+            files.update(lock.context_files(found))
         return Context(spec.id, files)
 
     def unlocked(self, contexts: list[Context]) -> list[str]:

@@ -198,6 +198,17 @@ def test_contexts_carry_their_locks_and_a_changed_lock_changes_the_content_hash(
     assert bare.unlocked([bare.render(spec)]) == ["djl0.36-g5"]
 
 
+def test_the_families_of_a_line_install_byte_identical_locks(production) -> None:
+    """Each lock is bind-mounted into its layer's step: one byte of difference between two families and
+    BuildKit re-runs the 7 GB torch step for each, instead of sharing it across the fleet."""
+    m, specs = production
+    renderer = render.Renderer(m.templates, lock.load(lock.lock_path(m.path)), m.build_args)
+    gpu = [renderer.render(s) for s in specs.values() if s.line == "djl0.36" and s.family.is_gpu]
+    assert len(gpu) == 11
+    for name in lock.FILES.values():
+        assert len({ctx.files[name] for ctx in gpu}) == 1, name
+
+
 def test_every_python_install_is_hashed(production) -> None:
     m, specs = production
     renderer = render.Renderer(m.templates, lock.load(lock.lock_path(m.path)), m.build_args)
