@@ -103,10 +103,11 @@ def cubin_archs(ref: str, devel: str) -> dict[str, str]:
 
 
 def kind(instruction: str) -> str:
-    for marker, name in (("wheels/deepspeed-", "DeepSpeed (prebuilt wheel)"), ("deepspeed.lock", "DeepSpeed"),
+    for marker, name in (("wheels/deepspeed-", "DeepSpeed (prebuilt wheel)"), ("/opt/lmi/lock/", "locks"),
+                         ("deepspeed.lock", "DeepSpeed"),
                          ("deepspeed==", "DeepSpeed"), ("torch.lock", "torch + NVIDIA libraries"),
                          ("torch==", "torch + NVIDIA libraries"), ("requirements.lock", "libraries + mpi4py"),
-                         ("requirements.txt", "libraries + mpi4py"), ("/opt/lmi/lock/", "locks"),
+                         ("requirements.txt", "libraries + mpi4py"),
                          ("djl-serving.deb", "Java + DJL Serving + MPI runtime"), ("python3", "OS + Python"),
                          ("lmi_deepspeed", "handler"), ("cuda-12.4", "base image")):
         if marker in instruction:
@@ -123,7 +124,7 @@ def main() -> None:
         log = (LOGS / f"{spec.id}.log").read_text()
         times = step_times(log)
         compile_s = next((t for name, t in times.items() if "pip wheel" in name), None)
-        torch_s = sum(t for name, t in times.items() if "torch==" in name)
+        torch_s = sum(t for name, t in times.items() if "torch.lock" in name or "torch==" in name)
         total = re.search(rf"{re.escape(spec.id)}: built (\d+)s", BUILD_OUTPUT.read_text()
                           if BUILD_OUTPUT.exists() else "")
         ls = layers(ref)
