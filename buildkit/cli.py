@@ -273,8 +273,9 @@ def _build_options(args: argparse.Namespace, m: matrix.Matrix) -> build.BuildOpt
     )
 
 
-def _planned_for_build(args: argparse.Namespace, client: engine.Client | None):
-    """Selected specs, planned with the build args they will be built with (which enter the hash)."""
+def _planned_for_build(args: argparse.Namespace, client: engine.Client | None, require_locks: bool = False):
+    """Selected specs, planned with the build args they will be built with (which enter the hash).
+    With require_locks, an image whose context has no current lock is refused before anything is built."""
     m, specs = _selected(args)
     specs = build.select_shard(specs, getattr(args, "shard", None))
     if not specs:
@@ -289,22 +290,22 @@ def _planned_for_build(args: argparse.Namespace, client: engine.Client | None):
         ctx = renderer.render(spec)
         bargs = build.build_args(spec, options, m.build_args, wheelhouse_ref)
         planned.append((PlannedImage(spec, content_hash(ctx.files, bargs, spec.bases, ctx.modes), bargs), ctx))
+    if require_locks:
+        _refuse_unlocked(renderer.locks, m.build_args, planned)
     return m, options, planned
 
 
-def _refuse_unlocked(m: matrix.Matrix, planned) -> None:
+def _refuse_unlocked(locks: lock.LockFile, build_args: dict[str, str], planned) -> None:
     """Every build installs from its context's locks: one without them cannot be built."""
-    path = lock.lock_path(m.path)
-    current = lock.load(path)
+    why = {"missing": "it has no lock set", "stale": "its lock set is stale"}
     lines = []
     for p, ctx in planned:
         if lock.is_locked(ctx.files):
             continue
-        found = current.sets.get(lock.inputs_of(p.spec, m.build_args).key)
-        why = (f"not locked: {found.unresolved[:200]}" if found and found.unresolved else
-               "its lock set is stale" if found else "it has no lock set")
-        lines.append(f"{path}: image {p.spec.id}: {why}; run `lmi lock` (make lock) where its package indexes "
-                     "are reachable, then build")
+        state, found, _ = locks.status(p.spec, build_args)
+        reason = f"not locked: {found.unresolved[:200]}" if state == "unresolved" else why[state]
+        lines.append(f"{locks.path}: image {p.spec.id}: {reason}; run `lmi lock` (make lock) where its package "
+                     "indexes are reachable, then build")
     if lines:
         raise UserError(*lines)
 
@@ -312,8 +313,7 @@ def _refuse_unlocked(m: matrix.Matrix, planned) -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     engine.sdk()  # a stopped daemon is reported as such, not as a client that cannot build
     client = engine.detect_client(args.docker or os.environ.get("DOCKER"))
-    m, options, planned = _planned_for_build(args, client)
-    _refuse_unlocked(m, planned)
+    m, options, planned = _planned_for_build(args, client, require_locks=True)
     contexts = [ctx for _, ctx in planned]
     stale = render.diff(contexts, m.output, prune=False)
     if stale:
@@ -348,8 +348,7 @@ def _summary(results: list[build.Result]) -> None:
 
 def cmd_bake(args: argparse.Namespace) -> int:
     """A docker buildx bake file: one target per image, for remote or Kubernetes BuildKit builders."""
-    m, options, planned = _planned_for_build(args, None)
-    _refuse_unlocked(m, planned)
+    m, options, planned = _planned_for_build(args, None, require_locks=True)
     targets = {}
     for p, _ in planned:
         repo = build.repository(p.spec, options.registry)

@@ -139,11 +139,20 @@ class LockFile:
     path: Path
     sets: dict[str, LockSet]
 
-    def current(self, spec, build_args: Mapping[str, str] | None = None) -> LockSet | None:
-        """The set `spec` installs from, when it was resolved from exactly the spec's inputs."""
+    def status(self, spec, build_args: Mapping[str, str] | None = None) -> tuple[str, LockSet | None, str]:
+        """The one verdict on `spec`'s set: ("current" | "missing" | "stale" | "unresolved", the set, its key)."""
         wanted = inputs_of(spec, build_args)
         found = self.sets.get(wanted.key)
-        return found if found and found.inputs == wanted.fingerprint and not found.unresolved else None
+        if found is None:
+            return "missing", None, wanted.key
+        if found.inputs != wanted.fingerprint:
+            return "stale", found, wanted.key
+        return ("unresolved" if found.unresolved else "current"), found, wanted.key
+
+    def current(self, spec, build_args: Mapping[str, str] | None = None) -> LockSet | None:
+        """The set `spec` installs from, when it was resolved from exactly the spec's inputs."""
+        state, found, _ = self.status(spec, build_args)
+        return found if state == "current" else None
 
     def dumps(self) -> str:
         body = {"lmi-lock": SCHEMA,
@@ -316,16 +325,15 @@ def problems(specs: Iterable, lockfile: LockFile, build_args: Mapping[str, str] 
     """(stale or missing sets, sets recorded as unresolvable here) for these specs, one line each."""
     stale, unresolved, seen = [], [], set()
     for spec in specs:
-        wanted = inputs_of(spec, build_args)
-        if wanted.key in seen:
+        state, found, key = lockfile.status(spec, build_args)
+        if key in seen:
             continue
-        seen.add(wanted.key)
-        found = lockfile.sets.get(wanted.key)
-        if found is None:
-            stale.append(f"{lockfile.path}: set {wanted.key} ({spec.id} and its line) is missing")
-        elif found.inputs != wanted.fingerprint:
-            stale.append(f"{lockfile.path}: set {wanted.key} is stale (its inputs changed: versions, pins, Python, "
+        seen.add(key)
+        if state == "missing":
+            stale.append(f"{lockfile.path}: set {key} ({spec.id} and its line) is missing")
+        elif state == "stale":
+            stale.append(f"{lockfile.path}: set {key} is stale (its inputs changed: versions, pins, Python, "
                          "OS or index)")
-        elif found.unresolved:
-            unresolved.append(f"{lockfile.path}: set {wanted.key} is not locked: {found.unresolved}")
+        elif state == "unresolved":
+            unresolved.append(f"{lockfile.path}: set {key} is not locked: {found.unresolved}")
     return stale, unresolved

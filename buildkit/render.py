@@ -103,10 +103,6 @@ class Renderer:
             files.update(lock.context_files(found))
         return Context(spec.id, files)
 
-    def unlocked(self, contexts: list[Context]) -> list[str]:
-        """Ids of contexts rendered without their lock files (none current for their inputs)."""
-        return [c.id for c in contexts if not lock.is_locked(c.files)]
-
 
 def plan(specs: list[ImageSpec], renderer: Renderer, build_args: dict[str, str] | None = None
          ) -> list[tuple[PlannedImage, Context]]:
