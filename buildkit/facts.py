@@ -133,11 +133,7 @@ class DeepSpeedRelease:
 
     def classifiers(self, version: str) -> tuple[str, str]:
         """The Python range the classifiers of this exact release name."""
-        found = self.python_classifiers
-        for since, bounds in sorted(self.python_classifiers_from.items(), key=lambda kv: versions.key(kv[0])):
-            if versions.at_least(version, since):
-                found = bounds
-        return found
+        return versions.as_of(self.python_classifiers_from, version) or self.python_classifiers
 
     def accepted_cuda12_minors(self, version: str) -> tuple[str, ...]:
         extra = [m for since, ms in self.cuda12_minors_from.items() if versions.at_least(version, since) for m in ms]
@@ -218,18 +214,10 @@ class Facts:
         when built for CUDA); None when that release's lists have not been read."""
         if not versions.at_least(self.deepspeed_requires_read_through, version):
             return None
-        found: tuple[str, ...] | None = None
-        for table, extra in ((self.deepspeed_requires, False), (self.deepspeed_requires_cuda, True)):
-            if extra and not cuda:
-                continue
-            chosen = None
-            for since, reqs in sorted(table.items(), key=lambda kv: versions.key(kv[0])):
-                if versions.at_least(version, since):
-                    chosen = reqs
-            if not extra and chosen is None:
-                return None
-            found = (*(found or ()), *(chosen or ()))
-        return found
+        base = versions.as_of(self.deepspeed_requires, version)
+        if base is None:
+            return None
+        return base + ((versions.as_of(self.deepspeed_requires_cuda, version) or ()) if cuda else ())
 
     def source(self, topic: str, key: str) -> str:
         """The recorded source of a fact: topic is the data file's stem, key its `sources` entry."""

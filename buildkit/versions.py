@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
 
 _NUMERIC = re.compile(r"^\d+(\.\d+)*$")
 
@@ -23,6 +26,15 @@ def at_least(have: str, need: str) -> bool:
     a, b = key(have), key(need)
     width = max(len(a), len(b))
     return a + (0,) * (width - len(a)) >= b + (0,) * (width - len(b))
+
+
+def as_of(table: Mapping[str, T], version: str) -> T | None:
+    """The entry of `table` (first release -> value) that applies to `version`: the newest key <= version."""
+    found = None
+    for since, value in sorted(table.items(), key=lambda kv: key(kv[0])):
+        if at_least(version, since):
+            found = value
+    return found
 
 
 def in_range(version: str, bounds: Iterable[str]) -> bool:
