@@ -95,11 +95,9 @@ def generate(spec: ImageSpec, tiers: tuple[str, ...]) -> list[Check]:
 
 def gpu_runtime() -> tuple[bool, str]:
     """Is there a GPU containers can use? (nvidia-smi on the host and the NVIDIA container runtime.)"""
-    if not shutil.which("nvidia-smi"):
-        return False, "nvidia-smi is not on this host"
-    gpus, error = _list_gpus()
+    gpus, why_none = _list_gpus()
     if not gpus:
-        return False, f"nvidia-smi lists no GPU ({error[:200]})"
+        return False, why_none
     info = engine.sdk().info()
     if "nvidia" not in (info.get("Runtimes") or {}) and not shutil.which("nvidia-container-runtime-hook"):
         return False, "the NVIDIA Container Toolkit is not installed for this engine"
@@ -107,13 +105,13 @@ def gpu_runtime() -> tuple[bool, str]:
 
 
 def _list_gpus() -> tuple[list[str], str]:
-    """The `nvidia-smi -L` lines of the host's GPUs, and what it said on stderr."""
+    """The `nvidia-smi -L` lines of the host's GPUs, and, when there are none, why."""
     smi = shutil.which("nvidia-smi")
     if not smi:
         return [], "nvidia-smi is not on this host"
     listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
     gpus = [line for line in listed.stdout.splitlines() if line.startswith("GPU ")] if not listed.returncode else []
-    return gpus, listed.stderr.strip()
+    return gpus, "" if gpus else f"nvidia-smi lists no GPU ({listed.stderr.strip()[:200]})"
 
 
 # --- running --------------------------------------------------------------------------------------------
