@@ -12,6 +12,7 @@ uv in its environment so credentials never reach argv; nothing of an index URL i
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -44,6 +45,7 @@ def uv_path() -> str:
     raise UserError("uv is not installed: `pip install uv` (`make venv` installs it with the dev tools)")
 
 
+@functools.cache  # one `uv --version` per run, not one per set
 def uv_version(uv: str) -> str:
     out = subprocess.run([uv, "--version"], capture_output=True, text=True, timeout=60, check=False)
     return " ".join(out.stdout.split()[:2]) or "uv"
