@@ -11,15 +11,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import re
-import stat
-import tempfile
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import versions
+from . import fsutil, versions
 from .errors import UserError
 from .spec import is_alias
 
@@ -115,21 +112,7 @@ def write(path: Path, index: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     for target, text in ((path, json.dumps(index, indent=2, sort_keys=True) + "\n"),
                          (path.with_name("AVAILABLE_IMAGES.md"), markdown(index))):
-        try:
-            mode = stat.S_IMODE(target.stat().st_mode)
-        except FileNotFoundError:
-            mode = 0o666 & ~_umask()
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        fsutil.replace_text(target, text)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import build, lock
+from . import build, fsutil, lock
 from .errors import UserError
 
 try:
@@ -153,9 +153,4 @@ def update(current: lock.LockFile, wanted: dict[str, tuple[lock.Inputs, list[str
 
 def write(lockfile: lock.LockFile) -> None:
     """Replace the lock file atomically, keeping its mode."""
-    path = lockfile.path
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(lockfile.dumps(), encoding="utf-8")
-    if path.exists():
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-    os.replace(tmp, path)
+    fsutil.replace_text(lockfile.path, lockfile.dumps())
