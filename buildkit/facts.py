@@ -30,6 +30,7 @@ class Family:
     unverified: str | None
     sources: dict[str, str]
     default_driver_note: str | None = None  # the default driver is weakly sourced: said in a note
+    gpu_memory_mib: int | None = None  # memory of one GPU (the Accelerate way plans device maps from it)
 
     @property
     def is_gpu(self) -> bool:
@@ -164,6 +165,21 @@ class DjlRelease:
 
 
 @dataclass(frozen=True)
+class DjlBehaviour:
+    """How DJL Serving's Python engine treats a handler (one behaviour), per release."""
+
+    name: str
+    fact: str
+    by_version: dict[str, object]  # first release -> value, until the next key
+    checked: tuple[str, ...]  # the tags / release branches it was read at
+    source: str
+
+    def at(self, version: str) -> object:
+        """The value for a release: that of the newest key at or below it (None before the first)."""
+        return versions.as_of(self.by_version, version)
+
+
+@dataclass(frozen=True)
 class OperatingSystem:
     name: str
     image: str
@@ -189,6 +205,7 @@ class OperatingSystem:
 class Facts:
     families: dict[str, Family]
     amis: dict[str, str]  # InferenceAmiVersion -> driver
+    ami_cuda: dict[str, str]  # InferenceAmiVersion -> the CUDA version of its driver
     toolkits: dict[str, Toolkit]
     minor_compat: dict[str, str]
     torch: dict[str, TorchRelease]
@@ -204,6 +221,11 @@ class Facts:
     deepspeed_requires: dict[str, tuple[str, ...]] = field(default_factory=dict)  # first release -> list
     deepspeed_requires_cuda: dict[str, tuple[str, ...]] = field(default_factory=dict)
     deepspeed_requires_read_through: str = "0"
+    djl_behaviour: dict[str, DjlBehaviour] = field(default_factory=dict)
+
+    def djl_behaviour_at(self, version: str) -> dict[str, object]:
+        """Every DJL behaviour's value for one DJL Serving release (what the stand-in DJL follows)."""
+        return {name: b.at(version) for name, b in self.djl_behaviour.items()}
 
     def ops_of(self, deepspeed: str) -> tuple[DeepSpeedOp, ...]:
         """The ops a DeepSpeed release has (op_builder at that tag)."""
@@ -259,6 +281,7 @@ def load() -> Facts:
             sm=f.get("sm"),
             arch=f["arch"],
             max_gpus=f["max_gpus"],
+            gpu_memory_mib=f.get("gpu_memory_mib"),
             default_driver=f.get("default_driver"),
             min_driver=f.get("min_driver"),
             legacy=f.get("legacy"),
@@ -319,6 +342,7 @@ def load() -> Facts:
     return Facts(
         families=families,
         amis={name: a["driver"] for name, a in inst["inference_amis"]["amis"].items()},
+        ami_cuda={name: str(a["cuda"]) for name, a in inst["inference_amis"]["amis"].items()},
         toolkits=toolkits,
         minor_compat=dict(cuda["minor_compat"]),
         torch=torch_releases,
@@ -336,6 +360,9 @@ def load() -> Facts:
         deepspeed_requires={k: tuple(v) for k, v in ds["requires"].items()},
         deepspeed_requires_cuda={k: tuple(v) for k, v in ds["requires_cuda"].items()},
         deepspeed_requires_read_through=ds["requires_read_through"],
+        djl_behaviour={name: DjlBehaviour(name=name, fact=" ".join(b["fact"].split()), by_version=dict(b["by_version"]),
+                                          checked=tuple(b["checked"]), source=" ".join(b["source"].split()))
+                       for name, b in (djl.get("behaviour") or {}).items()},
         systems={name: OperatingSystem(name=name, **{k: tuple(v) if k == "other_pythons" else v for k, v in s.items()})
                  for name, s in osd["systems"].items()},
         sources={

@@ -1,39 +1,75 @@
 #!/usr/bin/env python3
 """Stand-in for DJL Serving in the local test images, installed as /usr/bin/djl-serving by a real .deb.
 
-DJL Serving's package cannot be fetched on the machines the tests run on. This implements the part of
-its Python engine that a handler relies on, so the image's own handler, DeepSpeed and Transformers
-produce every answer:
-- the model directory's serving.properties, with OPTION_<NAME> environment variables as defaults
-  (option.entryPoint, option.mpi_mode, option.tensor_parallel_degree, ...), as DJL reads them;
-- the ranks: in MPI mode `mpirun -np <tensor_parallel_degree>` starts one worker per rank (DJL passes
-  PYTHONPATH and MASTER_ADDR the same way), else one worker; each imports the entry point module;
-- the calls: an empty Input carrying the model's properties loads the model on every rank; each request
-  goes to every rank as a batch, and rank 0's Output is the answer (its code becomes the HTTP status);
-- port 8080: GET /ping (200 once the model is loaded), POST /invocations. A model that fails to load
-  stops the server with the handler's message, as DJL fails a model load.
-What it does not do: DJL's wire protocol, dynamic batching across requests, several models, workers
-restarts, streaming. It is a test fixture, never shipped in a production image.
+DJL Serving's package cannot be fetched on the machines the tests run on. This implements the part of its
+Python engine that a handler relies on, so the image's own handler, DeepSpeed and Transformers produce every
+answer, and it follows real DJL where the handler depends on it: every such behaviour is a fact in
+buildkit/data/djl.yaml (`behaviour`, each with its DJL source), and the stand-in reads the values for its
+DJL version from djl-facts.json (shipped in its package by tests/local/prepare.py; DJL_STANDIN_FACTS names
+another file). Facts carry over, code does not: this is not DJL's code.
+- the model directory's serving.properties, with OPTION_<NAME> environment variables as defaults; no engine=
+  line: engine Python, and the rolling batch DJL's recommender would choose (rolling_batch_without_engine);
+- the ranks: in MPI mode `mpirun -np <tensor_parallel_degree>` (default: every GPU) starts one worker per rank
+  with MASTER_ADDR and MASTER_PORT (a free port here; DJL passes 19000 + n), else one worker. MPI mode without
+  enough GPUs fails the load, as DJL does (mpi_needs_gpus). GPUs are counted with nvidia-smi; the test-only
+  knob DJL_STANDIN_GPUS=N pretends N GPUs, so MPI routing can be exercised with CPU (gloo) ranks;
+- the calls: the load (an empty Input with the model's options) goes to every rank; requests go to rank 0
+  only (routing rank-0: passive workers, unless option.use_passive_workers=false) or to every rank, and then
+  the last rank's answer counts (answer_rank); a load answered with a code >= 300 fails with
+  "Failed to initialize model: <its message>" (load_failure);
+- requests: query parameters and the body ("data") as content, headers as properties (request_parsing);
+  with batch_size > 1, requests arriving within max_batch_delay ms are one batch, encoded and split as DJL
+  does (batch); None is answered 204 (none_answer), an exception 424 (handler_exception);
+- port 8080 (DJL_STANDIN_PORT): GET /ping (200 once the model is loaded), POST /invocations.
+What it does not do: DJL's wire protocol, several models or workers, worker restarts, streaming, rolling
+batch. It is a test fixture, never shipped in a production image.
 """
 
+import base64
 import json
 import os
+import queue
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl, urlsplit
 
 MODEL_DIR = os.environ.get("SM_MODEL_DIR", "/opt/ml/model")
 LIB = os.environ.get("DJL_STANDIN_LIB", "/usr/lib/djl-serving-standin")
 PORT = int(os.environ.get("DJL_STANDIN_PORT", "8080"))
 LOAD_TIMEOUT_S = float(os.environ.get("DJL_STANDIN_LOAD_TIMEOUT", "900"))
+BATCH_KEY = re.compile(r"batch_(\d+)\.(.*)", re.S)
 
 
 def log(message):
     sys.stderr.write(f"djl-serving stand-in: {message}\n")
     sys.stderr.flush()
+
+
+def load_facts():
+    """{"version": DJL version, "behaviour": {name: value}} for the DJL version this stand-in plays."""
+    with open(os.environ.get("DJL_STANDIN_FACTS") or os.path.join(LIB, "djl-facts.json")) as fh:
+        return json.load(fh)
+
+
+FACTS = load_facts()
+B = FACTS["behaviour"]
+
+
+def gpu_count():
+    pretend = os.environ.get("DJL_STANDIN_GPUS")
+    if pretend:  # test-only: pretend GPUs so that MPI mode (and its routing) can run on CPU ranks
+        return int(pretend)
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return 0
+    out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
 
 
 def read_properties(model_dir):
@@ -58,6 +94,31 @@ def read_properties(model_dir):
     return props
 
 
+def is_text_generation(model_dir):
+    try:
+        with open(os.path.join(model_dir, "config.json")) as fh:
+            architectures = json.load(fh).get("architectures") or []
+    except (OSError, ValueError):
+        return None  # no config.json: DJL's recommender does not run
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
+def configure(props):
+    """What DJL's ModelInfo and LMI recommender make of the properties: the engine and the rolling batch."""
+    text_generation = is_text_generation(MODEL_DIR)
+    default = B["rolling_batch_without_engine"]
+    recommender_runs = default != "auto" or "engine" not in props  # 0.27: only without an engine= line
+    if text_generation is not None and recommender_runs:
+        if int(props.get("batch_size", "1")) > 1 or not text_generation:
+            props["option.rolling_batch"] = "disable"
+        elif props.get("option.rolling_batch", "auto") == "auto":
+            props["option.rolling_batch"] = default
+    props.setdefault("engine", "Python")
+    if props["engine"] == "MPI":
+        props["option.mpi_mode"] = "true"
+    return props
+
+
 class Ranks:
     """The worker processes of one model and a connection to each."""
 
@@ -68,19 +129,27 @@ class Ranks:
         if not entry:
             raise RuntimeError("no entry point: set option.entryPoint or put a model.py in the model directory")
         mpi = props.get("option.mpi_mode", "false").lower() == "true"
-        self.world = int(props.get("option.tensor_parallel_degree", "1")) if mpi else 1
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.world = 1
+        if mpi:
+            gpus = gpu_count()
+            degree = props.get("option.tensor_parallel_degree", "max")
+            self.world = gpus if degree == "max" else int(degree)
+            if B["mpi_needs_gpus"] and (self.world < 1 or gpus // self.world == 0):
+                raise RuntimeError(f"GPU devices are not enough to run {self.world} partitions.")
+            props["option.tensor_parallel_degree"] = str(self.world)
+        self.passive = (mpi and B["routing"] == "rank-0"
+                        and props.get("option.use_passive_workers", "true").lower() == "true")
+        self.port = free_port()
         worker = [sys.executable, os.path.join(LIB, "worker.py"), "--model-dir", MODEL_DIR, "--entry-point", entry,
-                  "--port", str(self.port)]
+                  "--port", str(self.port), "--none-code", str(B["none_answer"]),
+                  "--error-message", B["handler_exception"]]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (LIB, os.environ.get("PYTHONPATH")) if p))
         if mpi:
             cmd = ["mpirun", "-np", str(self.world), "--allow-run-as-root", "--bind-to", "none", "--oversubscribe",
-                   "-x", "PYTHONPATH", "-x", "MASTER_ADDR=127.0.0.1", *worker]
+                   "-x", "PYTHONPATH", "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={free_port()}", *worker]
         else:
             cmd = worker
-        log(f"starting {self.world} rank(s): {' '.join(cmd)}")
+        log(f"starting {self.world} rank(s){' (passive workers)' if self.passive else ''}: {' '.join(cmd)}")
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         self.conns = [self._connect(rank) for rank in range(self.world)]
 
@@ -97,58 +166,122 @@ class Ranks:
                 time.sleep(0.2)
         raise RuntimeError(f"rank {rank} did not listen within {LOAD_TIMEOUT_S:.0f} s")
 
-    def call(self, message):
-        """Send one message to every rank; every rank answers; rank 0's answer counts."""
+    def call(self, properties, content, load=False):
+        """Send one Input to the ranks DJL would send it to; the answer of the rank DJL would return."""
         with self.lock:
-            data = (json.dumps(message) + "\n").encode()
-            for conn in self.conns:
+            targets = self.conns if load or not self.passive else self.conns[:1]
+            data = (json.dumps({"properties": properties, "content": [
+                [k, base64.b64encode(v).decode()] for k, v in content]}) + "\n").encode()
+            for conn in targets:
                 conn.write(data)
                 conn.flush()
             replies = []
-            for rank, conn in enumerate(self.conns):
+            for rank, conn in enumerate(targets):
                 line = conn.readline()
                 if not line:
                     raise RuntimeError(f"rank {rank} closed its connection (exit {self.proc.poll()})")
                 replies.append(json.loads(line))
-            return replies[0]
+            reply = replies[-1] if B["answer_rank"] == "last" else replies[0]
+            reply["content"] = [(k, base64.b64decode(v)) for k, v in reply["content"]]
+            return reply
 
 
-STATE = {"ranks": None}
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def error_reply(code, message):
+    return {"code": code, "message": message, "properties": {"content-type": "application/json"},
+            "content": [("data", json.dumps({"code": code, "message": message}).encode())]}
+
+
+class Batcher:
+    """DJL's dynamic batching: requests that arrive within max_batch_delay ms, up to batch_size, are one call."""
+
+    def __init__(self, ranks, size, delay_ms):
+        self.ranks, self.size, self.delay = ranks, size, delay_ms / 1000
+        self.queue = queue.Queue()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def submit(self, properties, content):
+        slot = {"done": threading.Event()}
+        self.queue.put((properties, content, slot))
+        slot["done"].wait()
+        return slot["reply"]
+
+    def _run(self):
+        while True:
+            items = [self.queue.get()]
+            deadline = time.monotonic() + self.delay
+            while len(items) < self.size:
+                try:
+                    items.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            try:
+                replies = self._call(items)
+            except Exception as exc:  # a dead rank: DJL answers 5xx too
+                replies = [error_reply(503, str(exc))] * len(items)
+            for (_, _, slot), reply in zip(items, replies, strict=True):
+                slot["reply"] = reply
+                slot["done"].set()
+
+    def _call(self, items):
+        if len(items) == 1:
+            return [self.ranks.call(items[0][0], items[0][1])]
+        properties, content = {"batch_size": str(len(items))}, []
+        for i, (props, pairs, _) in enumerate(items):
+            properties.update({f"batch_{i:03d}.{k}": v for k, v in props.items()})
+            content += [(f"batch_{i:03d}.{k}", v) for k, v in pairs]
+        reply = self.ranks.call(properties, content)
+        if reply["code"] >= 300:
+            return [reply] * len(items)
+        if len(reply["content"]) != len(items):
+            return [error_reply(500, f"Batch output size mismatch, expected: {len(items)}, actual: "
+                                     f"{len(reply['content'])}")] * len(items)
+        replies = [dict(reply, content=[]) for _ in items]
+        for key, value in reply["content"]:
+            match = BATCH_KEY.fullmatch(key or "")
+            if not match or int(match.group(1)) >= len(items):
+                return [error_reply(500, f"Unexpected batch output key: {key}")] * len(items)
+            replies[int(match.group(1))]["content"].append((match.group(2), value))
+        return replies
+
+
+STATE = {"batcher": None}
 
 
 class Handler(BaseHTTPRequestHandler):
-    def _send(self, code, body, content_type="application/json"):
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    def _send(self, code, body=b"", content_type="application/json"):
         self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
+        if code != 204:
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(data)
+        if code != 204:
+            self.wfile.write(body)
 
     def do_GET(self):
         if self.path == "/ping":
-            ready = STATE["ranks"] is not None
-            self._send(200 if ready else 503, {"status": "Healthy" if ready else "Loading"})
+            ready = STATE["batcher"] is not None
+            self._send(200 if ready else 503, json.dumps({"status": "Healthy" if ready else "Loading"}).encode())
         else:
-            self._send(404, {"error": "not found"})
+            self._send(404, b'{"error": "not found"}')
 
     def do_POST(self):
-        if self.path != "/invocations":
-            return self._send(404, {"error": "not found"})
-        if STATE["ranks"] is None:
-            return self._send(503, {"error": "the model is not loaded yet"})
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode("utf-8", "replace")
-        try:
-            reply = STATE["ranks"].call({"batch": [body]})
-        except Exception as exc:  # a dead rank: DJL answers 5xx too
-            return self._send(503, {"error": str(exc)})
-        if reply.get("exception"):
-            return self._send(500, {"error": reply["exception"]})
-        if reply["code"] != 200:
-            return self._send(reply["code"], {"code": reply["code"], "message": reply["message"],
-                                              "error": reply.get("error")})
-        content = reply["content"]
-        self._send(200, content[0][1].encode() if content else b"")
+        url = urlsplit(self.path)
+        if url.path != "/invocations":
+            return self._send(404, b'{"error": "not found"}')
+        if STATE["batcher"] is None:
+            return self._send(503, b'{"error": "the model is not loaded yet"}')
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        content = [(k, v.encode()) for k, v in parse_qsl(url.query, keep_blank_values=True)] + [("data", body)]
+        reply = STATE["batcher"].submit(dict(self.headers.items()), content)
+        content_type = next((v for k, v in reply["properties"].items() if k.lower() == "content-type"),
+                            "application/octet-stream")
+        self._send(reply["code"], reply["content"][0][1] if reply["content"] else b"", content_type)
 
     def log_message(self, fmt, *args):
         log(fmt % args)
@@ -157,24 +290,24 @@ class Handler(BaseHTTPRequestHandler):
 def main():
     server = ThreadingHTTPServer(("0.0.0.0", PORT), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    props = read_properties(MODEL_DIR)
-    engine = props.get("engine", "Python")
-    if engine not in ("Python", "MPI"):
-        log(f"engine={engine}: this stand-in serves DJL's Python engine only")
+    props = configure(read_properties(MODEL_DIR))
+    log(f"DJL Serving {FACTS['version']} stand-in; engine={props['engine']}")
+    if props["engine"] not in ("Python", "MPI"):
+        log(f"engine={props['engine']}: this stand-in serves DJL's Python engine only")
         sys.exit(1)
     try:
         ranks = Ranks(props)
         options = {k[7:]: v for k, v in props.items() if k.startswith("option.")}
         options["model_dir"] = MODEL_DIR
-        reply = ranks.call({"properties": options, "batch": []})
+        reply = ranks.call(options, [], load=True)
     except Exception as exc:
         log(f"model load failed: {exc}")
         sys.exit(1)
-    if reply.get("exception"):
-        log(f"model load failed: {reply['exception']}")
+    if reply["code"] >= 300:
+        log(f"model load failed: {B['load_failure']}{reply['message']}")
         ranks.proc.terminate()
         sys.exit(1)
-    STATE["ranks"] = ranks
+    STATE["batcher"] = Batcher(ranks, int(props.get("batch_size", "1")), int(props.get("max_batch_delay", "100")))
     log(f"model loaded on {ranks.world} rank(s); serving on port {PORT}")
     code = ranks.proc.wait()
     log(f"the workers exited ({code})")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.server
+import json
 import os
 import shutil
 import socket
@@ -77,8 +78,14 @@ def ensure_base(image: str, mirror: str) -> str:
     return f"{ref} (made with mmdebstrap)"
 
 
+def standin_facts(version: str) -> dict:
+    """What the stand-in reads to behave as DJL Serving <version> does (buildkit/data/djl.yaml, behaviour)."""
+    return {"version": version, "behaviour": facts.load().djl_behaviour_at(version)}
+
+
 def standin_deb(version: str, out_dir: Path = PACKAGES) -> Path:
-    """Build djl-serving_<version>-1_all.deb holding the stand-in, byte-for-byte reproducibly."""
+    """Build djl-serving_<version>-1_all.deb holding the stand-in and the DJL facts of <version> it follows,
+    byte-for-byte reproducibly."""
     out_dir.mkdir(parents=True, exist_ok=True)
     deb = out_dir / f"djl-serving_{version}-1_all.deb"
     with tempfile.TemporaryDirectory(prefix="lmi-deb-") as tmp:
@@ -93,6 +100,7 @@ def standin_deb(version: str, out_dir: Path = PACKAGES) -> Path:
         target.chmod(0o755)
         lib = root / "usr" / "lib" / "djl-serving-standin"
         shutil.copytree(STANDIN_LIB, lib, ignore=shutil.ignore_patterns("__pycache__"))
+        (lib / "djl-facts.json").write_text(json.dumps(standin_facts(version), indent=1, sort_keys=True) + "\n")
         for path in lib.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)
         for path in sorted([root, *root.rglob("*")], reverse=True):

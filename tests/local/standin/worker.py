@@ -1,7 +1,10 @@
 """One rank of the DJL Serving stand-in: imports the model's entry point and calls its handle() for each
-message from the server (one JSON line in, one JSON line out), as DJL's Python engine calls a handler."""
+message from the server (one JSON line in, one JSON line out; bytes as base64), as DJL's Python engine calls a
+handler: None is answered with the none_answer code, an exception with Output().error(str(exception)) and
+the handler_exception message of this DJL version (buildkit/data/djl.yaml, behaviour)."""
 
 import argparse
+import base64
 import importlib
 import importlib.util
 import json
@@ -11,6 +14,7 @@ import sys
 import traceback
 
 from djl_python.inputs import Input
+from djl_python.outputs import Output
 
 
 def load_entry_point(model_dir, entry):
@@ -27,6 +31,8 @@ def main():
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--entry-point", required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--none-code", type=int, default=204)
+    parser.add_argument("--error-message", default="invoke handler failure")
     args = parser.parse_args()
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
     sys.path.insert(0, args.model_dir)
@@ -37,16 +43,18 @@ def main():
     server.listen(1)
     conn, _ = server.accept()
     stream = conn.makefile("rwb")
-    properties = {}
     for line in stream:
         message = json.loads(line)
-        properties = message.get("properties", properties)
+        inputs = Input(message["properties"], [(k, base64.b64decode(v)) for k, v in message["content"]])
         try:
-            output = module.handle(Input(properties, message.get("batch", [])))
-            reply = output.to_json() if output is not None else {"code": 200, "message": "OK", "content": []}
+            output = module.handle(inputs)
+            if output is None:
+                output = Output(code=args.none_code, message="No content")
         except Exception as exc:
             traceback.print_exc()
-            reply = {"exception": f"{type(exc).__name__}: {exc}"}
+            output = Output().error(str(exc), message=args.error_message)
+        reply = {"code": output.code, "message": output.message, "properties": output.properties,
+                 "content": [[k, base64.b64encode(bytes(v)).decode()] for k, v in output.content.pairs]}
         stream.write((json.dumps(reply) + "\n").encode())
         stream.flush()
 
