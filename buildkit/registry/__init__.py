@@ -14,8 +14,8 @@ from .credentials import stored_credentials
 from .ecr import UNTAGGED_EXPIRY_DAYS, Ecr
 from .errors import AuthError, RegistryError
 from .local import ensure_local_registry, registry_answers
-from .oci import MANIFEST_TYPES, OciClient, urlopen
+from .oci import MANIFEST_TYPES, OciClient, referrers_tag, urlopen
 
 __all__ = ["DEFAULT_REGISTRY", "MANIFEST_TYPES", "UNTAGGED_EXPIRY_DAYS", "Address", "AuthError", "Ecr", "OciClient",
            "RegistryError", "ensure_local_registry", "host_only", "is_loopback", "parse", "redact",
-           "registry_answers", "stored_credentials", "urlopen"]
+           "referrers_tag", "registry_answers", "stored_credentials", "urlopen"]

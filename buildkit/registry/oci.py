@@ -198,3 +198,117 @@ class OciClient:
                         "annotations": {"org.opencontainers.image.title": "images.json"}}],
         }, sort_keys=True).encode()
         return self.put_manifest(repo, tag, "application/vnd.oci.image.manifest.v1+json", manifest)
+
+    # --- OCI 1.1 referrers: artifacts (SBOM, provenance) attached to an image manifest by `subject` ----------
+
+    def blob(self, repo: str, digest: str) -> bytes:
+        """A blob, checked against its digest (a registry or proxy that alters it is refused)."""
+        data = self.request("GET", f"/v2/{repo}/blobs/{digest}").read()
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise RegistryError(f"{self.host}/{repo}: blob {digest} does not match its digest; refusing it")
+        return data
+
+    def push_referrer(self, repo: str, subject: str, artifact_type: str, payload: bytes,
+                      annotations: dict[str, str] | None = None) -> str:
+        """Attach `payload` to the manifest `subject` (a digest in repo) as an OCI 1.1 artifact manifest with a
+        `subject` field. Returns the artifact manifest's digest. Pushing the same payload again is a no-op."""
+        found = self.manifest(repo, subject)
+        if found is None:
+            raise RegistryError(f"{self.host}/{repo}@{subject} does not exist; push the image first")
+        empty = b"{}"
+        for blob in (payload, empty):
+            digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+            if not self.has_blob(repo, digest):
+                self.put_blob(repo, digest, blob)
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "size": len(empty),
+                       "digest": "sha256:" + hashlib.sha256(empty).hexdigest()},
+            "layers": [{"mediaType": artifact_type, "size": len(payload),
+                        "digest": "sha256:" + hashlib.sha256(payload).hexdigest()}],
+            "subject": {"mediaType": found[1] or OCI_MANIFEST, "digest": found[0], "size": len(found[2])},
+            "annotations": dict(sorted((annotations or {}).items())),
+        }, sort_keys=True).encode()
+        return self.put_referrer(repo, manifest)
+
+    def put_referrer(self, repo: str, body: bytes) -> str:
+        """PUT an artifact manifest with a subject by its digest. A registry that does not answer with the
+        OCI-Subject header has no referrers API: the manifest is then also listed in the referrers tag
+        (`sha256-<hex>` of the subject), an image index, as the distribution spec's fallback says."""
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        resp = self.request("PUT", f"/v2/{repo}/manifests/{digest}", {"Content-Type": OCI_MANIFEST}, data=body,
+                            ok=(201,))
+        doc = json.loads(body)
+        if resp.headers.get("OCI-Subject") is None:
+            descriptor = {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(body),
+                          "artifactType": doc.get("artifactType") or doc["config"]["mediaType"]}
+            if doc.get("annotations"):
+                descriptor["annotations"] = doc["annotations"]
+            tag = referrers_tag(doc["subject"]["digest"])
+            found = self.manifest(repo, tag)
+            listed = json.loads(found[2]).get("manifests", []) if found else []
+            if all(m.get("digest") != digest for m in listed):
+                index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [*listed, descriptor]}
+                self.put_manifest(repo, tag, OCI_INDEX, json.dumps(index, sort_keys=True).encode())
+        return digest
+
+    def referrers(self, repo: str, digest: str, artifact_type: str | None = None) -> list[dict]:
+        """Descriptors of the artifacts whose subject is `digest`: from the referrers API where the registry
+        has one, else from the referrers tag."""
+        resp = self.request("GET", f"/v2/{repo}/referrers/{digest}", {"Accept": OCI_INDEX}, ok=(200, 404))
+        if resp.status == 200 and resp.headers.get("Content-Type", "").split(";")[0] == OCI_INDEX:
+            listed = json.loads(resp.read()).get("manifests", [])
+        else:
+            found = self.manifest(repo, referrers_tag(digest))
+            listed = json.loads(found[2]).get("manifests", []) if found else []
+        # what a registry lists is not trusted: only well-formed sha256 descriptors are used
+        return [m for m in listed if isinstance(m, dict) and _DIGEST.fullmatch(str(m.get("digest")))
+                and (artifact_type is None or m.get("artifactType") == artifact_type)]
+
+    def referrer_payload(self, repo: str, digest: str, subject: str | None = None) -> tuple[str, bytes]:
+        """(artifact type, payload) of one artifact manifest, every digest checked (and its subject, if given)."""
+        found = self.manifest(repo, digest)
+        if found is None:
+            raise RegistryError(f"{self.host}/{repo}@{digest}: no such artifact")
+        if "sha256:" + hashlib.sha256(found[2]).hexdigest() != digest:
+            raise RegistryError(f"{self.host}/{repo}@{digest}: the manifest does not match its digest")
+        try:
+            doc = json.loads(found[2])
+            layer = doc["layers"][0]["digest"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise RegistryError(f"{self.host}/{repo}@{digest}: not an artifact manifest with a layer") from None
+        if not _DIGEST.fullmatch(str(layer)):
+            raise RegistryError(f"{self.host}/{repo}@{digest}: names layer {str(layer)[:80]!r}, not a sha256 digest")
+        if subject is not None and (doc.get("subject") or {}).get("digest") != subject:
+            raise RegistryError(f"{self.host}/{repo}@{digest}: is not attached to {subject}")
+        return doc.get("artifactType", ""), self.blob(repo, layer)
+
+    def copy_referrers(self, src: OciClient, src_repo: str, digest: str, repo: str) -> list[str]:
+        """Copy every artifact attached to `digest` in src to this registry (after the image itself)."""
+        copied = []
+        for ref in src.referrers(src_repo, digest):
+            found = src.manifest(src_repo, ref["digest"])
+            if found is None:
+                continue
+            doc = json.loads(found[2])
+            blobs = [doc.get("config", {}).get("digest")] + [layer.get("digest") for layer in doc.get("layers", [])]
+            if ("sha256:" + hashlib.sha256(found[2]).hexdigest() != ref["digest"]
+                    or (doc.get("subject") or {}).get("digest") != digest
+                    or not all(_DIGEST.fullmatch(str(b)) for b in blobs)):
+                raise RegistryError(f"{src.host}/{src_repo}: referrer {ref['digest']} of {digest} does not match its "
+                                    "digest, names another subject or a malformed blob; not copied")
+            for blob in blobs:
+                self.copy_blob(src, src_repo, repo, blob)
+            copied.append(self.put_referrer(repo, found[2]))
+        return copied
+
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def referrers_tag(digest: str) -> str:
+    """The fallback tag that lists a manifest's referrers: `sha256-<hex>` (OCI distribution spec 1.1)."""
+    algorithm, _, hexdigest = digest.partition(":")
+    return f"{algorithm}-{hexdigest}"
