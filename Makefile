@@ -77,6 +77,8 @@ render: venv ## re-render images/ from the matrix and templates
 validate: venv ## check the matrix against the compatibility rules
 	$(LMI) validate --verbose
 
+# The hash `make build` labels each image with: the wheelhouse, a base mirror or a package index is where a
+# build fetches from, not what the image is, so none of them changes it (render.plan).
 plan: venv ## image ids, tags and content hashes
 	$(LMI) plan $(SELECT)
 
@@ -91,9 +93,9 @@ lint: venv ## ruff, the render and lock gates, and hadolint on every rendered Do
 test: lint engine mpi ## lint, then the test suite (engine tests build real images)
 	$(BIN)/python -m pytest -q --durations=15 -m "not e2e"
 
-# The publish.yml sequence and the weekly rebuild end to end with the 2 GB local image (~4 min more than
-# make test); last result in bench/results.md.
-test-e2e: engine mpi ## the publishing workflows end to end on local registries
+# The publish.yml sequence and the weekly rebuild end to end with the 2 GB local image, and the image serving
+# two passive DJL ranks through its entrypoint (~20 min on 2 cores); last result in bench/results.md.
+test-e2e: engine mpi ## the publishing workflows and passive-rank serving end to end on local registries
 	$(BIN)/python -m pytest -q --durations=5 -m e2e
 
 # The GPU stack: real GPU images (DeepSpeed ops compiled for sm_86 and sm_70) on a CUDA toolchain made

@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import cache, engine
+from . import cache, engine, render
 from .engine import Client
 from .errors import UserError
+from .matrix import Matrix
 from .progress import Progress
+from .render import Context
 from .spec import ImageSpec, PlannedImage
 
 DEFAULT_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -66,26 +68,79 @@ def repository(spec: ImageSpec, registry: str | None) -> str:
     return f"{registry.rstrip('/')}/{spec.repository}" if registry else spec.repository
 
 
-def build_args(spec: ImageSpec, options: BuildOptions, matrix_args: dict[str, str], wheelhouse_ref: str | None
-               ) -> dict[str, str]:
-    """The build args of one image: they change its content hash, so they are computed before planning."""
-    args = dict(matrix_args)
-    mirror = options.base_mirror
-    if mirror or options.pin_bases:
-        from .ci import pin
+def plan(m: Matrix, specs: list[ImageSpec], options: BuildOptions, client: Client | None = None
+         ) -> list[tuple[PlannedImage, Context]]:
+    """render.plan with what this host adds: base digests asked of their registry (--pin-bases) and the
+    wheelhouse packaged as an image (when a client will build). Used by lmi plan, build, bake and ci-matrix,
+    so all of them print the hash a build labels its image with."""
+    renderer = render.for_matrix(m)
+    pinned = pin_bases(specs, options.base_mirror) if options.pin_bases else {}
+    wheels = wheelhouse_ref(options.wheelhouse) if options.wheelhouse else None
+    if wheels and client:
+        ensure_wheelhouse_image(client, options.wheelhouse, wheels)
+    return render.plan(specs, renderer, m.build_args, extra_args=options.build_args, pinned=pinned,
+                       host_args=lambda spec: host_args(spec, options, pinned, wheels))
 
-        for key, base in (("BUILDER_IMAGE", spec.builder_image), ("RUNTIME_IMAGE", spec.runtime_image)):
-            if base:
-                ref = engine.mirrored(base, mirror)
-                args[key] = pin(ref) if options.pin_bases else ref
+
+def pin_bases(specs: list[ImageSpec], mirror: str | None) -> dict[str, str]:
+    """Each base image -> the digest its tag points at now, asked of the registry it is pulled from."""
+    from .ci import digest_of
+
+    return {base: digest_of(engine.mirrored(base, mirror)) for base in sorted({b for s in specs for b in s.bases})}
+
+
+def host_args(spec: ImageSpec, options: BuildOptions, pinned: dict[str, str], wheelhouse: str | None
+              ) -> dict[str, str]:
+    """The build args that say where this host fetches things from: a base mirror (and the pinned digest),
+    the package index, the wheelhouse image. They are not in the content hash (render.plan)."""
+    args = {}
+    for key, base in (("BUILDER_IMAGE", spec.builder_image), ("RUNTIME_IMAGE", spec.runtime_image)):
+        if base and (options.base_mirror or base in pinned):
+            ref = engine.mirrored(base, options.base_mirror)
+            args[key] = f"{_untagged(ref)}@{pinned[base]}" if base in pinned and "@" not in ref else ref
     if options.pip_index_url:
         # Without its credentials: those travel as the BuildKit secret pip_index_url, never as an argument.
         args["PIP_INDEX_URL"] = redact_credentials(options.pip_index_url)
-    if wheelhouse_ref:
-        args["WHEELHOUSE"] = wheelhouse_ref
+    if wheelhouse:
+        args["WHEELHOUSE"] = wheelhouse
         args["PIP_FIND_LINKS"] = "/wheelhouse"
-    args.update(options.build_args)
     return args
+
+
+def _untagged(ref: str) -> str:
+    """`ref` without its tag (a port's colon stays): the name to pin a digest to."""
+    name, colon, tag = ref.rpartition(":")
+    return name if colon and "/" not in tag else ref
+
+
+def bake_file(planned: list[tuple[PlannedImage, Context]], options: BuildOptions, output: Path) -> dict:
+    """A docker buildx bake file: one target per image (context, tags, args, labels, secrets, cache), for
+    remote or Kubernetes BuildKit builders. The index's credentials are never in it."""
+    targets = {}
+    for p, _ in planned:
+        repo = repository(p.spec, options.registry)
+        target = {
+            "context": os.path.relpath(output / p.spec.id),
+            "dockerfile": "Dockerfile",
+            "tags": [f"{repo}:{t}" for t in p.tags],
+            "args": p.build_args,
+            "labels": {"io.lmi.content-hash": p.content_hash},
+            "network": "host",
+            "secret": [f"id=ca,src={options.ca_bundle or DEFAULT_CA_BUNDLE}"]
+            + (["id=pip_index_url,env=LMI_PIP_INDEX_URL"] if has_credentials(options.pip_index_url) else []),
+        }
+        if options.wheelhouse:  # buildx: the folder itself replaces the `wheelhouse` stage
+            target["contexts"] = {"wheelhouse": str(options.wheelhouse.resolve())}
+        if options.registry:
+            cache_ref = f"{repo}:buildcache-{p.spec.id}"
+            target["cache-from"] = [f"type=registry,ref={cache_ref}"]
+            target["cache-to"] = [f"type=registry,ref={cache_ref},mode=max"]
+        targets[bake_target(p.spec.id)] = target
+    return {"group": {"default": {"targets": list(targets)}}, "target": targets}
+
+
+def bake_target(image_id: str) -> str:
+    return image_id.replace(".", "_")  # bake target names allow [A-Za-z0-9_-] only
 
 
 def redact_credentials(url: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from . import index, publish
 from .errors import UserError
 from .registry import Address, OciClient, RegistryError
 from .spec import PlannedImage, content_hash
@@ -38,12 +39,12 @@ def context_at(ref: str, context_dir: Path) -> tuple[dict[str, bytes], dict[str,
 
 
 def changed_since(planned: list[PlannedImage], ref: str, output: Path) -> list[PlannedImage]:
-    """Images whose content hash at `ref` (its committed context, today's build args and bases) differs
+    """Images whose content hash at `ref` (its committed context, today's hashed build args and bases) differs
     from now: the images a change touches. The CI gate keeps images/ equal to a fresh render."""
     out = []
     for p in planned:
         before = context_at(ref, output / p.spec.id)
-        if before is None or content_hash(before[0], p.build_args, p.spec.bases, before[1]) != p.content_hash:
+        if before is None or content_hash(before[0], p.content_args, p.content_bases, before[1]) != p.content_hash:
             out.append(p)
     return out
 
@@ -67,6 +68,8 @@ def unpublished(planned: list[PlannedImage], address: Address) -> list[PlannedIm
 def _registry_of(ref: str) -> tuple[str, str, str]:
     """(API host, repository, tag) of an image reference, Docker Hub names included."""
     name, _, tag = ref.rpartition(":") if "@" not in ref else (ref, "", "")
+    if "/" in tag:  # the colon was a port's: no tag
+        name, tag = ref, ""
     first = name.split("/")[0]
     if "." in first or ":" in first or first == "localhost":
         host, repo = first, name.split("/", 1)[1]
@@ -75,10 +78,10 @@ def _registry_of(ref: str) -> tuple[str, str, str]:
     return host, repo, tag or "latest"
 
 
-def pin(ref: str) -> str:
-    """`ref` pinned to the digest its tag points at now, asked of its registry (no pull)."""
+def digest_of(ref: str) -> str:
+    """The digest `ref`'s tag points at now, asked of its registry (no pull); a ref by digest is its own."""
     if "@" in ref:
-        return ref
+        return ref.split("@", 1)[1]
     host, repo, tag = _registry_of(ref)
     try:
         found = OciClient(host, retries=2).manifest(repo, tag)
@@ -87,4 +90,42 @@ def pin(ref: str) -> str:
                         "--pin-bases") from None
     if found is None:
         raise UserError(f"base image {ref} does not exist in its registry; check the tag or the mirror")
-    return f"{ref.rsplit(':', 1)[0]}@{found[0]}"
+    return found[0]
+
+
+def runner_labels(family) -> list[str]:
+    """The self-hosted runner labels a family's image is built and tested on."""
+    arch = family.arch.replace("x86_64", "x64").replace("aarch64", "arm64")
+    return ["self-hosted", "linux", arch, *(["gpu", family.name] if family.is_gpu else ["cpu"])]
+
+
+def job_matrix(planned: list[PlannedImage]) -> dict:
+    """`{"include": [...]}` for a CI job matrix: per image its id, family, runner labels, tag and content hash."""
+    return {"include": [{"id": p.spec.id, "family": p.spec.family.name, "gpu": p.spec.family.is_gpu,
+                         "runs-on": runner_labels(p.spec.family), "tag": p.spec.tag, "content_hash": p.content_hash}
+                        for p in planned]}
+
+
+def merge_index(index_path: Path, fragments: list[str], fetch: list[Address], publish_to: list[Address],
+                repository: str, attempts: int = 3, say=print) -> dict:
+    """Merge index fragments (one per CI job) into `index_path`, starting from what `fetch` publishes, and
+    publish the result. Read, merge and replace happen under the index's lock, and the publish is a
+    compare-and-swap on what was fetched: an index that moved meanwhile is merged in again, never dropped."""
+    for attempt in range(1, attempts + 1):
+        read_at: dict[str, str | None] = {}
+        with index.locked(index_path):
+            merged = index.load(index_path, missing_ok=True)
+            for address in fetch:
+                published, read_at[address.url] = publish.fetch_index_at(address, repository)
+                merged = index.merge(merged, published["images"], address.url)
+            for fragment in fragments:
+                merged = index.merge(merged, index.load(fragment)["images"], str(fragment))
+            index.write(index_path, merged)
+            try:
+                publish.publish_index(index_path, publish_to, repository, read_at)
+                return merged
+            except publish.IndexMoved as moved:
+                if attempt == attempts:
+                    raise
+                say(f"{moved}; merging again ({attempt}/{attempts})")
+    raise AssertionError("unreachable")

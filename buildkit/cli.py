@@ -11,6 +11,7 @@ import argparse
 import fnmatch
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from . import __version__, build, ci, engine, facts, index, lock, matrix, publis
 from .errors import LmiError, UserError
 from .progress import progress_for
 from .rules import Combo, evaluate
-from .spec import ImageSpec, PlannedImage, content_hash, resolve
+from .spec import ImageSpec, resolve
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -44,11 +45,6 @@ def _load(args: argparse.Namespace) -> tuple[matrix.Matrix, list[ImageSpec]]:
     f = facts.load()
     m = matrix.load(_matrix_path(args), f)
     return m, resolve(m, f)
-
-
-def _renderer(m: matrix.Matrix) -> render.Renderer:
-    """Renders m's contexts with their locks (the matrix's lock file, beside it)."""
-    return render.Renderer(m.templates, lock.load(lock.lock_path(m.path)), m.build_args)
 
 
 def select(specs: list[ImageSpec], instances: Sequence[str], patterns: Sequence[str]) -> list[ImageSpec]:
@@ -116,9 +112,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     f = facts.load()
     driver = args.driver
+    if driver is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)*", driver):
+        raise UserError(f"--driver {driver!r}: not a driver version; write it as digits and dots, e.g. 535.54.03")
     if args.inference_ami:
         if args.inference_ami not in f.amis:
-            raise UserError(f"--inference-ami {args.inference_ami}: unknown; "
+            raise UserError(f"--inference-ami {args.inference_ami!r}: unknown; "
                             f"{versions.did_you_mean(args.inference_ami, f.amis)}")
         driver = f.amis[args.inference_ami]
     combo = Combo(family=args.instance, djl=args.djl, deepspeed=args.deepspeed, torch=args.torch, cuda=args.cuda,
@@ -156,7 +154,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     problem = matrix.output_problem(out, m.path.parent, outside_ok=True) if args.out else None
     if problem:
         raise UserError(f"--out {args.out}: {problem}")
-    renderer = _renderer(m)
+    renderer = render.for_matrix(m)
     contexts = [renderer.render(s) for s in specs]
     whole = not args.instance and not args.patterns
     if args.check:
@@ -206,7 +204,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
     if whole:  # sets no image of the matrix uses any more
         sets = {k: v for k, v in sets.items() if k in wanted}
     locker.write(lock.LockFile(path, sets))
-    renderer = _renderer(m)
+    renderer = render.for_matrix(m)
     contexts = [renderer.render(s) for s in specs]
     changed = render.write(contexts, m.output, prune=False)
     print(f"wrote {path}; re-rendered {len(changed)} context(s) in {m.output}")
@@ -219,8 +217,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    m, specs = _selected(args)
-    planned = render.plan(specs, _renderer(m))
+    _, _, planned = _planned_for_build(args, None)
     if args.json:
         print(json.dumps([p.to_json() for p, _ in planned], indent=2, sort_keys=True))
         return EXIT_OK
@@ -257,41 +254,49 @@ def cmd_engine(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _prefix(option: str, value: str | None) -> str | None:
+    """A registry prefix option (--registry, --base-mirror), refused in one line when outside its grammar."""
+    problem = value and matrix.prefix_problem(value)
+    if problem:
+        raise UserError(f"{option} {value!r}: {problem}")
+    return value
+
+
 def _build_options(args: argparse.Namespace, m: matrix.Matrix) -> build.BuildOptions:
     extra = {}
     for pair in args.build_arg or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise UserError(f"--build-arg {pair}: expected KEY=VALUE")
+            raise UserError(f"--build-arg {pair!r}: expected KEY=VALUE")
+        problem = matrix.build_arg_problem(key, value)
+        if problem:
+            raise UserError(f"--build-arg: {problem}")
         extra[key] = value
+    index_url = args.pip_index_url or os.environ.get("LMI_PIP_INDEX_URL")
+    if index_url and any(ord(c) < 32 or ord(c) == 127 for c in index_url):
+        raise UserError("--pip-index-url (or $LMI_PIP_INDEX_URL) holds a control character (a line break?); "
+                        "remove it")
     return build.BuildOptions(
-        jobs=args.jobs, force=getattr(args, "force", False), base_mirror=args.base_mirror or m.base_mirror,
-        pip_index_url=args.pip_index_url or os.environ.get("LMI_PIP_INDEX_URL"),
+        jobs=args.jobs, force=getattr(args, "force", False),
+        base_mirror=_prefix("--base-mirror", args.base_mirror) or m.base_mirror, pip_index_url=index_url,
         wheelhouse=Path(args.wheelhouse) if args.wheelhouse else None,
-        ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None, build_args=extra, registry=args.registry,
+        ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None, build_args=extra,
+        registry=_prefix("--registry", args.registry),
         pin_bases=args.pin_bases,
     )
 
 
 def _planned_for_build(args: argparse.Namespace, client: engine.Client | None, require_locks: bool = False):
-    """Selected specs, planned with the build args they will be built with (which enter the hash).
-    With require_locks, an image whose context has no current lock is refused before anything is built."""
+    """Selected specs, planned as they will be built (build.plan). With require_locks, an image whose context
+    has no current lock is refused before anything is built."""
     m, specs = _selected(args)
     specs = build.select_shard(specs, getattr(args, "shard", None))
     if not specs:
         raise UserError(f"shard {args.shard} has no images; use fewer shards")
     options = _build_options(args, m)
-    wheelhouse_ref = build.wheelhouse_ref(options.wheelhouse) if options.wheelhouse else None
-    if wheelhouse_ref and client:
-        build.ensure_wheelhouse_image(client, options.wheelhouse, wheelhouse_ref)
-    renderer = _renderer(m)
-    planned = []
-    for spec in specs:
-        ctx = renderer.render(spec)
-        bargs = build.build_args(spec, options, m.build_args, wheelhouse_ref)
-        planned.append((PlannedImage(spec, content_hash(ctx.files, bargs, spec.bases, ctx.modes), bargs), ctx))
+    planned = build.plan(m, specs, options, client)
     if require_locks:
-        _refuse_unlocked(renderer.locks, m.build_args, planned)
+        _refuse_unlocked(lock.load(lock.lock_path(m.path)), m.build_args, planned)
     return m, options, planned
 
 
@@ -349,35 +354,11 @@ def _summary(results: list[build.Result]) -> None:
 def cmd_bake(args: argparse.Namespace) -> int:
     """A docker buildx bake file: one target per image, for remote or Kubernetes BuildKit builders."""
     m, options, planned = _planned_for_build(args, None, require_locks=True)
-    targets = {}
-    for p, _ in planned:
-        repo = build.repository(p.spec, options.registry)
-        target = {
-            "context": os.path.relpath(m.output / p.spec.id),
-            "dockerfile": "Dockerfile",
-            "tags": [f"{repo}:{t}" for t in p.tags],
-            "args": p.build_args,
-            "labels": {"io.lmi.content-hash": p.content_hash},
-            "network": "host",
-            "secret": [f"id=ca,src={options.ca_bundle or build.DEFAULT_CA_BUNDLE}"]
-            + (["id=pip_index_url,env=LMI_PIP_INDEX_URL"] if build.has_credentials(options.pip_index_url) else []),
-        }
-        if options.wheelhouse:  # buildx: the folder itself replaces the `wheelhouse` stage
-            target["contexts"] = {"wheelhouse": str(options.wheelhouse.resolve())}
-        if options.registry:
-            cache = f"{repo}:buildcache-{p.spec.id}"
-            target["cache-from"] = [f"type=registry,ref={cache}"]
-            target["cache-to"] = [f"type=registry,ref={cache},mode=max"]
-        targets[bake_target(p.spec.id)] = target
-    print(json.dumps({"group": {"default": {"targets": list(targets)}}, "target": targets}, indent=2))
+    print(json.dumps(build.bake_file(planned, options, m.output), indent=2))
     if build.has_credentials(options.pip_index_url):
         print("note: the package index's credentials are not in the bake file; set LMI_PIP_INDEX_URL to the "
               "full URL where `docker buildx bake` runs", file=sys.stderr)
     return EXIT_OK
-
-
-def bake_target(image_id: str) -> str:
-    return image_id.replace(".", "_")  # bake target names allow [A-Za-z0-9_-] only
 
 
 def cmd_ci_matrix(args: argparse.Namespace) -> int:
@@ -388,36 +369,14 @@ def cmd_ci_matrix(args: argparse.Namespace) -> int:
         chosen = ci.changed_since(chosen, args.changed_since, m.output)
     if args.unpublished_in:
         chosen = ci.unpublished(chosen, _address(args.unpublished_in))
-    include = []
-    for p in chosen:
-        fam = p.spec.family
-        runner = ["self-hosted", "linux", fam.arch.replace("x86_64", "x64").replace("aarch64", "arm64")]
-        runner += ["gpu", fam.name] if fam.is_gpu else ["cpu"]
-        include.append({"id": p.spec.id, "family": fam.name, "gpu": fam.is_gpu, "runs-on": runner,
-                        "tag": p.spec.tag, "content_hash": p.content_hash})
-    print(json.dumps({"include": include}, indent=None if args.compact else 2))
+    print(json.dumps(ci.job_matrix(chosen), indent=None if args.compact else 2))
     return EXIT_OK
 
 
 def cmd_index_merge(args: argparse.Namespace) -> int:
-    publish_to = [_address(u) for u in args.publish or []]
-    for attempt in range(1, 4):
-        read_at: dict[str, str | None] = {}
-        with index.locked(Path(args.index)):  # read, merge and replace under one lock: no writer is lost
-            merged = index.load(args.index, missing_ok=True)
-            for url in args.fetch or []:  # start from what is published
-                published, read_at[_address(url).url] = publish.fetch_index_at(_address(url), args.repository)
-                merged = index.merge(merged, published["images"], url)
-            for fragment in args.fragments:
-                merged = index.merge(merged, index.load(fragment)["images"], str(fragment))
-            index.write(Path(args.index), merged)
-            try:  # compare-and-swap on what was fetched: a concurrent publish is merged in, never dropped
-                publish.publish_index(Path(args.index), publish_to, args.repository, read_at)
-                break
-            except publish.IndexMoved as moved:
-                if attempt == 3:
-                    raise
-                print(f"{moved}; merging again ({attempt}/3)", file=sys.stderr)
+    merged = ci.merge_index(Path(args.index), args.fragments, [_address(u) for u in args.fetch or []],
+                            [_address(u) for u in args.publish or []], args.repository,
+                            say=lambda line: print(line, file=sys.stderr))
     print(f"{args.index}: {len(merged['images'])} image(s), {len(args.fragments)} fragment(s) merged; "
           "AVAILABLE_IMAGES.md beside it")
     for url in args.publish or []:
@@ -431,6 +390,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     if unknown or not tiers:
         raise UserError(f"--tier {args.tier}: unknown tier {', '.join(unknown) or '(none)'}; "
                         f"choose from {', '.join(smoke.TIERS)}")
+    _prefix("--registry", args.registry)
     m, specs = _selected(args)
     if args.image and len(specs) != 1:
         raise UserError(f"--image {args.image} tests one image, but the selection has {len(specs)}; "
@@ -482,8 +442,8 @@ def cmd_push(args: argparse.Namespace) -> int:
         registry.ensure_local_registry()
     _, specs = _selected(args)
     print(f"pushing {len(specs)} image(s) to {address.url}")
-    done = publish.push(specs, address, Path(args.index), revision=args.revision,
-                        index_artifact=not args.no_index_artifact)
+    done = publish.push(specs, address, Path(args.index), index_artifact=not args.no_index_artifact,
+                        matrix_path=_matrix_path(args))
     for p in done:
         print(f"{p.spec.id}: {p.address.ref(p.spec.repository, digest=p.digest)}")
     print(f"index: {args.index} ({len(done)} image(s) recorded); AVAILABLE_IMAGES.md beside it")
@@ -499,15 +459,81 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _revision(text: str) -> int:
+    """--revision N: a positive number, as in <tag>-rN (an `rN` is taken too)."""
+    digits = text[1:] if text[:1] == "r" else text
+    if not (digits.isascii() and digits.isdigit() and 0 < int(digits) < 10**9):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a revision: give N of <tag>-rN, e.g. 2")
+    return int(digits)
+
+
 def cmd_uri(args: argparse.Namespace) -> int:
     entry, reg = index.lookup(index.load(args.index), args.instance, region=args.region, registry=args.registry,
-                              djl=args.djl, deepspeed=args.deepspeed, torch=args.torch, cuda=args.cuda)
+                              revision=args.revision, djl=args.djl, deepspeed=args.deepspeed, torch=args.torch,
+                              cuda=args.cuda)
     if args.json:
         print(json.dumps({"uri": reg["uri"], "registry": reg["url"], "region": reg.get("region"), "id": entry["id"],
-                          "tag": entry["tag"], "digest": entry["digest"], "components": entry["components"]},
+                          "tag": entry["tag"], "revision": entry.get("revision"), "host": entry.get("host"),
+                          "digest": entry["digest"], "components": entry["components"],
+                          "sbom": entry.get("sbom"), "provenance": entry.get("provenance"), "gate": entry.get("gate")},
                          indent=2))
     else:
+        if entry.get("host"):
+            print(f"{entry['tag']}: {entry['host']['summary']}", file=sys.stderr)
         print(reg["uri"])
+    return EXIT_OK
+
+
+def cmd_sbom(args: argparse.Namespace) -> int:
+    """Print or save the SBOM (or provenance) of one selected image: the artifact attached to its digest in
+    a registry (as the index records it), or, with --local, made now from the image in the engine."""
+    from . import attest
+
+    _, specs = _selected(args)
+    if len(specs) != 1:
+        raise UserError(f"{len(specs)} images match; select one (e.g. `lmi sbom {specs[0].id}`)")
+    spec = specs[0]
+    if args.local:
+        if args.provenance:
+            raise UserError("--local makes an SBOM only; provenance exists for a pushed image (drop --local)")
+        text = attest.documents(engine.detect_client().path, f"{spec.repository}:{spec.tag}", spec,
+                                spec.repository, None)[0]
+    else:
+        address = _address(args.registry)
+        listed = [e for e in index.load(args.index)["images"] if e["id"] == spec.id
+                  and any(r["url"] == address.url for r in e.get("registries", []))]
+        if not listed:
+            raise UserError(f"{spec.id}: the index {args.index} lists no image of it in {address.url}; check "
+                            "--index and --registry, or use --local for the image in the engine")
+        entry = max(listed, key=lambda e: e.get("built") or "")
+        target = publish.Target(address, engine.detect_client().path if address.kind == "ecr" else "docker")
+        target.prepare(set())
+        kind = "provenance" if args.provenance else "sbom"
+        text = attest.read(target.oci, address.path(spec.repository), entry["digest"], kind, entry.get(kind))
+    if args.output:
+        Path(args.output).write_bytes(text)
+        print(f"wrote {args.output} ({len(text)} bytes)")
+    else:
+        sys.stdout.write(text.decode() + ("" if text.endswith(b"\n") else "\n"))
+    return EXIT_OK
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from . import gate
+
+    m, specs = _selected(args)
+    allowlist = Path(args.allowlist) if args.allowlist else m.path.parent / gate.DEFAULT_ALLOWLIST.name
+    if args.allowlist and not allowlist.is_file():
+        raise UserError(f"--allowlist {args.allowlist}: no such file; omit it to use {gate.DEFAULT_ALLOWLIST.name} "
+                        "beside the matrix")
+    results = gate.run(specs, _address(args.registry), Path(args.index), allowlist, args.floor,
+                       no_scan_gate=args.no_scan_gate, timeout_s=args.scan_timeout)
+    failed = [spec.id for spec, verdict in results if not verdict["passed"]]
+    if failed:
+        print(f"gate: {len(failed)} of {len(results)} image(s) may not be promoted: {', '.join(failed)} "
+              f"(verdicts in {args.index})", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"gate: {len(results)} image(s) may be promoted (verdicts in {args.index})")
     return EXIT_OK
 
 
@@ -569,10 +595,6 @@ def _parser() -> argparse.ArgumentParser:
                    "credentials is better given as $LMI_PIP_INDEX_URL")
     p.set_defaults(func=cmd_lock)
 
-    p = sub.add_parser("plan", parents=[common, selectors], help="image ids, tags and content hashes")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_plan)
-
     engine_opts = argparse.ArgumentParser(add_help=False)
     engine_opts.add_argument("--docker", metavar="PATH", help="docker CLI to build with (default: detected; "
                              "also $DOCKER)")
@@ -590,6 +612,11 @@ def _parser() -> argparse.ArgumentParser:
     build_opts.add_argument("--shard", metavar="I/N", help="build only the I-th of N slices of the selection")
     build_opts.add_argument("--pin-bases", action="store_true",
                             help="use the digest each base tag points at now (a new base digest changes the hash)")
+
+    p = sub.add_parser("plan", parents=[common, selectors, build_opts],
+                       help="image ids, tags and content hashes (as `lmi build` with the same options labels them)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("engine", parents=[common, engine_opts],
                        help="make sure a docker engine answers (installs and starts Debian's docker.io if needed)")
@@ -624,8 +651,6 @@ def _parser() -> argparse.ArgumentParser:
                        help="push smoke-tested images with immutable tags and record them in the index")
     p.add_argument("--registry", metavar="URL", help=f"ecr://ACCOUNT/REGION[/PREFIX] or oci://HOST[:PORT][/PREFIX] "
                                                      f"(default: {registry.DEFAULT_REGISTRY})")
-    p.add_argument("--revision", metavar="R", help="publish the immutable tag as <tag>-R (scheduled rebuilds on a "
-                                                   "new base: new immutable tags, the aliases move)")
     p.add_argument("--no-index-artifact", action="store_true",
                    help="write the index file only (CI jobs whose fragments are merged later)")
     p.set_defaults(func=cmd_push)
@@ -643,9 +668,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", metavar="URL", help="only URIs in this registry")
     for name in ("djl", "deepspeed", "torch", "cuda"):
         p.add_argument(f"--{name}", metavar="VERSION", help="a version or its prefix (0.27 matches 0.27.0)")
+    p.add_argument("--revision", type=_revision, metavar="N",
+                   help="that revision of the component tuple (its <tag>-rN; default: the newest)")
     p.add_argument("--index", default=str(index.DEFAULT_INDEX), metavar="PATH|URL")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_uri)
+
+    p = sub.add_parser("sbom", parents=[common, selectors, index_opt],
+                       help="print or save an image's SBOM (CycloneDX 1.5) or provenance (in-toto, SLSA v1)")
+    p.add_argument("--registry", metavar="URL",
+                   help=f"where the image is published (default: {registry.DEFAULT_REGISTRY})")
+    p.add_argument("--provenance", action="store_true", help="the provenance statement instead of the SBOM")
+    p.add_argument("--local", action="store_true", help="make the SBOM now from the image in the engine")
+    p.add_argument("-o", "--output", metavar="FILE", help="save to FILE instead of printing")
+    p.set_defaults(func=cmd_sbom)
+
+    p = sub.add_parser("gate", parents=[common, selectors, index_opt],
+                       help="the release gate: read the registry's scan findings, record a verdict in the index")
+    p.add_argument("--registry", metavar="URL", required=True, help="the staging registry the images were pushed to")
+    p.add_argument("--floor", default="HIGH", metavar="SEVERITY",
+                   help="fail on fixable ACTIVE findings at or above this (default: HIGH)")
+    p.add_argument("--allowlist", metavar="FILE",
+                   help="accepted findings (default: scan-allowlist.yaml beside the matrix)")
+    p.add_argument("--scan-timeout", type=float, default=1800.0, metavar="S",
+                   help="seconds to wait for a scan to complete (then fail closed)")
+    p.add_argument("--no-scan-gate", action="store_true",
+                   help="promote without a scan (a plain OCI registry has no scanner); recorded in the index")
+    p.set_defaults(func=cmd_gate)
 
     p = sub.add_parser("bake", parents=[common, selectors, build_opts],
                        help="print a docker buildx bake file for the selected images")

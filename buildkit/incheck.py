@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """lmi in-image checks: does this environment hold what its claims say?
 
-One module, two places: copied into every build context (and image, at /opt/lmi/lmi_check.py) and run
-there by `lmi test`, or run directly on a host (`python -m buildkit.incheck`), e.g. on a GPU machine.
-It needs nothing beyond the Python standard library and what the image itself carries.
+Not part of any image: `lmi test` mounts it read-only into each test container (at
+/opt/lmi-check/lmi_check.py) and runs it there, so editing a check changes no image; or run it directly on a
+host (`python -m buildkit.incheck`), e.g. on a GPU machine. It needs nothing beyond the Python standard
+library and what the image itself carries.
 
     python lmi_check.py --claims /opt/lmi/image.json --checks checks.json [--timeout 300]
 

@@ -29,6 +29,8 @@ def empty() -> dict:
 
 
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# Per entry: the digests of its SBOM and provenance (OCI referrers of its image) and the release gate's verdict.
+SUPPLY_CHAIN = ("sbom", "provenance", "gate")
 
 
 def load(location: str | Path, missing_ok: bool = False) -> dict:
@@ -67,6 +69,10 @@ def validate(data: dict, source: str) -> None:
         if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
             raise UserError(f"{source}: image {i + 1} has digest {str(digest)[:80]!r}, not sha256:<64 hex>; "
                             "the index is damaged or was not written by lmi")
+        for key in ("sbom", "provenance"):
+            if entry.get(key) is not None and not DIGEST.fullmatch(str(entry[key])):
+                raise UserError(f"{source}: image {entry.get('id')} has {key} {str(entry[key])[:80]!r}, not "
+                                "sha256:<64 hex>; the index is damaged or was not written by lmi")
         for reg in entry.get("registries") or []:
             uri = reg.get("uri", "") if isinstance(reg, dict) else ""
             if not uri.endswith("@" + digest):
@@ -94,6 +100,7 @@ def merge(index: dict, entries: list[dict], source: str = "the new entries") -> 
             continue
         old["registries"] = _union(old["registries"], new["registries"], key=lambda r: r["url"])
         old["tags"] = sorted(set(old["tags"]) | set(new["tags"]))
+        old.update({k: new[k] for k in SUPPLY_CHAIN if new.get(k) is not None})  # the newer SBOM/verdict wins
     images.sort(key=lambda e: (e["family"], _newness(e)), reverse=False)
     return {"schema": SCHEMA, "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "images": images}
@@ -139,7 +146,7 @@ def update(path: Path, entries: list[dict], source: str = "the new entries") -> 
 def _newness(entry: dict) -> tuple:
     c = entry["components"]
     return (versions.key(c["djl_serving"]), versions.key(c["deepspeed"]), versions.key(c["torch"]),
-            versions.key(c.get("cuda") or "0"), entry.get("built") or "")
+            versions.key(c.get("cuda") or "0"), entry.get("revision") or 0, entry.get("built") or "")
 
 
 def _matches(have: str | None, want: str | None) -> bool:
@@ -152,18 +159,21 @@ def _matches(have: str | None, want: str | None) -> bool:
 
 
 def lookup(index: dict, instance: str, region: str | None = None, registry: str | None = None,
-           **wanted: str | None) -> tuple[dict, dict]:
-    """The newest image for `instance` matching every version given, and its registry entry."""
+           revision: int | None = None, **wanted: str | None) -> tuple[dict, dict]:
+    """The newest image for `instance` matching every version given (and the revision, if given: the
+    component tuple's N-th publish, its <tag>-r<N>), and its registry entry."""
     keys = {"djl": "djl_serving", "deepspeed": "deepspeed", "torch": "torch", "cuda": "cuda"}
     family = [e for e in index.get("images", []) if e["family"] == instance]
     if not family:
         known = sorted({e["family"] for e in index.get("images", [])})
         raise UserError(f"no image for instance family '{instance}' in the index; it has: "
                         f"{', '.join(known) or 'nothing yet'}")
-    fits = [e for e in family if all(_matches(e["components"].get(keys[k]), v) for k, v in wanted.items())]
+    fits = [e for e in family if all(_matches(e["components"].get(keys[k]), v) for k, v in wanted.items())
+            and (revision is None or e.get("revision") == revision)]
     if not fits:
         have = "; ".join(sorted({_describe(e) for e in family}))
-        asked = ", ".join(f"{k} {v}" for k, v in wanted.items() if v)
+        asked = [f"{k} {v}" for k, v in wanted.items() if v] + ([f"revision {revision}"] if revision else [])
+        asked = ", ".join(asked)
         raise UserError(f"no {instance} image with {asked}; {instance} has: {have}")
     for entry in sorted(fits, key=_newness, reverse=True):
         regs = [r for r in entry["registries"] if (region is None or r.get("region") == region)
@@ -177,8 +187,9 @@ def lookup(index: dict, instance: str, region: str | None = None, registry: str 
 
 def _describe(entry: dict) -> str:
     c = entry["components"]
+    revision = f", revision {entry['revision']}" if entry.get("revision") else ""
     return (f"djl {c['djl_serving']} (deepspeed {c['deepspeed']}, torch {c['torch']}, "
-            f"cuda {c.get('cuda') or 'none'})")
+            f"cuda {c.get('cuda') or 'none'}{revision})")
 
 
 def markdown(index: dict) -> str:

@@ -49,6 +49,10 @@ IMAGE_REF = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?(?:/[a-z0-9
 OVERRIDE_KEYS = COMPONENTS + LIBRARIES + OPTIONAL
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")  # always fullmatch: `$` would also match before a trailing newline
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A registry prefix (a base mirror, the --registry images are named for): HOST[:PORT] then lowercase path
+# components, as Docker's reference grammar has them; a trailing slash is allowed. Always fullmatch.
+PREFIX = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+                    r"(?::[0-9]{1,5})?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*/?")
 
 
 @dataclass(frozen=True)
@@ -118,9 +122,12 @@ def _check_keys(node: LocDict, allowed: tuple[str, ...], what: str, p: _Problems
 
 def _string(node: LocDict, key: str, what: str, p: _Problems, version: bool = True) -> str | None:
     value = node.get(key)
+    line = node.line_of(key)
+    if isinstance(value, str) and _CONTROL.search(value):  # never stripped away: refused, as in argv or a label
+        p.add(line, f"{what}: {key} {_shown(value)} holds a control character (a line break?); remove it")
+        return None
     if isinstance(value, str) and value.strip():
         return value.strip()
-    line = node.line_of(key)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and version:
         raw = node.raw.get(key, str(value))
         p.add(line, f"{what}: {key} is the number {raw}, which YAML may change (12.10 becomes 12.1); "
@@ -150,7 +157,7 @@ def load(path: Path, facts: Facts) -> Matrix:
     doc = load_file(path)
     p = _Problems(path)
     if doc is None:
-        raise UserError(f"{path}: the file is empty; start from the matrix reference in README.md")
+        raise UserError(f"{path}: the file is empty; start from the matrix reference in docs/matrix.md")
     if not isinstance(doc, LocDict):
         raise UserError(f"{where(path, getattr(doc, 'line', 1))}: the matrix must be a mapping with keys "
                         f"{', '.join(TOP_KEYS)}, got {_kind(doc)}")
@@ -173,6 +180,8 @@ def load(path: Path, facts: Facts) -> Matrix:
         p.add(doc.line_of("output") if "output" in doc else 1, problem)
 
     base_mirror = _string(doc, "base_mirror", "the matrix", p, version=False) if "base_mirror" in doc else None
+    if base_mirror and prefix_problem(base_mirror):
+        p.add(doc.line_of("base_mirror"), f"base_mirror {_shown(base_mirror)} {prefix_problem(base_mirror)}")
     budget = _budget(doc, "the matrix", p)
     build_args = _build_args(doc, p)
     fleet = _families(doc, facts, p)
@@ -216,13 +225,35 @@ def _build_args(doc: LocDict, p: _Problems) -> dict[str, str]:
                     "build_args: {PIP_INDEX_URL: \"https://...\"}") or {}
     args = {}
     for key, value in node.items():
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            p.add(node.line_of(key), f"build_args: '{key}' is not a valid build argument name")
+        problem = build_arg_problem(str(key), value if isinstance(value, str) else "")
+        if problem:
+            p.add(node.line_of(key), f"build_args: {problem}")
         elif not isinstance(value, str):
             p.add(node.line_of(key), f"build_args: {key} must be a string, got {_kind(value)}; quote it")
         else:
             args[key] = value
     return args
+
+
+def build_arg_problem(key: str, value: str) -> str | None:
+    """Why KEY=VALUE cannot be a build argument (it reaches argv and the content hash), or None."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        return f"{_shown(key)} is not a build argument name; use letters, digits and _ (e.g. MAX_JOBS)"
+    if _CONTROL.search(value):
+        return f"{key} value {_shown(value)} holds a control character (a line break?); remove it"
+    if len(value) > 4096:
+        return f"{key} value is longer than 4096 characters"
+    return None
+
+
+def prefix_problem(value: str) -> str | None:
+    """Why `value` is not a registry prefix (HOST[:PORT][/PATH], or a local name such as lmi-local), or None."""
+    if _CONTROL.search(value):
+        return "holds a control character (a line break?); remove it"
+    if not PREFIX.fullmatch(value):
+        return ("is not a registry prefix; write HOST[:PORT][/PATH] in lowercase, e.g. "
+                "123456789012.dkr.ecr.us-west-2.amazonaws.com/hub or 127.0.0.1:5000/mirror")
+    return None
 
 
 @dataclass(frozen=True)

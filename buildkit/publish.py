@@ -1,10 +1,17 @@
 """Publishing: push images that passed their smoke tests, with immutable tags, and promote them by
 digest to other registries and regions without rebuilding.
 
-Order per image: the immutable full tag, then the content-hash tag, then the floating aliases. An
-immutable tag that already holds the same image is left alone; one that holds another image refuses
-the whole run before anything is pushed. Transient failures are retried with backoff; a run cut off
-halfway is completed by running it again. The index is written only when every push succeeded.
+Revisions: the content-hash tag (hash-<16 hex>) is the dedup key. Content the target already holds is
+not pushed again and gets no new revision. New content of a component tuple gets the next free revision
+there, <tuple>-r<N> (N = 1 + the highest N among the target's tags), an immutable tag; the bare tuple tag
+and the other aliases then move to it. So a matrix change, a toolkit change and a new base digest all
+publish with the same command and no flag, and a re-run pushes nothing.
+
+Order per image: the revision tag, then the content-hash tag, then the aliases. A tag that already holds
+the same image is left alone; an immutable tag that holds another image refuses the whole run before
+anything is pushed. Transient failures are retried with backoff; a run cut off halfway is completed by
+running it again (the half-published revision is found by its content-hash tag and completed). The index
+is written only when every push succeeded.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import engine, index, smoke
+from . import attest, engine, gate, index, smoke, versions
+from . import facts as facts_mod
 from .errors import LmiError, UserError
 from .registry import Address, AuthError, Ecr, OciClient, RegistryError
-from .spec import ALIAS_FILTERS, ImageSpec, is_alias
+from .registry.tags import ecr_tags, oci_tags
+from .spec import ImageSpec, hash_tag, is_alias, revision_tag, revisions
 
 TRANSIENT = re.compile(r"connection refused|connection reset|EOF|timeout|i/o timeout|broken pipe|"
                        r"status: 5\d\d|50[0234]|Service Unavailable|Bad Gateway|TLS handshake", re.I)
@@ -42,20 +51,52 @@ class Published:
     built: str
     record: smoke.Record
     full_tag: str
+    revision: int
+    attestations: dict | None = None  # {"sbom": digest, "provenance": digest}: OCI referrers of `digest`
 
     def entry(self) -> dict:
         s = self.spec
         return {
             "id": s.id, "family": s.family.name, "gpu": s.family.gpu, "sm": s.family.sm, "arch": s.family.arch,
-            "repository": s.repository, "tag": self.full_tag, "tags": sorted(self.tags), "aliases": list(s.aliases),
+            "repository": s.repository, "tag": self.full_tag, "revision": self.revision, "tags": sorted(self.tags),
+            "aliases": [s.tag, *s.aliases],
             "components": {"djl_serving": s.djl, "deepspeed": s.deepspeed, "torch": s.torch, "cuda": s.cuda_patch,
                            "python": s.python, "os": s.os.name, "java": s.java, **s.libraries},
-            "torch_variant": s.wheel_variant, "cuda_compat": s.needs_compat,
+            "torch_variant": s.wheel_variant, "cuda_compat": s.needs_compat, "host": host_entry(s),
             "image_id": self.image_id, "digest": self.digest, "content_hash": self.content_hash,
             "built": self.built,
             "smoke": {"passed": self.record.passed, "tiers": self.record.tiers, "finished": self.record.finished},
             "registries": [registry_entry(self.address, s.repository, self.digest)],
+            **(self.attestations or {}),
         }
+
+
+def host_entry(spec: ImageSpec, known: facts_mod.Facts | None = None) -> dict:
+    """Which host drivers and SageMaker InferenceAmiVersions the image runs on, natively or through its
+    cuda-compat (only an image that keeps cuda-compat runs on the older branches), from buildkit/data."""
+    if spec.cuda is None:
+        return {"summary": "CPU image: runs on any host, no NVIDIA driver needed"}
+    f = known or facts_mod.load()
+    tk = f.toolkits[spec.cuda]
+    floor = max(tk.min_driver, spec.family.min_driver or "0", key=versions.key)
+    branches = list(tk.compat_branches) if spec.needs_compat else []
+
+    def how(driver: str) -> str | None:
+        if versions.at_least(driver, floor):
+            return "native"
+        return "cuda-compat" if driver.split(".")[0] in branches else None
+
+    amis = {name: how(driver) for name, driver in sorted(f.amis.items())}
+    amis = {name: way for name, way in amis.items() if way}
+    where = f"InferenceAmiVersion {spec.inference_ami}" if spec.inference_ami else f"{spec.family.name}'s default"
+    compat = f", branches {'/'.join('R' + b for b in branches)} through cuda-compat" if branches else ""
+    return {
+        "native_driver_min": floor, "cuda_compat_branches": branches,
+        "checked_driver": spec.driver, "checked_on": where, "inference_amis": amis,
+        "summary": (f"CUDA {spec.cuda_patch} runs on host driver >= {floor} natively{compat}; checked against "
+                    f"driver {spec.driver} ({where}); InferenceAmiVersion: "
+                    + (", ".join(f"{n} ({w})" for n, w in amis.items()) or "none listed")),
+    }
 
 
 def registry_entry(address: Address, repository: str, digest: str) -> dict:
@@ -98,6 +139,24 @@ class Target:
         found = self.oci.manifest(path, tag)
         return found[0] if found else None
 
+    def tags(self, repo: str) -> list[str]:
+        path = self.address.path(repo)
+        return ecr_tags(self.ecr, path) if self.ecr else oci_tags(self.oci, path)
+
+    def revision_of(self, spec: ImageSpec, content_hash: str, image_id: str) -> tuple[int, str | None]:
+        """(revision, the image ID the content-hash tag holds: None if the content is new here). Content
+        already here keeps the revision whose tag holds it; a push cut off after its revision tag keeps that
+        one (the newest); new content gets the next free revision, and so does content published before
+        revisions existed (its hash tag there, no revision tag on it)."""
+        repo = spec.repository
+        listed = self.tags(repo)
+        taken = revisions(listed, spec.tag)
+        held = self.config_digest(repo, hash_tag(content_hash)) if hash_tag(content_hash) in listed else None
+        for n in taken if held else taken[:1]:
+            if self.config_digest(repo, revision_tag(spec.tag, n)) == (held or image_id):
+                return n, held
+        return (taken[0] + 1 if taken else 1), held
+
 
 def docker_login(docker: str, host: str, user: str, password: str) -> None:
     """Store credentials in the engine's credential store; the password goes through stdin only."""
@@ -116,38 +175,40 @@ def _scrub(text: str, *secrets: str) -> str:
 
 @dataclass(frozen=True)
 class Item:
-    """One image to publish: its spec and the content hash it was built with (its io.lmi.content-hash label)."""
+    """One image to publish: its spec, the content hash it was built with (its io.lmi.content-hash label)
+    and its revision in the target."""
 
     spec: ImageSpec
     content_hash: str
-    revision: str | None = None
+    revision: int
 
     @property
     def full_tag(self) -> str:
-        return f"{self.spec.tag}-{self.revision}" if self.revision else self.spec.tag
+        return revision_tag(self.spec.tag, self.revision)
 
     @property
     def immutable(self) -> list[str]:
-        return [self.full_tag, f"hash-{self.content_hash[:16]}"]
+        return [self.full_tag, hash_tag(self.content_hash)]
 
     @property
     def tags(self) -> list[str]:
-        return [*self.immutable, *self.spec.aliases]
+        """Immutable first, then the aliases: the bare tuple tag and the floating ones."""
+        return [*self.immutable, self.spec.tag, *self.spec.aliases]
 
 
 def held_tags(target: Target, item: Item) -> dict[str, str | None]:
-    """The image ID each immutable tag of `item` holds in the target (None: the tag is free)."""
-    return {tag: target.config_digest(item.spec.repository, tag) for tag in item.immutable}
+    """The image ID each tag of `item` holds in the target (None: the tag is free)."""
+    return {tag: target.config_digest(item.spec.repository, tag) for tag in item.tags}
 
 
 def conflicts(target: Target, item: Item, image_id: str, held: dict[str, str | None] | None = None) -> list[str]:
     """Immutable tags that already hold another image in the target."""
     out = []
     for tag, held_id in (held if held is not None else held_tags(target, item)).items():
-        if held_id is not None and held_id != image_id:
+        if held_id is not None and held_id != image_id and not is_alias(tag):
             out.append(f"{target.address.ref(item.spec.repository, tag)} already holds image {held_id[:19]}…, not "
-                       f"{image_id[:19]}…; immutable tags are never overwritten: change the matrix (a new version "
-                       "or tag_suffix) to publish a different image")
+                       f"{image_id[:19]}…; immutable tags are never overwritten (another publisher took this "
+                       "revision meanwhile): run the push again for the next one")
     return out
 
 
@@ -162,13 +223,8 @@ def local_image(sdk, spec: ImageSpec, address: Address):
 
 
 def push(specs: list[ImageSpec], address: Address, index_path: Path, log_dir: Path = Path(".lmi/logs"),
-         record_dir: Path = smoke.RECORD_DIR, retries: int = 3, revision: str | None = None,
-         index_artifact: bool = True) -> list[Published]:
-    if revision is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._]{0,30}", revision):
-        raise UserError(f"--revision {revision}: use letters, digits, dots and underscores (e.g. 20261130)")
-    if revision is not None and any(is_alias(f"{s.tag}-{revision}") for s in specs):
-        raise UserError(f"--revision {revision}: <tag>-{revision} would match an alias pattern "
-                        f"({', '.join(ALIAS_FILTERS)}) and could be moved; use e.g. a date (20261130)")
+         record_dir: Path = smoke.RECORD_DIR, retries: int = 3, index_artifact: bool = True,
+         matrix_path: Path | None = None) -> list[Published]:
     client = engine.detect_client()
     sdk = engine.sdk()
     images = []
@@ -178,18 +234,28 @@ def push(specs: list[ImageSpec], address: Address, index_path: Path, log_dir: Pa
         if not content_hash:
             raise PublishError(f"{spec.id}: image {img.id[:19]}… has no io.lmi.content-hash label: build it with "
                                "`lmi build` (or `lmi bake`); nothing was pushed")
-        images.append((Item(spec, content_hash, revision), img))
+        images.append((spec, content_hash, img))
     # The gate: every digest needs a passing smoke record, or nothing is pushed.
-    refused = [f"{p.spec.id}: image {img.id[:19]}… has no passing smoke record; run `lmi test {p.spec.id}`"
-               for p, img in images if smoke.passing_record(img.id, record_dir) is None]
+    refused = [f"{spec.id}: image {img.id[:19]}… has no passing smoke record; run `lmi test {spec.id}`"
+               for spec, _, img in images if smoke.passing_record(img.id, record_dir) is None]
     if refused:
         raise PublishError(*refused, "nothing was pushed")
     target = Target(address, client.path)
     try:
         for line in target.prepare({s.repository for s in specs}):
             print(f"{address.url}: {line}")
-        held = {p.spec.id: held_tags(target, p) for p, _ in images}
-        clashes = [c for p, img in images for c in conflicts(target, p, img.id, held[p.spec.id])]
+        items = []
+        for spec, content_hash, img in images:
+            revision, held_id = target.revision_of(spec, content_hash, img.id)
+            ref = address.ref(spec.repository, revision_tag(spec.tag, revision))
+            if held_id is not None and held_id != img.id:  # the dedup key: this content is published
+                print(f"{spec.id}: its content ({hash_tag(content_hash)}) is already published as image "
+                      f"{held_id[:19]}… ({ref}), built separately; this build is not pushed")
+                continue
+            items.append((Item(spec, content_hash, revision), img))
+            print(f"{spec.id}: {ref} ({'published before' if held_id else 'new content'})")
+        held = {p.spec.id: held_tags(target, p) for p, _ in items}
+        clashes = [c for p, img in items for c in conflicts(target, p, img.id, held[p.spec.id])]
     except (RegistryError, AuthError) as exc:
         raise PublishError(str(exc), "nothing was pushed; the index is unchanged") from None
     if clashes:
@@ -198,12 +264,12 @@ def push(specs: list[ImageSpec], address: Address, index_path: Path, log_dir: Pa
     published = []
     log_dir.mkdir(parents=True, exist_ok=True)
     try:
-        for p, img in images:
+        for p, img in items:
             repo = p.spec.repository
             pushed = []
             for tag in p.tags:
                 ref = address.ref(repo, tag)
-                if held[p.spec.id].get(tag) == img.id:  # an immutable tag that already holds this image
+                if held[p.spec.id].get(tag) == img.id:  # a tag that already holds this image
                     print(f"  {ref}: already there (same image)")
                     continue
                 img.tag(address.ref(repo, tag).rsplit(":", 1)[0], tag)
@@ -212,8 +278,12 @@ def push(specs: list[ImageSpec], address: Address, index_path: Path, log_dir: Pa
                 print(f"  {ref}: pushed")
             digest = target.manifest_digest(repo, p.full_tag)
             record = smoke.passing_record(img.id, record_dir)
+            attached = attest.attach(target.oci, address.path(repo), address.ref(repo, digest=digest).split("@")[0],
+                                     digest, client.path, img.id, p.spec, matrix_path)
+            print(f"  {address.ref(repo, digest=digest)}: SBOM {attached['sbom'][:19]}…, provenance "
+                  f"{attached['provenance'][:19]}… attached")
             published.append(Published(p.spec, img.id, digest, address, p.tags, p.content_hash,
-                                       img.attrs.get("Created", ""), record, p.full_tag))
+                                       img.attrs.get("Created", ""), record, p.full_tag, p.revision, attached))
     except (RegistryError, AuthError) as exc:
         raise PublishError(str(exc), "the index is unchanged; run the same command again to complete") from None
     _update_index(index_path, [p.entry() for p in published], [target] if index_artifact else [],
@@ -252,8 +322,9 @@ def _docker_push(client: engine.Client, ref: str, log: Path, retries: int) -> No
 
 def promote(specs: list[ImageSpec], source: Address, targets: list[Address], index_path: Path,
             record_dir: Path = smoke.RECORD_DIR, index_artifact: bool = True) -> list[str]:
-    """Copy each image by digest from `source` to every target, with all its tags. No rebuild: the same
-    digest everywhere. The index gains the new URIs once every copy succeeded."""
+    """Copy each image by digest from `source` to every target, with all its tags: the image the bare tuple
+    tag names in `source` (its newest revision), under the same revision tag. No rebuild: the same digest
+    everywhere. The index gains the new URIs once every copy succeeded."""
     client = engine.detect_client()
     src = Target(source, client.path)
     dsts = [Target(t, client.path) for t in targets]
@@ -271,8 +342,15 @@ def promote(specs: list[ImageSpec], source: Address, targets: list[Address], ind
             listed = next((e for e in known.get("images", []) if e["digest"] == digest), None)
             if not ((listed and listed["smoke"]["passed"]) or smoke.passing_record(image_id, record_dir)):
                 raise PublishError(f"{spec.id}: {digest[:19]}… has no passing smoke record; nothing was promoted")
+            why = gate.refusal(listed, spec.id)  # the release gate: a passing verdict in the index
+            if why:
+                raise PublishError(why, "nothing was promoted")
             content_hash = (listed or {}).get("content_hash") or _content_hash(src, repo, spec.tag)
-            plan.append((Item(spec, content_hash), digest, image_id, listed))
+            revision, held_id = src.revision_of(spec, content_hash, image_id)
+            if held_id not in (None, image_id):
+                raise PublishError(f"{source.ref(repo, spec.tag)} and {hash_tag(content_hash)} name different images "
+                                   f"in {source.url}; run `lmi push {spec.id}` there again first")
+            plan.append((Item(spec, content_hash, revision), digest, image_id, listed))
         for dst in dsts:
             dst.prepare({s.repository for s in specs})
             clashes = [c for p, _, image_id, _ in plan for c in conflicts(dst, p, image_id)]
@@ -288,6 +366,7 @@ def promote(specs: list[ImageSpec], source: Address, targets: list[Address], ind
                     dst.ecr.retag(source.path(repo), digest, dst.address.path(repo), tags)
                 else:
                     dst.oci.copy_image(src.oci, source.path(repo), digest, dst.address.path(repo), tags)
+                    dst.oci.copy_referrers(src.oci, source.path(repo), digest, dst.address.path(repo))  # SBOM etc.
                 done.append(f"{source.ref(repo, digest=digest)} -> {dst.address.ref(repo, digest=digest)}")
                 entry = dict(listed) if listed else None
                 if entry:

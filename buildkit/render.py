@@ -11,6 +11,7 @@ import os
 import shlex
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import jinja2
 
 from . import lock
 from .errors import UserError
+from .matrix import Matrix
 from .spec import ImageSpec, PlannedImage, content_hash
 
 # context file -> template; image.json is written from the spec itself.
@@ -29,9 +31,11 @@ TEMPLATES = {
     "build-requirements.txt": "build-requirements.txt.j2",
 }
 EXECUTABLE = {"entrypoint.sh"}
-CHECK_MODULE = Path(__file__).with_name("incheck.py")
-HANDLER_MODULE = Path(__file__).with_name("lmi_deepspeed.py")  # the toolkit's DeepSpeed handler
-VERBATIM = {"lmi_check.py": CHECK_MODULE, "lmi_deepspeed.py": HANDLER_MODULE}  # copied into every context
+# The toolkit's handler: the DJL glue and the DeepSpeed way (lmi_deepspeed), the Accelerate way and diffusion
+# pipelines. Copied into every context. The smoke checks (buildkit/incheck.py) are not: `lmi test` mounts them
+# into its test containers, so the image ships no test code and a check edit changes no content hash.
+HANDLER_FILES = ("lmi_deepspeed.py", "lmi_accelerate.py", "lmi_diffusion.py")
+VERBATIM = {name: Path(__file__).with_name(name) for name in HANDLER_FILES}
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,8 @@ class Renderer:
         files = {}
         for name, template in sorted(TEMPLATES.items()):
             try:
-                text = self.env.get_template(template).render(spec=spec, lock_files=lock.FILES)
+                text = self.env.get_template(template).render(spec=spec, lock_files=lock.FILES,
+                                                              handler_files=HANDLER_FILES)
             except jinja2.TemplateError as exc:
                 lineno = getattr(exc, "lineno", None)
                 at = f"{template}:{lineno}" if lineno else template
@@ -96,7 +101,7 @@ class Renderer:
                                 "fix the template") from exc
             files[name] = text.encode()
         files["image.json"] = (json.dumps(spec.claims(), indent=2, sort_keys=True) + "\n").encode()
-        for name, source in VERBATIM.items():  # the in-image smoke checks and the DeepSpeed handler
+        for name, source in VERBATIM.items():  # the handler
             files[name] = source.read_bytes()
         found = self.locks.current(spec, self.build_args) if self.locks else None
         if found:
@@ -104,13 +109,32 @@ class Renderer:
         return Context(spec.id, files)
 
 
-def plan(specs: list[ImageSpec], renderer: Renderer, build_args: dict[str, str] | None = None
-         ) -> list[tuple[PlannedImage, Context]]:
+def for_matrix(m: Matrix) -> Renderer:
+    """The renderer of m's contexts, with their locks (the matrix's lock file, beside it)."""
+    return Renderer(m.templates, lock.load(lock.lock_path(m.path)), m.build_args)
+
+
+def plan(specs: list[ImageSpec], renderer: Renderer, build_args: Mapping[str, str] | None = None, *,
+         extra_args: Mapping[str, str] | None = None, pinned: Mapping[str, str] | None = None,
+         host_args: Callable[[ImageSpec], Mapping[str, str]] | None = None) -> list[tuple[PlannedImage, Context]]:
+    """The one plan of every command that names an image (plan, build, bake, ci-matrix; push publishes the
+    hash build labelled the image with): each spec's context, build args and content hash.
+
+    The hash covers what the image is made of: its context (files and modes), the build args written out
+    (`build_args`, the matrix's, and `extra_args`, the user's --build-arg) and its base images, by digest
+    where `pinned` maps a base to the digest it points at now (--pin-bases). It leaves out where this host
+    fetches things from (`host_args(spec)`: a base mirror, a package index, a wheelhouse): every Python file
+    is pinned by sha256 in the context's locks and a mirror serves the same base, so an image has one name
+    wherever it is planned. Precedence in the build: --build-arg, then the host's, then the matrix's."""
+    matrix_args, extra, pins = dict(build_args or {}), dict(extra_args or {}), dict(pinned or {})
+    hashed = {**matrix_args, **extra}
     out = []
     for spec in specs:
         ctx = renderer.render(spec)
-        args = dict(build_args or {})
-        out.append((PlannedImage(spec, content_hash(ctx.files, args, spec.bases, ctx.modes), args), ctx))
+        bases = tuple(f"{b}@{pins[b]}" if b in pins else b for b in spec.bases)
+        args = {**matrix_args, **(host_args(spec) if host_args else {}), **extra}
+        out.append((PlannedImage(spec, content_hash(ctx.files, hashed, bases, ctx.modes), args, hashed, bases),
+                    ctx))
     return out
 
 

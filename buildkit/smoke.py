@@ -2,7 +2,9 @@
 publishing obeys.
 
 Each check is a small typed record (container-structure-test style). In-image checks (claims, files,
-user commands, the GPU tier) run through buildkit/incheck.py inside a container with --network=none;
+user commands, the GPU tier) run through buildkit/incheck.py inside a container with --network=none; the
+checker is not part of the image: it is mounted read-only into each test container (as docker-library's
+official-images runs its tests), and the record names its version;
 metadata and size are read from the engine; the serving tier starts the image with its real
 entrypoint and talks to it over the container's own loopback. Every container is removed afterwards,
 on failure and on Ctrl-C too.
@@ -10,10 +12,12 @@ on failure and on Ctrl-C too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -28,7 +32,9 @@ from .spec import ImageSpec
 TIERS = ("cpu", "gpu", "serving")
 RECORD_SCHEMA = 1
 RECORD_DIR = Path(".lmi/smoke")
-CHECK_MODULE = "/opt/lmi/lmi_check.py"
+CHECKER = Path(__file__).with_name("incheck.py")  # the in-image checks, kept out of the image
+CHECK_DIR = "/opt/lmi-check"  # where test containers see it, read-only
+CHECK_MODULE = f"{CHECK_DIR}/lmi_check.py"
 RUN_LABEL = "io.lmi.smoke-run"
 ENTRYPOINT = "/usr/local/bin/dockerd-entrypoint.sh"
 CPU_BUILTINS = ("python-version", "torch-version", "torch-cuda", "deepspeed-version", "transformers-version",
@@ -38,6 +44,34 @@ GPU_BUILTINS = ("nvidia-smi", "cuda-available", "compute-capability", "arch-list
                 "deepspeed-inference", "nccl-allreduce", "cuda-compat-active")
 SERVING_PROMPT = "the lmi smoke test"
 SERVING_TOKENS = 8
+SERVING_SEED, SERVING_STEPS, SERVING_MAX_STEPS = 7, 2, 4  # the diffusion way: a bound the tier exceeds once
+# The Accelerate way on CPU: the tiny Llama's second decoder layer goes to the disk (incheck.make_tiny_model).
+ACCELERATE_OFFLOAD_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                          "model.norm": "cpu", "lm_head": "cpu"}
+# Run in the image (its own Diffusers, the handler's lmi_diffusion on PYTHONPATH): make the tiny pipeline and
+# print the sha256 of the RGB pixels plain Diffusers draws; then the same digest of a served PNG.
+TINY_PIPELINE = """import hashlib, json, sys
+import lmi_diffusion
+path, prompt, seed, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+lmi_diffusion.make_tiny_pipeline(path)
+image = lmi_diffusion.reference_image(path, prompt, seed, num_inference_steps=steps)
+print(json.dumps({"reference": hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()}))"""
+PIXELS = """import hashlib, sys
+from PIL import Image
+print(hashlib.sha256(Image.open(sys.argv[1]).convert("RGB").tobytes()).hexdigest())"""
+
+
+@dataclass(frozen=True)
+class ServingWay:
+    """One way the image's handler serves, and the serving checks that report it."""
+
+    name: str
+    checks: tuple[str, ...]
+
+
+SERVING_WAYS = (ServingWay("deepspeed", ("serving-ping", "serving-invocations")),
+                ServingWay("accelerate", ("serving-accelerate",)),
+                ServingWay("diffusion", ("serving-diffusion",)))
 
 
 @dataclass(frozen=True)
@@ -86,7 +120,7 @@ def generate(spec: ImageSpec, tiers: tuple[str, ...]) -> list[Check]:
     if "gpu" in tiers and spec.family.is_gpu:
         checks += [Check(name, "gpu", "builtin") for name in GPU_BUILTINS]
     if "serving" in tiers:
-        checks += [Check("serving-ping", "serving", "serving"), Check("serving-invocations", "serving", "serving")]
+        checks += [Check(name, "serving", "serving") for way in SERVING_WAYS for name in way.checks]
     return checks
 
 
@@ -125,18 +159,30 @@ class Runner:
         self.serving_timeout = serving_timeout
         self.log_dir = log_dir
         self.run_id = uuid.uuid4().hex[:12]
+        # The checker as this run mounts it: a copy in a world-readable folder of its own (the images run as
+        # uid 1001, and a checkout may not be readable to it), and its sha256, which every record names.
+        source = CHECKER.read_bytes()
+        self.checker = "sha256:" + hashlib.sha256(source).hexdigest()
+        self._checker_dir = Path(tempfile.mkdtemp(prefix="lmi-check-",
+                                                  dir=os.path.realpath(os.environ.get("TMPDIR", "/tmp"))))
+        self._checker_dir.chmod(0o755)
+        (self._checker_dir / "lmi_check.py").write_bytes(source)
+        (self._checker_dir / "lmi_check.py").chmod(0o644)
 
     def cleanup(self) -> None:
-        """Remove every container this run started (also after Ctrl-C)."""
+        """Remove every container this run started (also after Ctrl-C), and the checker's copy."""
         for container in self.sdk.containers.list(all=True, filters={"label": f"{RUN_LABEL}={self.run_id}"}):
             container.remove(force=True)
+        shutil.rmtree(self._checker_dir, ignore_errors=True)
 
-    def _container(self, image: str, command: list[str], gpu: bool, **kw):
+    def _container(self, image: str, command: list[str], gpu: bool, volumes: dict | None = None, **kw):
+        """A test container of this run: no network, the checker mounted read-only at CHECK_DIR."""
         import docker.types
 
         return self.sdk.containers.run(
             image, command, detach=True, network_mode="none", labels={RUN_LABEL: self.run_id},
             name=f"lmi-smoke-{self.run_id}-{uuid.uuid4().hex[:6]}",
+            volumes={str(self._checker_dir): {"bind": CHECK_DIR, "mode": "ro"}, **(volumes or {})},
             device_requests=[docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpu else None, **kw)
 
     def in_image(self, image: str, spec: ImageSpec, checks: list[Check], gpu: bool) -> list[Outcome]:
@@ -207,70 +253,113 @@ class Runner:
         raise ValueError(f"unknown metadata check {what}")
 
     def serving(self, image: str, spec: ImageSpec, checks: list[Check], gpu: bool) -> list[Outcome]:
-        """Start the image as SageMaker does (`serve`) with a tiny real model at /opt/ml/model, served by the
-        image's DeepSpeed handler over `tensor_parallel_degree` ranks; its answer must be the continuation
-        plain Transformers gives on the same weights."""
+        """Start the image as SageMaker does (`serve`) once per way of its handler, each with a tiny real model
+        at /opt/ml/model made by the image's own libraries: DeepSpeed tensor parallelism and Accelerate must
+        answer the continuation plain Transformers gives on the same weights, a diffusion pipeline the image
+        plain Diffusers draws for the same seed."""
+        wanted = {c.name for c in checks}
+        outcomes: list[Outcome] = []
+        for way in SERVING_WAYS:
+            if wanted & set(way.checks):
+                outcomes += self._serve(image, spec, way, gpu)
+        return [o for o in outcomes if o.name in wanted]
+
+    def _serve(self, image: str, spec: ImageSpec, way: ServingWay, gpu: bool) -> list[Outcome]:
         model_dir = Path(os.path.realpath(os.environ.get("TMPDIR", "/tmp"))) / f"lmi-model-{uuid.uuid4().hex[:8]}"
         model_dir.mkdir()
+        fail = [Outcome(name, "serving", False, "") for name in way.checks]
         try:
-            reference, problem = self._tiny_model(image, model_dir)
+            reference, problem = self._tiny_model(image, model_dir, way)
             if problem:
-                return [Outcome(c.name, c.tier, False, problem) for c in checks]
-            tp = serving_ranks(spec, gpu, visible_gpus() if gpu else 0)
-            (model_dir / "serving.properties").write_text(serving_properties(spec, tp, gpu))
+                return [Outcome(o.name, o.tier, False, problem) for o in fail]
+            tp = serving_ranks(spec, gpu, visible_gpus() if gpu else 0) if way.name == "deepspeed" else 1
+            (model_dir / "serving.properties").write_text(serving_properties(spec, tp, gpu, way.name))
             container = self._container(image, ["serve"], gpu,
                                         volumes={str(model_dir): {"bind": "/opt/ml/model", "mode": "ro"}})
         except Exception as exc:
             shutil.rmtree(model_dir, ignore_errors=True)
-            return [Outcome(c.name, c.tier, False, f"the container did not start: {_short(exc)}") for c in checks]
+            return [Outcome(o.name, o.tier, False, f"the container did not start: {_short(exc)}") for o in fail]
         outcomes: list[Outcome] = []
         start = time.monotonic()
         try:
             ping = self._wait_for_ping(container)
-            outcomes.append(Outcome("serving-ping", "serving", ping is None,
-                                    ping or f"GET /ping answered 200 (model loaded on {tp} rank(s))",
-                                    time.monotonic() - start))
+            loaded = f"GET /ping answered 200 ({way.name}: model loaded on {tp} rank(s))"
+            if len(way.checks) == 2:  # the DeepSpeed way reports the ping on its own
+                outcomes.append(Outcome(way.checks[0], "serving", ping is None, ping or loaded,
+                                        time.monotonic() - start))
             if ping is None:
                 t0 = time.monotonic()
-                payload = {"inputs": SERVING_PROMPT, "parameters": {"max_new_tokens": SERVING_TOKENS}}
-                code, out = container.exec_run(["curl", "-sS", "-X", "POST", "-H", "Content-Type: application/json",
-                                                "-d", json.dumps(payload), "-w", "\n%{http_code}",
-                                                "http://127.0.0.1:8080/invocations"])
-                text = out.decode(errors="replace")
-                body, _, status = text.rpartition("\n")
-                try:
-                    answer = json.loads(body)
-                    ok = status == "200" and answer == {"generated_text": reference}
-                    msg = (f"POST /invocations: {tp} rank(s) generated {reference!r}, as plain Transformers does"
-                           if ok else f"HTTP {status}: {answer!r}; plain Transformers gives {reference!r}")
-                except ValueError:
-                    ok, msg = False, f"POST /invocations: exit {code}: {text[-300:]!r}"
-                outcomes.append(Outcome("serving-invocations", "serving", ok, msg, time.monotonic() - t0))
+                ok, msg = (self._ask_image if way.name == "diffusion" else self._ask_text)(container, reference, tp)
+                outcomes.append(Outcome(way.checks[-1], "serving", ok, msg, time.monotonic() - t0))
             else:
-                outcomes.append(Outcome("serving-invocations", "serving", False, "not tried: /ping never answered"))
+                outcomes.append(Outcome(way.checks[-1], "serving", False,
+                                        ping if len(way.checks) == 1 else "not tried: /ping never answered"))
             if not all(o.passed for o in outcomes):
                 self.log_dir.mkdir(parents=True, exist_ok=True)
-                log = self.log_dir / f"{spec.id}.serving.log"
+                log = self.log_dir / f"{spec.id}.serving-{way.name}.log"
                 log.write_bytes(container.logs(stdout=True, stderr=True))
                 outcomes[-1].message += f" (container log: {log})"
         finally:
             container.remove(force=True)
             shutil.rmtree(model_dir, ignore_errors=True)
-        return [o for o in outcomes if o.name in {c.name for c in checks}]
+        return outcomes
 
-    def _tiny_model(self, image: str, model_dir: Path) -> tuple[str | None, str | None]:
-        """Make the tiny model with the image's own Transformers (no hub) and its reference continuation."""
+    @staticmethod
+    def _post(container, payload: dict, *curl: str) -> tuple[str, str]:
+        """POST /invocations from inside the container: (HTTP status, body)."""
+        _, out = container.exec_run(["curl", "-sS", "-X", "POST", "-H", "Content-Type: application/json",
+                                     "-d", json.dumps(payload), "-w", "\n%{http_code}", *curl,
+                                     "http://127.0.0.1:8080/invocations"])
+        body, _, status = out.decode(errors="replace").rpartition("\n")
+        return status, body
+
+    def _ask_text(self, container, reference: str, tp: int) -> tuple[bool, str]:
+        status, body = self._post(container, {"inputs": SERVING_PROMPT,
+                                              "parameters": {"max_new_tokens": SERVING_TOKENS}})
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            return False, f"POST /invocations: HTTP {status}: {body[-300:]!r}"
+        if status == "200" and answer == {"generated_text": reference}:
+            return True, f"POST /invocations: {tp} rank(s) generated {reference!r}, as plain Transformers does"
+        return False, f"HTTP {status}: {answer!r}; plain Transformers gives {reference!r}"
+
+    def _ask_image(self, container, reference: str, tp: int) -> tuple[bool, str]:
+        """A PNG whose pixels are the reference image's, and an over-limit request refused with 400."""
+        request = {"prompt": SERVING_PROMPT, "parameters": {"num_inference_steps": SERVING_STEPS,
+                                                              "seed": SERVING_SEED}}
+        status, body = self._post(container, request, "-o", "/tmp/lmi-smoke.png")
+        if status != "200":
+            return False, f"POST /invocations: HTTP {status}: {body[-300:]!r}"
+        code, out = container.exec_run(["python", "-c", PIXELS, "/tmp/lmi-smoke.png"])
+        pixels = out.decode(errors="replace").strip()
+        if code != 0 or pixels != reference:
+            return False, f"the PNG's pixels are not plain Diffusers' image for seed {SERVING_SEED}: {pixels[-200:]}"
+        over = {"prompt": SERVING_PROMPT, "parameters": {"num_inference_steps": SERVING_MAX_STEPS + 1}}
+        status, body = self._post(container, over)
+        if status != "400":
+            return False, f"an over-limit request (num_inference_steps {SERVING_MAX_STEPS + 1}) got HTTP {status}"
+        return True, "POST /invocations: a PNG equal to plain Diffusers' image for the same seed; over-limit: 400"
+
+    def _tiny_model(self, image: str, model_dir: Path, way: ServingWay) -> tuple[str | None, str | None]:
+        """Make the way's tiny model with the image's own libraries (no hub) and its reference answer."""
         model_dir.chmod(0o777)  # the image runs as uid 1001
-        container = self._container(image, ["python", CHECK_MODULE, "--make-tiny-model", "/opt/ml/model",
-                                            "--prompt", SERVING_PROMPT, "--max-new-tokens", str(SERVING_TOKENS)],
-                                    False, volumes={str(model_dir): {"bind": "/opt/ml/model", "mode": "rw"}})
+        if way.name == "diffusion":
+            command = ["python", "-c", TINY_PIPELINE, "/opt/ml/model", SERVING_PROMPT, str(SERVING_SEED),
+                       str(SERVING_STEPS)]
+        else:
+            command = ["python", CHECK_MODULE, "--make-tiny-model", "/opt/ml/model", "--prompt", SERVING_PROMPT,
+                       "--max-new-tokens", str(SERVING_TOKENS)]
+        container = self._container(image, command, False,
+                                    volumes={str(model_dir): {"bind": "/opt/ml/model", "mode": "rw"}})
         try:
             result = container.wait(timeout=self.serving_timeout)
             out = container.logs(stdout=True, stderr=False).decode(errors="replace").strip().splitlines()
             if result.get("StatusCode") != 0 or not out:
                 err = container.logs(stdout=False, stderr=True).decode(errors="replace")
                 return None, f"the tiny model could not be made in the image: {err.strip()[-300:]}"
-            return json.loads(out[-1])["reference"][0], None
+            reference = json.loads(out[-1])["reference"]
+            return (reference if way.name == "diffusion" else reference[0]), None
         finally:
             container.remove(force=True)
             model_dir.chmod(0o755)
@@ -293,20 +382,32 @@ def visible_gpus() -> int:
 
 
 def serving_ranks(spec: ImageSpec, gpu: bool, gpus: int = 0) -> int:
-    """Ranks for the serving tier. On a GPU: one per visible GPU (NCCL from two on), the largest power of
-    two up to 8 (the tiny model has 8 heads). A CPU image: two (gloo; DeepSpeed's CPU all-reduce is
-    JIT-compiled by the image's g++). A GPU image without a GPU: one (it carries no compiler for CPU ops)."""
+    """Ranks for the serving tier, as real DJL starts them. With GPUs: MPI mode (the image's entrypoint turns it
+    on where a GPU is visible), one rank per visible GPU (NCCL from two on), the largest power of two up to 8
+    (the tiny model has 8 heads). Without a GPU, CPU image or not: one process, one rank, because DJL refuses
+    MPI mode without a GPU ("GPU devices are not enough", buildkit/data/djl.yaml: mpi_needs_gpus)."""
     if gpu and gpus:
         return 1 << (min(gpus, 8).bit_length() - 1)
-    return 2 if not spec.builder_image else 1
+    return 1
 
 
-def serving_properties(spec: ImageSpec, tp: int, gpu: bool = False) -> str:
-    """The tiny model's serving.properties, as an LMI user writes them for the image's DeepSpeed handler.
-    fp32 and AutoTP everywhere, so the answer must equal plain Transformers' token for token (kernel
-    injection's numerics are the GPU tier's deepspeed-inference check, with a tolerance)."""
-    return ("engine=Python\noption.mpi_mode=true\noption.entryPoint=lmi_deepspeed\n"
-            f"option.tensor_parallel_degree={tp}\noption.dtype=fp32\noption.max_new_tokens=64\n"
+def serving_properties(spec: ImageSpec, tp: int, gpu: bool = False, way: str = "deepspeed") -> str:
+    """The tiny model's serving.properties, as an LMI user writes them for the image's handler: engine=Python
+    (without it DJL 0.27 turns rolling batch on), fp32 everywhere, so the answer must equal the plain library's
+    exactly (kernel injection's numerics are the GPU tier's deepspeed-inference check, with a tolerance).
+    DeepSpeed: MPI mode only for more than one rank (GPUs only), AutoTP. Accelerate: one process; on a GPU host
+    the map spreads over the visible GPUs, on CPU one decoder layer goes to the disk (offload). Diffusion: one
+    process, plain Diffusers, a step bound the tier's over-limit request exceeds."""
+    props = "engine=Python\noption.entryPoint=lmi_deepspeed\noption.dtype=fp32\n"
+    if way == "accelerate":
+        device_map = "balanced" if gpu else json.dumps(ACCELERATE_OFFLOAD_MAP, separators=(",", ":"))
+        return props + (f"option.mpi_mode=false\noption.partition=accelerate\noption.device_map={device_map}\n"
+                        "option.offload_folder=/tmp/lmi-offload\noption.max_new_tokens=64\n")
+    if way == "diffusion":
+        return props + f"option.mpi_mode=false\noption.max_inference_steps={SERVING_MAX_STEPS}\n" + (
+            "option.kernel_injection=false\n" if gpu else "")
+    return (props + ("option.mpi_mode=true\n" if tp > 1 else "")
+            + f"option.tensor_parallel_degree={tp}\noption.max_new_tokens=64\n"
             + ("option.kernel_injection=false\n" if gpu else ""))
 
 
@@ -333,6 +434,7 @@ class Record:
     started: str
     finished: str
     lmi_version: str = __version__
+    checker: str | None = None  # sha256 of the checker that ran (buildkit/incheck.py, mounted, not in the image)
 
     def save(self, directory: Path = RECORD_DIR) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
@@ -383,7 +485,7 @@ def smoke_image(runner: Runner, image: str, spec: ImageSpec, tiers: tuple[str, .
         content_hash=(attrs["Config"].get("Labels") or {}).get("io.lmi.content-hash"), spec_id=spec.id,
         tiers=list(run_tiers), passed=all(o.passed is not False for o in outcomes),
         outcomes=[asdict(o) for o in outcomes], started=started.isoformat(timespec="seconds"),
-        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), checker=runner.checker,
     )
     record.save()
     return record

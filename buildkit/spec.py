@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
@@ -16,13 +17,32 @@ from .matrix import Image, Matrix
 from .rules import default_handler, evaluate
 
 LABEL_PREFIX = "io.lmi"
-# Floating aliases end in -latest or start with deepspeed/djl; every other tag is immutable (ECR keeps
-# those immutable with IMMUTABLE_WITH_EXCLUSION on exactly these filters).
-ALIAS_FILTERS = ("*-latest", "deepspeed*", "djl*")
+# Two kinds of immutable tags: the content-hash tag (hash-<16 hex>, the dedup key) and the revision tags
+# (<tuple>-r<N>: every publish of new content for a component tuple gets the next N). Every other tag is an
+# alias that moves: the bare tuple tag (to the newest revision), deepspeed*/djl*/*-latest. ECR enforces
+# exactly this with MUTABLE_WITH_EXCLUSION on these filters (its wildcard has `*` only, so no filter could
+# single out the bare tuple against its own revisions: the immutable ones are named instead).
+IMMUTABLE_FILTERS = ("hash-*", "*-r*")
+REVISION = re.compile(r"-r([1-9][0-9]{0,8})")
 
 
 def is_alias(tag: str) -> bool:
-    return any(fnmatch.fnmatchcase(tag, pattern) for pattern in ALIAS_FILTERS)
+    return not any(fnmatch.fnmatchcase(tag, pattern) for pattern in IMMUTABLE_FILTERS)
+
+
+def hash_tag(content_hash: str) -> str:
+    return f"hash-{content_hash[:16]}"
+
+
+def revision_tag(tag: str, revision: int) -> str:
+    """The immutable tag of revision N of the tuple `tag`: <tag>-r<N>."""
+    return f"{tag}-r{revision}"
+
+
+def revisions(tags: Iterable[str], tag: str) -> list[int]:
+    """The revisions of the tuple `tag` among `tags` (a registry's tag list), newest first."""
+    found = (REVISION.fullmatch(t[len(tag):]) for t in tags if t.startswith(tag + "-r"))
+    return sorted((int(m.group(1)) for m in found if m), reverse=True)
 
 HANDLER_MODULE = "lmi_deepspeed"  # buildkit/lmi_deepspeed.py, at /opt/lmi/python in every image
 # What the handler needs beside the OS's MPI runtime: mpi4py's manylinux wheel loads the system's libmpi.
@@ -31,6 +51,7 @@ HANDLER_REQUIREMENTS = ("mpi4py==4.1.2",)
 # stage of GPU images and for the Python-only install of CPU images. `lmi lock` pins them; setuptools is a
 # floor, not a pin, because torch itself requires setuptools on Python >= 3.12 (2.13: >= 77.0.3).
 BUILD_REQUIREMENTS = ("setuptools>=75.8.2", "wheel==0.45.1", "ninja==1.11.1.4", "packaging==24.2", "py-cpuinfo==9.0.0")
+SAGEMAKER_CUDA_LABEL = "com.amazonaws.sagemaker.inference.cuda.verified_versions"
 SAGEMAKER_BIND_LABEL = "com.amazonaws.sagemaker.capabilities.accept-bind-to-port"
 
 
@@ -59,6 +80,7 @@ class ImageSpec:
     needs_compat: bool
     driver: str | None
     inference_ami: str | None
+    host_cuda: str | None  # the CUDA version of the pinned InferenceAmiVersion's driver (SageMaker's label)
     djl_url: str
     djl_sha256: str | None
     djl_sha256_missing: str | None  # why no checksum is recorded (the build warns)
@@ -116,6 +138,10 @@ class ImageSpec:
             "sm": fam.sm or "none", "cuda": self.cuda_patch or "none", "cuda-compat": str(self.needs_compat).lower(),
             "torch": self.torch, "torch-variant": self.wheel_variant, "deepspeed": self.deepspeed,
             "djl-serving": self.djl, "python": self.python, "os": self.os.name, "java": self.java,
+            # the SageMaker host driver the rules checked this image against (the family's default, or the
+            # matrix's driver / inference_ami), which it runs on natively or through cuda-compat (above)
+            "host-driver": self.driver or "none",
+            "inference-ami": self.inference_ami or ("default" if fam.is_gpu else "none"),
             **self.libraries,
         }
         labels = {
@@ -129,6 +155,8 @@ class ImageSpec:
             SAGEMAKER_BIND_LABEL: "true",
             **{f"{LABEL_PREFIX}.{k}": v for k, v in components.items()},
         }
+        if self.host_cuda:  # LMI's label for the driver it was verified on (instances.yaml, sm-cuda-label)
+            labels[SAGEMAKER_CUDA_LABEL] = self.host_cuda
         return dict(sorted(labels.items()))
 
     def claims(self) -> dict:
@@ -160,10 +188,11 @@ def resolve(matrix: Matrix, facts: Facts) -> list[ImageSpec]:
             continue
         spec = _spec(image, matrix.repository, facts, verdict)
         specs.append(spec)
-        if is_alias(spec.tag):
-            problems.append(f"{where(matrix.path, image.line_of('tag_suffix'))}: image {spec.id}: its immutable tag "
-                            f"{spec.tag} matches an alias pattern ({', '.join(ALIAS_FILTERS)}), so registries "
-                            "would let it move; choose another tag_suffix")
+        if not is_alias(spec.tag):
+            problems.append(f"{where(matrix.path, image.line_of('tag_suffix'))}: image {spec.id}: its tag {spec.tag} "
+                            f"matches an immutable-tag pattern ({', '.join(IMMUTABLE_FILTERS)}: a part starting "
+                            "with r reads as a revision), so it could not move to a new revision; choose another "
+                            "tag_suffix")
         if spec.tag in first:
             problems.append(f"{where(matrix.path, image.lines['family'])}: image {spec.id}: its immutable tag "
                             f"{spec.tag} is also {first[spec.tag].id}'s; tell the lines apart with tag_suffix")
@@ -195,7 +224,7 @@ def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
         torch_index=None if on_pypi else f"{facts.torch_wheel_index}/{variant}",
         builder_image=builder, runtime_image=runtime,
         arch_list=verdict.arch_list, needs_compat=verdict.needs_compat, driver=verdict.driver,
-        inference_ami=image.inference_ami,
+        inference_ami=image.inference_ami, host_cuda=facts.ami_cuda.get(image.inference_ami or ""),
         djl_url=facts.djl_package_url.format(version=combo.djl), djl_sha256=djl.sha256,
         djl_sha256_missing=None if djl.sha256 else facts.djl_checksum_unknown,
         skipped_ops=tuple(verdict.skipped_ops), notes=tuple(verdict.notes),
@@ -228,8 +257,9 @@ def with_aliases(specs: Iterable[ImageSpec]) -> list[ImageSpec]:
 
 def content_hash(files: dict[str, bytes], build_args: dict[str, str], bases: Iterable[str],
                  modes: dict[str, int] | None = None) -> str:
-    """sha256 over everything that goes into a build: the rendered context (paths, bytes and modes),
-    the build arguments and the base image references. Same input, same hash; any change, a new one."""
+    """sha256 over what an image is made of: the rendered context (paths, bytes and modes), the build
+    arguments written out and the base image references (render.plan says which). Same input, same hash;
+    any change, a new one."""
     doc = {
         "files": {p: hashlib.sha256(b).hexdigest() for p, b in sorted(files.items())},
         "modes": {p: m for p, m in sorted((modes or {}).items())},
@@ -243,17 +273,18 @@ def content_hash(files: dict[str, bytes], build_args: dict[str, str], bases: Ite
 class PlannedImage:
     spec: ImageSpec
     content_hash: str
-    build_args: dict[str, str] = field(default_factory=dict)
+    build_args: dict[str, str] = field(default_factory=dict)  # everything the build is given
+    content_args: dict[str, str] = field(default_factory=dict)  # the build args the hash covers
+    content_bases: tuple[str, ...] = ()  # the base images the hash covers (by digest where pinned)
 
     @property
     def hash_tag(self) -> str:
-        # "hash-" never starts an alias (deepspeed*, djl*, *-latest), so ECR can keep it immutable while
-        # the aliases float (IMMUTABLE_WITH_EXCLUSION).
-        return f"hash-{self.content_hash[:16]}"
+        return hash_tag(self.content_hash)
 
     @property
     def tags(self) -> tuple[str, ...]:
-        """All tags, immutable first: full tag, content-hash tag, then the floating aliases."""
+        """The local tags of a build: the bare tuple tag, the content-hash tag, then the floating aliases.
+        The revision tag is given at push time (the next free N in the target registry)."""
         return (self.spec.tag, self.hash_tag, *self.spec.aliases)
 
     def to_json(self) -> dict:

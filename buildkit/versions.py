@@ -13,7 +13,7 @@ _NUMERIC = re.compile(r"^\d+(\.\d+)*$")
 
 
 def is_numeric(version: str) -> bool:
-    return bool(_NUMERIC.match(version))
+    return bool(_NUMERIC.fullmatch(version))
 
 
 def key(version: str) -> tuple[int, ...]:

@@ -121,6 +121,10 @@ def test_build_tags_labels_then_skip_then_force(local, repo) -> None:
     assert labels["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
     assert re.fullmatch(r"[0-9a-f]{64}", labels["io.lmi.content-hash"])
     assert plan["tag"] in tags
+    # One plan: `lmi plan` (no wheelhouse, as `make plan` runs it), `lmi ci-matrix` (with it, as CI runs it)
+    # and the label of the image `lmi build --wheelhouse` (the Makefile's path) built name the same hash.
+    ci = json.loads(lmi("--matrix", str(matrix), "ci-matrix", "--wheelhouse", str(local["wheelhouse"])).stdout)
+    assert plan["content_hash"] == ci["include"][0]["content_hash"] == labels["io.lmi.content-hash"]
     config = json.loads(docker("inspect", f"{repo}:djl0.32-cpu", "--format", "{{json .Config}}").stdout)
     assert config["User"] == "1001:1001" and "8080/tcp" in config["ExposedPorts"]
     image_id = docker("inspect", f"{repo}:djl0.32-cpu", "--format", "{{.Id}}").stdout.strip()
@@ -193,9 +197,10 @@ def test_broken_image_fails_alone_with_its_log(local, repo) -> None:
     assert {t for t in tags if t.startswith("hash-")} == {_hash_tag_of(repo, "djl0.32-cpu")}  # none for broken
 
 
-def _hash_tag_of(repo: str, tag: str) -> str:
+def _hash_tag_of(repo: str, tag: str, full: bool = False) -> str:
+    """The image's hash- tag as its io.lmi.content-hash label names it (full: the whole label)."""
     label = docker("inspect", f"{repo}:{tag}", "--format", "{{index .Config.Labels \"io.lmi.content-hash\"}}")
-    return f"hash-{label.stdout.strip()[:16]}"
+    return label.stdout.strip() if full else f"hash-{label.stdout.strip()[:16]}"
 
 
 def test_ca_bundle_never_reaches_a_layer(local, repo, tmp_path) -> None:
@@ -208,6 +213,12 @@ def test_ca_bundle_never_reaches_a_layer(local, repo, tmp_path) -> None:
     matrix = local_matrix(local["dir"], repo, rerun_djl_step=True)
     result = build(matrix, local, "--ca-bundle", str(bundle), "--build-arg", f"DJL_SERVING_SHA256={digest}")
     assert result.returncode == 0, result.stdout + result.stderr
+    # A build arg is content: plan and ci-matrix given the same one name the hash the image is labelled with.
+    arg = ("--build-arg", f"DJL_SERVING_SHA256={digest}")
+    plan = json.loads(lmi("--matrix", str(matrix), "plan", "--json", *arg).stdout)[0]["content_hash"]
+    ci = json.loads(lmi("--matrix", str(matrix), "ci-matrix", *arg).stdout)["include"][0]["content_hash"]
+    assert plan == ci == _hash_tag_of(repo, "djl0.32-cpu", full=True)
+    assert plan != json.loads(lmi("--matrix", str(matrix), "plan", "--json").stdout)[0]["content_hash"]
     log = (ROOT / ".lmi" / "logs" / "local-cpu.log").read_text()
     assert "/tmp/djl-serving.deb: OK" in log  # verified against the checksum this time
     assert marker not in docker("history", "--no-trunc", f"{repo}:djl0.32-cpu").stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -15,7 +16,6 @@ import pytest
 import yaml
 from conftest import ROOT, lmi
 from test_build import build, docker, local, local_matrix  # noqa: F401 - shared fixtures
-from test_publish import free_port
 
 from buildkit import registry
 
@@ -61,20 +61,11 @@ def test_workflow_shapes() -> None:
     for name in ("pr.yml", "publish.yml"):
         text = (WORKFLOWS / name).read_text()
         assert "uses: ./.github/actions/setup-lmi" in text and "make venv" not in text
-    assert workflow_lmi_calls("publish.yml") == ["ci-matrix", "ci-matrix", "build", "test", "push", "promote",
+    assert workflow_lmi_calls("publish.yml") == ["ci-matrix", "build", "test", "push", "gate", "promote",
                                                  "index"]
+    # every trigger publishes with the same commands: no revision (or any other flag) to remember
+    assert "--revision" not in (WORKFLOWS / "publish.yml").read_text()
     assert workflow_lmi_calls("pr.yml") == ["validate", "ci-matrix", "build", "test"]
-
-
-@pytest.fixture(scope="module")
-def plain_registry(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ci-registry")
-    host = f"127.0.0.1:{free_port()}"
-    registry.ensure_local_registry(host, root=root)
-    yield host
-    pid = root / f"registry-{host.split(':')[1]}.pid"
-    if pid.exists():
-        subprocess.run(["kill", pid.read_text()], check=False)
 
 
 def run(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -104,6 +95,8 @@ def test_publish_workflow_sequence_then_nothing_new(local, plain_registry, tmp_p
     run("--matrix", matrix, "test", image_id, "--tier", "cpu", "--gpu", "off", "--junit",
         str(tmp_path / f"smoke-{image_id}.xml"))
     run("--matrix", matrix, "push", image_id, "--registry", staging, "--index", str(fragment), "--no-index-artifact")
+    # (the workflow's staging is ECR, which scans; this plain registry has no scanner)
+    run("--matrix", matrix, "gate", image_id, "--registry", staging, "--index", str(fragment), "--no-scan-gate")
     run("--matrix", matrix, "promote", image_id, "--from", staging, "--to", release_a, "--to", release_b,
         "--index", str(fragment), "--no-index-artifact")
     final = tmp_path / "images.json"
@@ -130,6 +123,42 @@ def test_publish_workflow_sequence_then_nothing_new(local, plain_registry, tmp_p
     later = tmp_path / "later.json"
     run("index", "merge", "--index", str(later), "--fetch", release_b, "--repository", repo)
     assert json.loads(later.read_text())["images"][0]["digest"] == digest
+
+    # A toolkit change (one comment line in a template) on main: the same steps, no flag, publish revision 2
+    templates = tmp_path / "templates"
+    shutil.copytree(ROOT / "templates", templates)
+    with (templates / "Dockerfile.j2").open("a") as fh:
+        fh.write("{# a toolkit edit #}\n# a toolkit edit\n")
+    text = Path(matrix).read_text().replace(f"templates: {ROOT / 'templates'}", f"templates: {templates}")
+    Path(matrix).write_text(text)
+    plan = json.loads(run("--matrix", matrix, "ci-matrix", *wheels, "--unpublished-in", staging, "--compact").stdout)
+    assert [e["id"] for e in plan["include"]] == [image_id]
+    fragment2 = tmp_path / f"index2-{image_id}.json"
+    run("--matrix", matrix, "build", image_id, "--plain", *wheels)
+    run("--matrix", matrix, "test", image_id, "--tier", "cpu", "--gpu", "off")
+    pushed = run("--matrix", matrix, "push", image_id, "--registry", staging, "--index", str(fragment2),
+                 "--no-index-artifact")
+    tag = json.loads(run("--matrix", matrix, "plan", "--json").stdout)[0]["tag"]
+    assert f"{tag}-r2 (new content)" in pushed.stdout
+    run("--matrix", matrix, "gate", image_id, "--registry", staging, "--index", str(fragment2), "--no-scan-gate")
+    run("--matrix", matrix, "promote", image_id, "--from", staging, "--to", release_a, "--to", release_b,
+        "--index", str(fragment2), "--no-index-artifact")
+    run("index", "merge", str(fragment2), "--index", str(final), "--fetch", release_a, "--publish", release_a,
+        "--publish", release_b, "--repository", repo)
+    second = json.loads(fragment2.read_text())["images"][0]
+    assert second["revision"] == 2 and second["tag"] == f"{tag}-r2" and second["digest"] != digest
+    for prefix in ("staging", "rel-a", "rel-b"):
+        assert oci.manifest(f"{prefix}/{repo}", f"{tag}-r1")[0] == digest  # revision 1 stays
+        for alias in (tag, "cpu-latest"):
+            assert oci.manifest(f"{prefix}/{repo}", alias)[0] == second["digest"]  # the aliases moved
+    assert run("uri", "--instance", "cpu", "--index", str(final)).stdout.strip().endswith(second["digest"])
+    assert run("uri", "--instance", "cpu", "--revision", "1", "--index", str(final)).stdout.strip().endswith(digest)
+    # the same push re-run pushes nothing and exits 0; the next plan is empty
+    again = run("--matrix", matrix, "push", image_id, "--registry", staging, "--index", str(fragment2),
+                "--no-index-artifact")
+    assert ": pushed" not in again.stdout and f"{tag}-r2 (published before)" in again.stdout
+    assert json.loads(run("--matrix", matrix, "ci-matrix", *wheels, "--unpublished-in", staging,
+                          "--compact").stdout)["include"] == []
     for tag in docker("images", repo, "--format", "{{.Tag}}").stdout.split():
         docker("rmi", "-f", f"{repo}:{tag}")
 
@@ -138,7 +167,7 @@ def test_publish_workflow_sequence_then_nothing_new(local, plain_registry, tmp_p
 @pytest.mark.e2e
 def test_weekly_rebuild_on_a_new_base_digest(local, plain_registry, tmp_path) -> None:  # noqa: F811
     """The scheduled run: bases pinned to today's digest; a new base digest means a new content hash,
-    a rebuild, new immutable tags with a revision, and only the aliases move."""
+    a rebuild published as the next revision with the plain push, and only the aliases move."""
     repo = f"lmi-wk-{uuid.uuid4().hex[:6]}"
     mirror = f"{plain_registry}/mirror-{uuid.uuid4().hex[:4]}"
     base = "lmi-local/library/debian:12"
@@ -157,7 +186,7 @@ def test_weekly_rebuild_on_a_new_base_digest(local, plain_registry, tmp_path) ->
     first = hash_now()
     run("--matrix", matrix, "build", "--plain", "--pin-bases", *wheels)
     run("--matrix", matrix, "test", "--tier", "cpu", "--gpu", "off")
-    run("--matrix", matrix, "push", "--registry", staging, "--index", str(index_path), "--revision", "r20261123")
+    run("--matrix", matrix, "push", "--registry", staging, "--index", str(index_path))
     assert hash_now() == first  # same base digest: same hash, nothing to rebuild
     unpublished = run("--matrix", matrix, "ci-matrix", *wheels, "--pin-bases", "--unpublished-in", staging,
                       "--compact").stdout
@@ -173,16 +202,17 @@ def test_weekly_rebuild_on_a_new_base_digest(local, plain_registry, tmp_path) ->
     assert second != first
     run("--matrix", matrix, "build", "--plain", "--pin-bases", *wheels)
     run("--matrix", matrix, "test", "--tier", "cpu", "--gpu", "off")
-    run("--matrix", matrix, "push", "--registry", staging, "--index", str(index_path), "--revision", "r20261130")
+    run("--matrix", matrix, "push", "--registry", staging, "--index", str(index_path))
 
     oci = registry.OciClient(plain_registry)
     tag = json.loads(run("--matrix", matrix, "plan", "--json").stdout)[0]["tag"]
-    old = oci.manifest(f"wk/{repo}", f"{tag}-r20261123")[0]
-    new = oci.manifest(f"wk/{repo}", f"{tag}-r20261130")[0]
+    old = oci.manifest(f"wk/{repo}", f"{tag}-r1")[0]
+    new = oci.manifest(f"wk/{repo}", f"{tag}-r2")[0]
     assert old != new  # both immutable tags stay, each on its own image
     assert oci.manifest(f"wk/{repo}", "cpu-latest")[0] == new  # the alias moved
     data = json.loads(index_path.read_text())
-    assert {e["tag"] for e in data["images"]} == {f"{tag}-r20261123", f"{tag}-r20261130"}
+    assert {e["tag"] for e in data["images"]} == {f"{tag}-r1", f"{tag}-r2"}
+    assert oci.manifest(f"wk/{repo}", tag)[0] == new  # the bare tuple tag is an alias of the newest revision
     assert run("uri", "--instance", "cpu", "--index", str(index_path)).stdout.strip().endswith(new)
     for t in docker("images", repo, "--format", "{{.Tag}}").stdout.split():
         docker("rmi", "-f", f"{repo}:{t}")

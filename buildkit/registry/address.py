@@ -68,5 +68,5 @@ def parse(url: str) -> Address:
     m = re.fullmatch(r"oci://([A-Za-z0-9.-]+(?::\d{1,5})?|\[[0-9a-fA-F:]+\](?::\d{1,5})?)(?:/([a-z0-9._/-]+))?", url)
     if m:
         return Address(url, "oci", m.group(1), (m.group(2) or "").strip("/"))
-    raise UserError(f"registry '{redact(url)}' is not an address; use ecr://ACCOUNT/REGION[/PREFIX] "
+    raise UserError(f"registry {redact(url)!r} is not an address; use ecr://ACCOUNT/REGION[/PREFIX] "
                     "(e.g. ecr://123456789012/us-west-2/ml) or oci://HOST[:PORT][/PREFIX] (e.g. oci://127.0.0.1:5000)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 
-from ..spec import ALIAS_FILTERS, is_alias
+from ..spec import IMMUTABLE_FILTERS, is_alias
 from .address import Address
 from .errors import RegistryError
 from .oci import MANIFEST_TYPES
@@ -23,16 +23,17 @@ class Ecr:
         self.client = boto3.client("ecr", region_name=address.region)
 
     def ensure_repository(self, name: str, kms_key: str | None = None) -> list[str]:
-        """The repository exists with scan-on-push, immutable tags (aliases excepted), encryption and a
-        lifecycle policy for untagged images. Returns what it changed."""
+        """The repository exists with scan-on-push, immutable revision and content-hash tags (every other tag is
+        an alias and moves: MUTABLE_WITH_EXCLUSION on spec.IMMUTABLE_FILTERS), encryption and a lifecycle policy
+        for untagged images. Returns what it changed."""
         from botocore.exceptions import ClientError
 
         changed = []
-        exclusions = [{"filterType": "WILDCARD", "filter": f} for f in ALIAS_FILTERS]
+        exclusions = [{"filterType": "WILDCARD", "filter": f} for f in IMMUTABLE_FILTERS]
         encryption = {"encryptionType": "KMS", "kmsKey": kms_key} if kms_key else {"encryptionType": "AES256"}
         try:
             self.client.create_repository(
-                registryId=self.address.account, repositoryName=name, imageTagMutability="IMMUTABLE_WITH_EXCLUSION",
+                registryId=self.address.account, repositoryName=name, imageTagMutability="MUTABLE_WITH_EXCLUSION",
                 imageTagMutabilityExclusionFilters=exclusions, imageScanningConfiguration={"scanOnPush": True},
                 encryptionConfiguration=encryption, tags=[{"Key": "managed-by", "Value": "lmi-buildkit"}])
             changed.append(f"created repository {name}")
@@ -41,11 +42,12 @@ class Ecr:
                 raise RegistryError(f"ECR create_repository {name}: {exc.response['Error']['Message']}") from None
             repo = self.client.describe_repositories(registryId=self.address.account,
                                                      repositoryNames=[name])["repositories"][0]
-            if repo.get("imageTagMutability") != "IMMUTABLE_WITH_EXCLUSION":
+            filters = {f.get("filter") for f in repo.get("imageTagMutabilityExclusionFilters") or []}
+            if repo.get("imageTagMutability") != "MUTABLE_WITH_EXCLUSION" or filters != set(IMMUTABLE_FILTERS):
                 self.client.put_image_tag_mutability(
                     registryId=self.address.account, repositoryName=name,
-                    imageTagMutability="IMMUTABLE_WITH_EXCLUSION", imageTagMutabilityExclusionFilters=exclusions)
-                changed.append(f"{name}: tags made immutable (aliases excepted)")
+                    imageTagMutability="MUTABLE_WITH_EXCLUSION", imageTagMutabilityExclusionFilters=exclusions)
+                changed.append(f"{name}: revision and content-hash tags made immutable (the rest are aliases)")
             if not (repo.get("imageScanningConfiguration") or {}).get("scanOnPush"):
                 self.client.put_image_scanning_configuration(
                     registryId=self.address.account, repositoryName=name,

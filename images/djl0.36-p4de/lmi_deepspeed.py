@@ -1,17 +1,31 @@
-"""lmi_deepspeed: the toolkit's DeepSpeed handler for DJL Serving's Python engine.
+"""lmi_deepspeed: the toolkit's handler for DJL Serving's Python engine, and its DeepSpeed way.
 
 Copied verbatim into every image (at /opt/lmi/python, on the Python path of DJL's workers). DJL Serving
 dropped its own DeepSpeed handler in 0.28.0; on those versions this is the default entry point
-(`OPTION_ENTRYPOINT=lmi_deepspeed`), and on 0.27 it can be chosen with `option.entryPoint=lmi_deepspeed`.
+(`OPTION_ENTRYPOINT=lmi_deepspeed`), and on 0.27 it can be chosen with `option.entryPoint=lmi_deepspeed`
+(with `engine=Python` or `engine=MPI`: without an engine line DJL 0.27 turns rolling batch on).
 
-How DJL runs it: in MPI mode (`option.mpi_mode=true`) DJL starts `mpirun -np <tensor_parallel_degree>`
-workers, each importing this module and receiving every request; the answer of rank 0 is returned.
-Each worker loads a Transformers causal LM from a local directory and hands it to
+Three ways to serve, chosen in serving.properties, each a service class `Service(props, cuda)` with
+`.load()` and `.answer(requests)` (one answer per Request: a JSON-able object, a Reply, or a RequestError):
+    option.partition=deepspeed (default)  this module: DeepSpeed tensor parallelism over the ranks DJL started
+    option.partition=accelerate           lmi_accelerate: one process, Accelerate's device map
+    a model directory with model_index.json  lmi_diffusion: a Diffusers pipeline
+The glue (`handle`) is the same for all three: see `Ranks` for how requests reach every rank.
+
+How DJL runs it (facts in buildkit/data/djl.yaml, each with its DJL source; docs/djl.md): in MPI mode
+(`option.mpi_mode=true`, only with GPUs: DJL refuses MPI mode on a machine without one) DJL starts
+`mpirun -np <tensor_parallel_degree>` workers with MASTER_ADDR and MASTER_PORT set, and sends the model load to
+every rank. Requests then go to rank 0 only ("passive workers", DJL >= 0.30 by default), or to every rank with
+the LAST rank's answer returned (older DJL, or option.use_passive_workers=false). This handler is correct in
+both: rank 0 broadcasts each batch to the other ranks, every rank generates, and every rank that DJL asks
+answers what its own generation gave (the same on every rank). Without MPI, DJL runs one process: one rank.
+The DeepSpeed way loads a Transformers causal LM from a local directory and hands it to
 `deepspeed.init_inference`, which partitions its weights across the ranks (tensor parallelism): kernel
 injection where DeepSpeed has a policy for the architecture and the GPU's SM allows it, AutoTP otherwise
-(and always on CPU, where ranks talk over gloo).
+(and always on CPU, where ranks talk over gloo), with an explicit tensor-slicing policy for GPT-2, which
+AutoTP declines.
 
-serving.properties options (DJL passes them without the `option.` prefix):
+serving.properties options of the DeepSpeed way (DJL passes them without the `option.` prefix):
     option.model_id                 a local model directory (default: the model directory, /opt/ml/model)
     option.tensor_parallel_degree   ranks to partition over; must equal the ranks DJL started
     option.dtype                    fp16 | bf16 | fp32 (default: fp16 on GPU, fp32 on CPU)
@@ -19,9 +33,10 @@ serving.properties options (DJL passes them without the `option.` prefix):
     option.kernel_injection         auto | true | false (default auto)
     option.trust_remote_code        false (a model's own code is never run)
 Requests, in the LMI shape: {"inputs": "text" | ["text", ...], "parameters": {...}} -> {"generated_text":
-"..."} or a list of them. Parameters: max_new_tokens, do_sample, temperature, top_k, top_p,
-repetition_penalty, seed, return_full_text. A bad request is answered 400 with a message; a bad option
-fails the model load with one line naming it.
+"..."} or a list of them; a text/* body is the prompt itself. Parameters: max_new_tokens, do_sample,
+temperature, top_k, top_p, repetition_penalty, seed, return_full_text. A bad request is answered 400 with a
+message; a bad option fails the model load with one line naming it (DJL logs "Failed to initialize model:
+<that line>").
 
 Importing this module costs nothing: torch, Transformers and DeepSpeed load with the model.
 """
@@ -32,6 +47,8 @@ import json
 import logging
 import os
 import socket
+import threading
+import traceback
 from dataclasses import dataclass
 
 log = logging.getLogger("lmi_deepspeed")
@@ -48,7 +65,9 @@ PARAMETERS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "r
 # DJL's own properties, passed beside the model's options; not ours to check.
 DJL_PROPERTIES = {"engine", "entryPoint", "mpi_mode", "model_dir", "device_id", "pipeline_parallel_degree",
                   "cluster_size", "output_formatter", "input_formatter", "job_queue_size", "batch_size",
-                  "max_batch_delay", "max_idle_time", "log_request_metric", "predict_timeout", "parallel_loading"}
+                  "max_batch_delay", "max_idle_time", "log_request_metric", "predict_timeout", "parallel_loading",
+                  "use_passive_workers", "rolling_batch", "async_mode", "partition"}
+WAYS = ("deepspeed", "accelerate")  # option.partition; a diffusion pipeline is recognised by its model_index.json
 
 
 class OptionError(ValueError):
@@ -61,6 +80,42 @@ class RequestError(ValueError):
     def __init__(self, message: str, code: int = 400) -> None:
         super().__init__(message)
         self.code = code
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request of a batch as DJL hands it over: the body's bytes, its media type (lower case, no
+    parameters; "" when absent) and the client's Accept header ("" when absent)."""
+
+    body: bytes
+    content_type: str = ""
+    accept: str = ""
+
+    def json(self):
+        """The body as JSON, or RequestError(400)."""
+        try:
+            return json.loads(self.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise RequestError("the body is not JSON") from None
+
+    def text(self) -> str:
+        """The body as UTF-8 text, or RequestError(400)."""
+        try:
+            return self.body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError("the body is not UTF-8 text") from None
+
+    def lmi(self):
+        """The body in the LMI shape: a text/* body is the prompt ({"inputs": text}), anything else JSON."""
+        return {"inputs": self.text()} if self.content_type.startswith("text/") else self.json()
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An answer that is not JSON (e.g. a PNG): its bytes and its media type."""
+
+    body: bytes
+    content_type: str
 
 
 @dataclass(frozen=True)
@@ -83,6 +138,25 @@ def _int(props: dict, key: str, default: int, low: int = 1) -> int:
     return value
 
 
+def parse_dtype(props: dict, cuda: bool) -> str:
+    """option.dtype -> fp16 | bf16 | fp32 (default: fp16 on GPU, fp32 on CPU), or OptionError."""
+    dtype = str(props.get("dtype", "fp16" if cuda else "fp32")).strip().lower()
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
+    if dtype not in DTYPES:
+        raise OptionError(f"option.dtype={props.get('dtype')!r}: use one of {', '.join(DTYPES)}")
+    if not cuda and dtype == "fp16":
+        raise OptionError("option.dtype=fp16: half precision needs a GPU; use fp32 or bf16 on CPU")
+    return dtype
+
+
+def parse_kernel_injection(props: dict) -> str:
+    """option.kernel_injection -> auto | true | false, or OptionError."""
+    inject = str(props.get("kernel_injection", "auto")).strip().lower()
+    if inject not in ("auto", "true", "false"):
+        raise OptionError(f"option.kernel_injection={inject!r}: use auto, true or false")
+    return inject
+
+
 def parse_options(props: dict, world_size: int, cuda: bool) -> Options:
     """serving.properties -> Options, or OptionError naming the option that is wrong."""
     model_dir = str(props.get("model_id") or props.get("model_dir") or DEFAULT_MODEL_DIR).strip()
@@ -93,17 +167,12 @@ def parse_options(props: dict, world_size: int, cuda: bool) -> Options:
         raise OptionError(f"option.model_id={model_dir!r}: no config.json there; give a Transformers model directory")
     tp = _int(props, "tensor_parallel_degree", world_size)
     if tp != world_size:
-        raise OptionError(f"option.tensor_parallel_degree={tp}, but {world_size} rank(s) were started; "
-                          "set option.mpi_mode=true so DJL starts one rank per partition")
-    dtype = str(props.get("dtype", "fp16" if cuda else "fp32")).strip().lower()
-    dtype = DTYPE_ALIASES.get(dtype, dtype)
-    if dtype not in DTYPES:
-        raise OptionError(f"option.dtype={props.get('dtype')!r}: use one of {', '.join(DTYPES)}")
-    if not cuda and dtype == "fp16":
-        raise OptionError("option.dtype=fp16: half precision needs a GPU; use fp32 or bf16 on CPU")
-    inject = str(props.get("kernel_injection", "auto")).strip().lower()
-    if inject not in ("auto", "true", "false"):
-        raise OptionError(f"option.kernel_injection={inject!r}: use auto, true or false")
+        how = ("set option.mpi_mode=true so DJL starts one rank per partition (DJL runs MPI mode only where "
+               "GPUs are), or tensor_parallel_degree=1" if world_size == 1 else
+               "DJL starts tensor_parallel_degree x pipeline_parallel_degree ranks, and this handler partitions "
+               "over all of them: remove option.pipeline_parallel_degree")
+        raise OptionError(f"option.tensor_parallel_degree={tp}, but {world_size} rank(s) were started; {how}")
+    dtype, inject = parse_dtype(props, cuda), parse_kernel_injection(props)
     if str(props.get("trust_remote_code", "false")).strip().lower() not in ("false", "0", ""):
         raise OptionError("option.trust_remote_code: this handler never runs a model's own code; remove the option")
     return Options(model_dir=model_dir, tensor_parallel_degree=tp, dtype=dtype,
@@ -165,8 +234,8 @@ def _free_port() -> int:
 
 
 def init_ranks(cuda: bool) -> tuple[int, int]:
-    """Join the ranks into one process group. Under mpirun, rank 0 picks the rendezvous port and tells
-    the others over MPI (DJL sets MASTER_ADDR but no port); a launcher that sets MASTER_PORT is used as is."""
+    """Join the ranks into one process group. DJL's MPI mode sets MASTER_ADDR and MASTER_PORT (Connection.java);
+    under a bare mpirun without MASTER_PORT, rank 0 picks a free port and tells the others over MPI."""
     rank, world, local = _rank_environment()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
     if world == 1:
@@ -190,11 +259,56 @@ def init_ranks(cuda: bool) -> tuple[int, int]:
     return rank, world
 
 
-class Service:
-    """One rank's model: loaded once, then answers batches of requests in lockstep with the other ranks."""
+def _gpt2_tensor_slicing(model, tp: int) -> dict:
+    """GPT-2 made sliceable by DeepSpeed's generic tensor slicing, and the injection policy that slices it.
 
-    def __init__(self, options: Options, cuda: bool) -> None:
-        self.options, self.cuda = options, cuda
+    AutoTP declines GPT-2 ("use kernel injection since container policy for model exists"), and DeepSpeed's own
+    Conv1D slicing fails on it (0.18.9: split sizes of the transposed weight). So each block's Conv1D layers
+    become the nn.Linear layers they are (y = x W + b, W transposed: the same numbers), the fused q|k|v rows of
+    c_attn are reordered rank by rank (q_r|k_r|v_r for the heads of rank r), so that the contiguous column slice
+    DeepSpeed gives each rank holds its own heads, and the blocks get a class of their own so that AutoTP
+    treats them as Linear layers. attn.c_proj and mlp.c_proj are the row-parallel (all-reduce) layers."""
+    import torch
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    config = model.config
+    if config.n_head % tp:
+        raise OptionError(f"option.tensor_parallel_degree={tp}: GPT-2's {config.n_head} attention heads do not "
+                          "divide evenly over the ranks")
+    block_class = type("LmiSlicedGPT2Block", (GPT2Block,), {})
+    for block in model.transformer.h:
+        for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
+                             (block.mlp, "c_proj")):
+            conv = getattr(parent, name)
+            linear = torch.nn.Linear(conv.weight.shape[0], conv.weight.shape[1], dtype=conv.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(conv.weight.t())
+                linear.bias.copy_(conv.bias)
+            setattr(parent, name, linear)
+        embed, share = block.attn.embed_dim, block.attn.embed_dim // tp
+        order = torch.cat([torch.arange(part * embed + r * share, part * embed + (r + 1) * share)
+                           for r in range(tp) for part in range(3)])
+        qkv = block.attn.c_attn
+        with torch.no_grad():
+            qkv.weight.copy_(qkv.weight[order])
+            qkv.bias.copy_(qkv.bias[order])
+        block.__class__ = block_class
+    return {block_class: ("attn.c_proj", "mlp.c_proj")}
+
+
+def _gpt2_after_slicing(model) -> None:
+    """Each rank's attention splits its c_attn output into its own q, k and v."""
+    for block in model.transformer.h:
+        block.attn.split_size = block.attn.c_attn.weight.shape[0] // 3
+
+
+class Service:
+    """The DeepSpeed way: one rank's part of a causal LM, loaded once, answering batches in step with the other
+    ranks (which `Ranks` keeps in step)."""
+
+    def __init__(self, props: dict, cuda: bool) -> None:
+        self.options = parse_options(props, _rank_environment()[1], cuda)
+        self.cuda = cuda
         self.engine = self.tokenizer = None
         self.injected = False
 
@@ -214,12 +328,18 @@ class Service:
         model = AutoModelForCausalLM.from_pretrained(o.model_dir, torch_dtype=dtype, trust_remote_code=False,
                                                      low_cpu_mem_usage=True).eval()
         kwargs = {"dtype": dtype, "replace_with_kernel_inject": self.injected}
+        sliced = not self.injected and o.tensor_parallel_degree > 1 and config.model_type == "gpt2"
         if o.tensor_parallel_degree > 1:
             kwargs["tensor_parallel"] = {"tp_size": o.tensor_parallel_degree}
+        if sliced:
+            kwargs["injection_policy"] = _gpt2_tensor_slicing(model, o.tensor_parallel_degree)
         self.engine = deepspeed.init_inference(model, **kwargs)
+        if sliced:
+            _gpt2_after_slicing(self.engine.module)
         self.tokenizer = tokenizer
+        how = "kernel injection" if self.injected else "tensor slicing policy" if sliced else "AutoTP"
         log.info("lmi_deepspeed: %s (%s) on %d rank(s), %s, %s", o.model_dir, config.model_type,
-                 o.tensor_parallel_degree, o.dtype, "kernel injection" if self.injected else "AutoTP")
+                 o.tensor_parallel_degree, o.dtype, how)
         return self
 
     def _inject(self, model_type: str, dtype) -> bool:
@@ -264,13 +384,14 @@ class Service:
             texts = [p + t for p, t in zip(prompts, texts, strict=True)]
         return texts
 
-    def answer(self, bodies: list) -> list[dict | list | RequestError]:
-        """Answers for a batch of request bodies, each a dict (or list of dicts) or a RequestError.
-        Requests with equal parameters are generated together."""
+    def answer(self, requests: list[Request]) -> list[dict | list | RequestError]:
+        """One answer per request, in order: {"generated_text"} (a list for a list of inputs) or a RequestError.
+        Requests with equal parameters are generated together. Every rank decides the same way from the same
+        batch, so the ranks run the same generate calls (their collectives meet)."""
         parsed: list = []
-        for body in bodies:
+        for request in requests:
             try:
-                parsed.append(parse_request(body, self.options.max_new_tokens))
+                parsed.append(parse_request(request.lmi(), self.options.max_new_tokens))
             except RequestError as exc:
                 parsed.append(exc)
         groups: dict[str, list[int]] = {}
@@ -293,48 +414,193 @@ class Service:
         return answers
 
 
+def check_routing(props: dict) -> None:
+    """Refuse, before anything loads, what DJL would route in a way no service here can answer."""
+    rolling = str(props.get("rolling_batch", "disable")).strip().lower()
+    if rolling not in ("disable", ""):
+        raise OptionError(f"option.rolling_batch={rolling}: DJL would stream tokens through its rolling-batch "
+                          "protocol, which this handler does not speak; set option.rolling_batch=disable (DJL 0.27 "
+                          "turns it on for a text-generation model when serving.properties has no engine= line: "
+                          "add engine=Python)")
+    if str(props.get("async_mode", "false")).strip().lower() == "true":
+        raise OptionError("option.async_mode=true: this handler answers each batch synchronously; remove it")
+
+
+def service_class(props: dict) -> tuple[str, type]:
+    """The way serving.properties chooses and its service class (imported only when chosen)."""
+    import importlib
+
+    model_dir = str(props.get("model_id") or props.get("model_dir") or DEFAULT_MODEL_DIR).strip()
+    way = str(props.get("partition", "deepspeed")).strip().lower()
+    if way not in WAYS:
+        raise OptionError(f"option.partition={way!r}: use {' or '.join(WAYS)}")
+    if os.path.isfile(os.path.join(model_dir, "model_index.json")):
+        module = "lmi_diffusion"  # a Diffusers pipeline (model_index.json), whatever the partition
+    elif way == "accelerate":
+        module = "lmi_accelerate"
+    else:
+        return "deepspeed", Service
+    package = f"{__package__}." if __package__ else ""
+    try:
+        return module, importlib.import_module(package + module).Service
+    except ImportError as exc:
+        raise OptionError(f"{module}: this image cannot serve this model that way ({exc})") from None
+
+
 def start(properties: dict) -> Service:
     """Load the model on this rank from DJL's properties (the model's serving.properties)."""
     import torch
 
     cuda = torch.cuda.is_available()
-    rank, world, _ = _rank_environment()
-    options = parse_options(properties, world, cuda)  # before any rank waits on another
+    check_routing(properties)
+    way, cls = service_class(properties)
+    world = _rank_environment()[1]
+    if way == "lmi_accelerate" and world > 1:
+        raise OptionError(f"option.partition=accelerate: one process sees every device, but DJL started {world} "
+                          "ranks; set option.mpi_mode=false")
+    service = cls(properties, cuda)  # options are checked before any rank waits on another
     init_ranks(cuda)
-    return Service(options, cuda).load()
+    return service.load()
 
 
 # --- DJL Serving's Python engine entry point -----------------------------------------------------------
 
-_service: Service | None = None
+
+class Ranks:
+    """Every rank answers every batch, whichever ranks DJL sends it to.
+
+    After the load DJL >= 0.30 sends each batch to rank 0 only (passive workers); older DJL, or
+    use_passive_workers=false, sends it to every rank and returns the last rank's answer. So rank 0
+    broadcasts each batch over a gloo group of its own (idle ranks wait there without a timeout that could
+    fire between requests, and without spinning), every other rank receives it in a background thread and
+    runs the same service call, and a rank that DJL also asks (all-ranks routing) answers with the result of
+    that same batch: DJL does not send batch k+1 before every rank answered batch k, so the k-th batch a
+    rank is asked for is the k-th one rank 0 broadcast."""
+
+    def __init__(self, service, cuda: bool) -> None:
+        self.service = service
+        self.rank, self.world, local = _rank_environment()
+        self.asked = 0  # batches DJL gave this rank (all-ranks routing)
+        # (batches this rank finished, the last one's answers or the exception it raised)
+        self.done: tuple[int, list | Exception | None] = (0, None)
+        self.changed = threading.Condition()
+        self.group = None
+        if self.world > 1:
+            from datetime import timedelta
+
+            import torch.distributed as dist
+
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(days=365))
+            if self.rank:
+                threading.Thread(target=self._follow, args=(cuda, local), name="lmi-follow", daemon=True).start()
+
+    def _broadcast(self, requests: list[Request] | None) -> list[Request]:
+        import torch.distributed as dist
+
+        box = [None if requests is None else [(r.body, r.content_type, r.accept) for r in requests]]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return [Request(*r) for r in box[0]]
+
+    def _follow(self, cuda: bool, local: int) -> None:
+        if cuda:
+            import torch
+
+            torch.cuda.set_device(local)  # the current device is per thread
+        while True:
+            try:
+                requests = self._broadcast(None)
+            except Exception:
+                log.error("lmi_deepspeed: rank %d lost rank 0:\n%s", self.rank, traceback.format_exc())
+                os._exit(1)  # a rank out of step would hang the others: mpirun ends them all
+            try:
+                answers = self.service.answer(requests)
+            except Exception as exc:  # rank 0 raised the same on the same batch: DJL answers it 424
+                answers = exc
+            with self.changed:
+                self.done = (self.done[0] + 1, answers)
+                self.changed.notify_all()
+
+    def answer(self, requests: list[Request]) -> list:
+        if self.world == 1:
+            return self.service.answer(requests)
+        if self.rank == 0:
+            return self.service.answer(self._broadcast(requests))
+        self.asked += 1
+        with self.changed:
+            self.changed.wait_for(lambda: self.done[0] >= self.asked)
+            answers = self.done[1]
+        if isinstance(answers, Exception):
+            raise answers
+        return answers
+
+
+_ranks: Ranks | None = None
+_load_error: str | None = None
+
+
+def _decode(inputs) -> list[Request]:
+    """DJL's Input -> one Request per request of the batch: the body is the "data" entry (query parameters and
+    form fields are other entries), the media type and Accept come from the request's headers."""
+    requests = []
+    for item in inputs.get_batches():
+        content_type = (item.get_property("content-type") or "").split(";")[0].strip().lower()
+        requests.append(Request(bytes(item.get_as_bytes() or b""), content_type, item.get_property("accept") or ""))
+    return requests
+
+
+def _encode(answer) -> tuple[bytes, str]:
+    if isinstance(answer, BaseException):  # a RequestError, as DJL's own handlers answer one within a batch
+        return json.dumps({"error": str(answer), "code": getattr(answer, "code", 400)}).encode(), "application/json"
+    if hasattr(answer, "body") and hasattr(answer, "content_type"):  # a Reply
+        return bytes(answer.body), answer.content_type
+    return json.dumps(answer).encode(), "application/json"
+
+
+def _output(inputs, answers: list):
+    """The answers as DJL's Output. One request: its status, body and content type. A batch: one content entry
+    per request under its batch index (DJL splits them by `batch_<i>.`); DJL gives every request of a batch the
+    same status and properties, so a request's error is its JSON body, and the content type is set only when
+    every answer has the same one."""
+    from djl_python.outputs import Output
+
+    if not inputs.is_batch():
+        answer = answers[0]
+        if isinstance(answer, BaseException):
+            return Output().error(str(answer), code=getattr(answer, "code", 400), message="bad request")
+        body, content_type = _encode(answer)
+        return Output().add(body, key="data").add_property("content-type", content_type)
+    outputs = Output()
+    types = set()
+    for i, answer in enumerate(answers):
+        body, content_type = _encode(answer)
+        types.add(content_type)
+        outputs.add(body, key="data", batch_index=i)
+    if len(types) == 1:
+        outputs.add_property("content-type", types.pop())
+    return outputs
 
 
 def handle(inputs):
-    """DJL's entry point: the first call (empty) loads the model; later calls carry a batch of requests."""
+    """DJL's entry point: the first call (empty, on every rank) loads the model; later calls carry a batch.
+    A failed load answers an error whose message is the one-line reason: DJL fails the model load with
+    "Failed to initialize model: <reason>" (a raised exception would show only "invoke handler failure")."""
     from djl_python.outputs import Output
 
-    global _service
-    if _service is None:
+    global _ranks, _load_error
+    if _ranks is None and _load_error is None:
         try:
-            _service = start(inputs.get_properties())
+            import torch
+
+            service = start(inputs.get_properties())
+            _ranks = Ranks(service, torch.cuda.is_available())
         except OptionError as exc:
-            raise ValueError(f"lmi_deepspeed: {exc}") from None  # DJL fails the model load with this line
+            _load_error = f"lmi_deepspeed: {exc}"
+        except Exception as exc:  # the reason in one line; the traceback in the worker's log
+            log.error("lmi_deepspeed: the model did not load:\n%s", traceback.format_exc())
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _load_error = f"lmi_deepspeed: {type(exc).__name__}: {first}"
+    if _load_error is not None:
+        return Output().error(_load_error, code=500, message=_load_error)
     if inputs.is_empty():
         return None
-    batch = inputs.get_batches()
-    bodies: list = []
-    for item in batch:
-        try:
-            bodies.append(item.get_as_json())
-        except ValueError:
-            bodies.append(None)  # parse_request answers it: the body must be a JSON object
-    answers = _service.answer(bodies)
-    if len(batch) == 1 and isinstance(answers[0], RequestError):
-        return Output().error(str(answers[0]), code=answers[0].code, message="bad request")
-    outputs = Output()
-    for i, answer in enumerate(answers):
-        # As DJL's own handlers do: each answer under its request's key; an error as {"error", "code"}.
-        value = {"error": str(answer), "code": answer.code} if isinstance(answer, RequestError) else answer
-        outputs.add_as_json(value, key=inputs.get_content().key_at(i))
-    outputs.add_property("content-type", "application/json")
-    return outputs
+    return _output(inputs, _ranks.answer(_decode(inputs)))
