@@ -50,11 +50,15 @@ def local(tmp_path_factory):
         pytest.skip(f"no docker engine can run here: {exc}")
     prepare.prepare(prepare.LOCAL_MATRIX)
     # The tests' own packages on a port of their own: a walkthrough's server on the matrix's fixed port
-    # (make build leaves one for an hour) never answers for them.
+    # (make build leaves one for an hour) never answers for them. A fixed one where it is free: the package
+    # URL is a build arg of the DJL step, so a URL that stays the same from run to run lets BuildKit's cache
+    # answer that step and the DeepSpeed step after it (~1 min per build on 2 cores); the server is a thread
+    # of this test run, so no earlier run can hold the port.
     packages = tmp_path_factory.mktemp("packages")
     for version in ("0.32.0", "0.31.0"):  # 0.31.0: the DJL-bump test
         prepare.standin_deb(version, packages)
-    server = prepare.PackageServer(packages, 0, lifetime_s=3600).__enter__()
+    port = TEST_PACKAGES_PORT if prepare.port_free(TEST_PACKAGES_PORT) else 0
+    server = prepare.PackageServer(packages, port, lifetime_s=3600).__enter__()
     SERVED["base"] = f"http://127.0.0.1:{server.port}/"
     yield {"wheelhouse": wheelhouse, "port": server.port, "dir": tmp_path_factory.mktemp("local"),
            "djl_url": SERVED["base"] + "djl-serving_0.32.0-1_all.deb"}
@@ -62,6 +66,7 @@ def local(tmp_path_factory):
 
 
 SERVED: dict[str, str] = {}  # where the `local` fixture serves the stand-in packages
+TEST_PACKAGES_PORT = 38779  # not the local matrix's 38771, which `make build` serves
 
 
 def local_matrix(directory: Path, repo: str, extra_lines: str = "", rerun_djl_step: bool = False,
