@@ -182,7 +182,7 @@ class Service(lmi_deepspeed.Service):
     def load(self) -> Service:
         import torch
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         o = self.options
         dtype = getattr(torch, TORCH_DTYPES[o.dtype])
@@ -207,10 +207,7 @@ class Service(lmi_deepspeed.Service):
                 raise OptionError("option.offload_folder: the device map puts weights on the disk; set it to a "
                                   "writable directory, or give option.max_memory more room")
             os.makedirs(o.offload_folder, exist_ok=True)
-        tokenizer = AutoTokenizer.from_pretrained(o.model_dir, trust_remote_code=False)
-        tokenizer.padding_side = "left"  # decoder-only models continue from the right
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        tokenizer = lmi_deepspeed.load_tokenizer(o.model_dir)
         try:
             model = AutoModelForCausalLM.from_pretrained(o.model_dir, torch_dtype=dtype, device_map=device_map,
                                                          offload_folder=o.offload_folder, trust_remote_code=False)

@@ -138,6 +138,17 @@ def _int(props: dict, key: str, default: int, low: int = 1) -> int:
     return value
 
 
+def load_tokenizer(model_dir: str):
+    """A causal LM's tokenizer, padding on the left (decoder-only models continue from the right)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
 def parse_dtype(props: dict, cuda: bool) -> str:
     """option.dtype -> fp16 | bf16 | fp32 (default: fp16 on GPU, fp32 on CPU), or OptionError."""
     dtype = str(props.get("dtype", "fp16" if cuda else "fp32")).strip().lower()
@@ -315,16 +326,13 @@ class Service:
     def load(self) -> Service:
         import deepspeed
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         o = self.options
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[o.dtype]
         config = AutoConfig.from_pretrained(o.model_dir, trust_remote_code=False)
         self.injected = self._inject(config.model_type, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(o.model_dir, trust_remote_code=False)
-        tokenizer.padding_side = "left"  # decoder-only models continue from the right
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        tokenizer = load_tokenizer(o.model_dir)
         model = AutoModelForCausalLM.from_pretrained(o.model_dir, torch_dtype=dtype, trust_remote_code=False,
                                                      low_cpu_mem_usage=True).eval()
         kwargs = {"dtype": dtype, "replace_with_kernel_inject": self.injected}
