@@ -28,7 +28,7 @@ def documents(docker: str, image: str, spec, subject_name: str, digest: str | No
     not pushed yet) there is an SBOM only: provenance needs its subject."""
     inv = sbom.inventory(docker, image)
     facts = sbom.image_facts(docker, image)
-    bases = provenance.bases(docker, image, spec.runtime_image, spec.builder_image)
+    bases = provenance.bases(docker, image, spec)
     bom = sbom.build(inv, facts, subject_name, digest, bases.get(spec.runtime_image, {}).get("digest"))
     if digest is None:
         return bom.encode(), None

@@ -28,6 +28,7 @@ from .engine import Client
 from .errors import UserError
 from .matrix import Matrix
 from .progress import Progress
+from .provenance import base_roles
 from .render import Context
 from .spec import ImageSpec, PlannedImage
 
@@ -94,7 +95,8 @@ def host_args(spec: ImageSpec, options: BuildOptions, pinned: dict[str, str], wh
     """The build args that say where this host fetches things from: a base mirror (and the pinned digest),
     the package index, the wheelhouse image. They are not in the content hash (render.plan)."""
     args = {}
-    for key, base in (("BUILDER_IMAGE", spec.builder_image), ("RUNTIME_IMAGE", spec.runtime_image)):
+    for role, base in base_roles(spec).items():
+        key = f"{role.upper()}_IMAGE"
         if base and (options.base_mirror or base in pinned):
             ref = engine.mirrored(base, options.base_mirror)
             args[key] = f"{_untagged(ref)}@{pinned[base]}" if base in pinned and "@" not in ref else ref
@@ -353,7 +355,7 @@ def _explain(tail: list[str], planned: PlannedImage) -> str:
     """Turn BuildKit's failure into what the user can do about it, where we recognise it."""
     text = "\n".join(tail)
     spec, args = planned.spec, planned.build_args
-    bases = [args.get("BUILDER_IMAGE", spec.builder_image), args.get("RUNTIME_IMAGE", spec.runtime_image)]
+    bases = [args.get(f"{role.upper()}_IMAGE", base) for role, base in base_roles(spec).items()]
     for base in filter(None, bases):
         name = base.rsplit(":", 1)[0] if "@" not in base else base.split("@")[0]
         if PULL_FAILURE.search(text) and (name in text or name.split("/", 1)[-1] in text):

@@ -17,7 +17,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, build, ci, engine, facts, index, lock, matrix, publish, registry, render, smoke, versions
+from . import (
+    __version__,
+    build,
+    ci,
+    engine,
+    facts,
+    index,
+    lock,
+    matrix,
+    profiles,
+    publish,
+    registry,
+    render,
+    smoke,
+    versions,
+)
 from .errors import LmiError, UserError
 from .progress import progress_for
 from .rules import Combo, evaluate
@@ -67,14 +82,11 @@ def _selected(args: argparse.Namespace) -> tuple[matrix.Matrix, list[ImageSpec]]
     return m, select(specs, args.instance or [], args.patterns or [])
 
 
-def _warn_unverified_downloads(specs: list[ImageSpec]) -> None:
-    missing: dict[str, list[str]] = {}
-    for s in specs:
-        if s.djl_sha256 is None:
-            missing.setdefault(s.djl, []).append(s.id)
-    for version, ids in sorted(missing.items()):
-        print(f"warning: no sha256 is recorded for DJL Serving {version} (buildkit/data/djl.yaml), used by "
-              f"{len(ids)} image(s): their builds warn and do not verify the package", file=sys.stderr)
+def _warn(specs: list[ImageSpec]) -> None:
+    """What each engine's profile warns about for its images (e.g. a download without a recorded checksum)."""
+    for name, profile in profiles.PROFILES.items():
+        for line in profile.warnings([s for s in specs if s.engine.name == name]):
+            print(f"warning: {line}", file=sys.stderr)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -92,9 +104,10 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         print(json.dumps([s.claims() for s in specs], indent=2, sort_keys=True))
         return EXIT_OK
     rows = [[s.id, s.family.name, f"{s.family.gpu} sm_{s.family.sm.replace('.', '')}" if s.family.is_gpu else "-",
-             s.cuda_patch or "-", f"{s.torch}+{s.wheel_variant}", s.deepspeed, s.djl, s.python, s.os.name,
+             s.cuda_patch or "-", f"{s.torch}+{s.wheel_variant}", s.engine.name,
+             ",".join(f"{k}={v}" for k, v in s.versions.items()), s.python, s.os.name,
              "yes" if s.needs_compat else "no"] for s in specs]
-    print(_table(rows, ["ID", "FAMILY", "GPU", "CUDA", "TORCH", "DEEPSPEED", "DJL", "PYTHON", "OS", "COMPAT"]))
+    print(_table(rows, ["ID", "FAMILY", "GPU", "CUDA", "TORCH", "ENGINE", "VERSIONS", "PYTHON", "OS", "COMPAT"]))
     return EXIT_OK
 
 
@@ -119,14 +132,18 @@ def cmd_check(args: argparse.Namespace) -> int:
             raise UserError(f"--inference-ami {args.inference_ami!r}: unknown; "
                             f"{versions.did_you_mean(args.inference_ami, f.amis)}")
         driver = f.amis[args.inference_ami]
-    combo = Combo(family=args.instance, djl=args.djl, deepspeed=args.deepspeed, torch=args.torch, cuda=args.cuda,
-                  python=args.python, os=args.os, torch_cuda=args.torch_cuda, driver=driver)
-    if args.instance == "cpu":
-        combo = Combo(**{**combo.__dict__, "cuda": None, "torch_cuda": None})
+    profile = profiles.get(args.engine)
+    parts = _engine_parts(args, profile)
+    cpu = args.instance == "cpu"
+    combo = Combo.of(profile.NAME, args.instance, args.torch, None if cpu else args.cuda, args.python, args.os,
+                     torch_cuda=None if cpu else args.torch_cuda, driver=driver, **parts)
     verdict = evaluate(combo, f)
     if args.json:
+        combination = {"family": combo.family, "engine": combo.engine, **dict(combo.parts), "torch": combo.torch,
+                       "cuda": combo.cuda, "python": combo.python, "os": combo.os, "torch_cuda": combo.torch_cuda,
+                       "driver": combo.driver}
         print(json.dumps({
-            "valid": verdict.ok, "combination": {k: v for k, v in combo.__dict__.items() if v is not None},
+            "valid": verdict.ok, "combination": {k: v for k, v in combination.items() if v is not None},
             "errors": [{"rule": e.rule, "message": e.message, "source": e.source, "try": e.fix}
                        for e in verdict.errors],
             "notes": verdict.notes, "observations": verdict.observations,
@@ -139,13 +156,38 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"error: {e.text()}", file=sys.stderr)
         return EXIT_USAGE
     cuda = f"CUDA {f.toolkits[combo.cuda].patch}" if combo.cuda else "CPU"
-    summary = (f"ok: {combo.family} can run DJL Serving {combo.djl}, DeepSpeed {combo.deepspeed}, "
+    engine_parts = ", ".join(f"{profile.TITLES[k]} {combo.part(k)}" for k in profile.COMPONENTS)
+    summary = (f"ok: {combo.family} can run {engine_parts}, "
                f"torch {combo.torch}+{verdict.wheel_variant}, {cuda}, Python {combo.python}, {combo.os}")
     print(summary + (f" ({'; '.join(verdict.notes)})" if verdict.notes else ""))
     if args.verbose:
         for line in verdict.observations:
             print(f"observed: {line}")
     return EXIT_OK
+
+
+def _engine_parts(args: argparse.Namespace, profile) -> dict[str, str]:
+    """The --<component> and --<option> values for the chosen engine: all its components, none of another's."""
+    given = {k: getattr(args, k) for k in _flag_keys() if getattr(args, k) is not None}
+    foreign = [k for k in given if k not in profile.COMPONENTS and k not in profile.OPTIONS]
+    if foreign:
+        owners = {k: [n for n, p in profiles.PROFILES.items() if k in p.COMPONENTS or k in p.OPTIONS] for k in foreign}
+        raise UserError(*(f"--{k.replace('_', '-')} belongs to engine {' or '.join(owners[k])}, not to "
+                          f"{profile.NAME}; add --engine {owners[k][0]} or drop it" for k in foreign))
+    missing = [k for k in profile.COMPONENTS if k not in given]
+    if missing:
+        raise UserError(f"engine {profile.NAME} needs {', '.join('--' + k for k in missing)} (its components: "
+                        f"{', '.join('--' + k for k in profile.COMPONENTS)})")
+    for k, allowed in profile.OPTIONS.items():
+        if k in given and given[k] not in allowed:
+            raise UserError(f"--{k.replace('_', '-')} {given[k]!r}: not one of {', '.join(allowed)}")
+    return given
+
+
+def _flag_keys() -> tuple[str, ...]:
+    """Every profile's components, then its options: one flag each on `lmi check` (components also `lmi uri`)."""
+    options = (o for p in profiles.PROFILES.values() for o in p.OPTIONS)
+    return tuple(dict.fromkeys((*profiles.component_keys(), *options)))
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -166,7 +208,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             return EXIT_FAIL
         print(f"ok: {len(contexts)} contexts in {out} match a fresh render")
         return EXIT_OK
-    _warn_unverified_downloads(specs)
+    _warn(specs)
     changed = render.write(contexts, out, prune=whole and not args.out)
     print(f"rendered {len(contexts)} contexts into {out} ({len(changed)} changed)")
     for line in changed:
@@ -242,7 +284,7 @@ def cmd_facts_verify(args: argparse.Namespace) -> int:
         print(f"{len(drift)} of {checked} facts differ from the index: fix buildkit/data (with the source) or the "
               "matrix", file=sys.stderr)
         return EXIT_FAIL
-    print(f"ok: {checked} facts match the index (torch wheels and Python ranges, DeepSpeed versions, "
+    print(f"ok: {checked} facts match the index (torch wheels and Python ranges, the engines' releases, "
           f"{len(pins)} pins of {m.path})")
     return EXIT_OK
 
@@ -324,7 +366,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if stale:
         changed = render.write(contexts, m.output, prune=False)
         print(f"rendered {len(changed)} stale context(s) into {m.output}: {', '.join(changed)}")
-    _warn_unverified_downloads([p.spec for p, _ in planned])
+    _warn([p.spec for p, _ in planned])
     work = [(p, m.output / p.spec.id) for p, _ in planned]
     progress = progress_for([p.spec.id for p, _ in planned], plain=True if args.plain else None)
     try:
@@ -396,7 +438,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         raise UserError(f"--image {args.image} tests one image, but the selection has {len(specs)}; "
                         "select exactly one with --instance or a pattern")
     gpu, reason = False, "--gpu off"
-    if args.gpu != "off" and "gpu" in tiers:
+    if args.gpu != "off" and {"gpu", "serving"} & set(tiers):  # serving uses the GPUs where usable too
         gpu, reason = smoke.gpu_runtime()
         if args.gpu == "required" and not gpu:
             raise UserError(f"--gpu required, but no GPU runtime is usable here: {reason}")
@@ -468,12 +510,20 @@ def _revision(text: str) -> int:
 
 
 def cmd_uri(args: argparse.Namespace) -> int:
-    entry, reg = index.lookup(index.load(args.index), args.instance, region=args.region, registry=args.registry,
-                              revision=args.revision, djl=args.djl, deepspeed=args.deepspeed, torch=args.torch,
-                              cuda=args.cuda)
+    wanted = {k: getattr(args, k) for k in (*profiles.component_keys(), *index.FILTERS)}
+    data = index.load(args.index)
+    entry, reg = index.lookup(data, args.instance, region=args.region, registry=args.registry,
+                              revision=args.revision, engine=args.engine, **wanted)
+    chose = args.engine or any(wanted[k] for k in profiles.component_keys())
+    others = [e for e in index.engines([i for i in data["images"] if i["family"] == args.instance])
+              if e != entry["engine"]]
+    if others and not chose:
+        print(f"note: {args.instance} also has images of engine {', '.join(others)} (choose with --engine)",
+              file=sys.stderr)
     if args.json:
         print(json.dumps({"uri": reg["uri"], "registry": reg["url"], "region": reg.get("region"), "id": entry["id"],
-                          "tag": entry["tag"], "revision": entry.get("revision"), "host": entry.get("host"),
+                          "engine": entry["engine"], "tag": entry["tag"], "revision": entry.get("revision"),
+                          "host": entry.get("host"),
                           "digest": entry["digest"], "components": entry["components"],
                           "sbom": entry.get("sbom"), "provenance": entry.get("provenance"), "gate": entry.get("gate")},
                          indent=2))
@@ -565,14 +615,22 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("facts", parents=[common], help="facts about the facts: `lmi facts verify` against the index")
     facts_sub = p.add_subparsers(dest="facts_command", required=True, metavar="ACTION")
-    q = facts_sub.add_parser("verify", parents=[common], help="re-derive torch wheels/Pythons and DeepSpeed and "
-                                                             "library versions from the package index; report drift")
+    q = facts_sub.add_parser("verify", parents=[common], help="re-derive torch wheels/Pythons, the engines' "
+                             "releases and library versions from the package index; report drift")
     q.set_defaults(func=cmd_facts_verify)
 
     p = sub.add_parser("check", parents=[common], help="can I build this combination? (no matrix needed)")
-    for name, hint in (("instance", "g5"), ("cuda", "12.4"), ("torch", "2.4.0"), ("deepspeed", "0.15.1"),
-                       ("djl", "0.30.0"), ("python", "3.10"), ("os", "ubuntu22.04")):
+    p.add_argument("--engine", choices=sorted(profiles.PROFILES), default=profiles.DEFAULT,
+                   help=f"the serving engine (default: {profiles.DEFAULT})")
+    for name, hint in (("instance", "g5"), ("cuda", "12.4"), ("torch", "2.4.0"), ("python", "3.10"),
+                       ("os", "ubuntu22.04")):
         p.add_argument(f"--{name}", required=name != "cuda", metavar=hint.upper() if name == "os" else hint)
+    for name in _flag_keys():  # every profile's components and options; the chosen engine's are required
+        owners = [p_.NAME for p_ in profiles.PROFILES.values() if name in p_.COMPONENTS or name in p_.OPTIONS]
+        choices = sorted({v for p_ in profiles.PROFILES.values() for v in p_.OPTIONS.get(name, ())})
+        helps = {p_.OPTION_HELP.get(name) for p_ in profiles.PROFILES.values()} - {None}
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="|".join(choices) or "VERSION",
+                       help="; ".join(sorted(helps)) or f"a component of engine {' and '.join(owners)}")
     p.add_argument("--torch-cuda", metavar="12.8", help="torch wheel CUDA variant, when not the toolkit's")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--driver", metavar="535.54.03", help="host driver (default: SageMaker's for the family)")
@@ -666,7 +724,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--instance", required=True, metavar="FAMILY")
     p.add_argument("--region", metavar="REGION")
     p.add_argument("--registry", metavar="URL", help="only URIs in this registry")
-    for name in ("djl", "deepspeed", "torch", "cuda"):
+    p.add_argument("--engine", choices=sorted(profiles.PROFILES),
+                   help=f"only images of this engine (default: any; where several fit, {profiles.DEFAULT})")
+    for name in (*profiles.component_keys(), *index.FILTERS):
         p.add_argument(f"--{name}", metavar="VERSION", help="a version or its prefix (0.27 matches 0.27.0)")
     p.add_argument("--revision", type=_revision, metavar="N",
                    help="that revision of the component tuple (its <tag>-rN; default: the newest)")

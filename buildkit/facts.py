@@ -124,62 +124,6 @@ class TorchRelease:
 
 
 @dataclass(frozen=True)
-class DeepSpeedRelease:
-    minor: str
-    versions: tuple[str, ...]
-    python_classifiers: tuple[str, str]  # evidence, not a limit: DeepSpeed sets no python_requires
-    cuda12_minors: tuple[str, ...]
-    cuda12_minors_from: dict[str, tuple[str, ...]]
-    python_classifiers_from: dict[str, tuple[str, str]] = field(default_factory=dict)
-
-    def classifiers(self, version: str) -> tuple[str, str]:
-        """The Python range the classifiers of this exact release name."""
-        return versions.as_of(self.python_classifiers_from, version) or self.python_classifiers
-
-    def accepted_cuda12_minors(self, version: str) -> tuple[str, ...]:
-        extra = [m for since, ms in self.cuda12_minors_from.items() if versions.at_least(version, since) for m in ms]
-        return tuple(self.cuda12_minors) + tuple(extra)
-
-
-@dataclass(frozen=True)
-class DeepSpeedOp:
-    """One op of DeepSpeed's op_builder: the switch setup.py reads, the first release that has it, the
-    lowest SM it builds for, and what it needs that the images do not carry (None: nothing)."""
-
-    name: str
-    build_var: str
-    since: str
-    sm: str | None = None
-    what: str = ""
-    needs: str | None = None
-    training: bool = False
-    also: tuple[str, ...] = ()  # releases before `since` that had it too (utils: 0.9.0-0.9.4)
-
-
-@dataclass(frozen=True)
-class DjlRelease:
-    version: str
-    java: str  # requirement: DJL Serving compiles with release = 11
-    aws_python: str | None  # observation: the Python AWS's LMI images shipped it with (not a requirement)
-    sha256: str | None
-
-
-@dataclass(frozen=True)
-class DjlBehaviour:
-    """How DJL Serving's Python engine treats a handler (one behaviour), per release."""
-
-    name: str
-    fact: str
-    by_version: dict[str, object]  # first release -> value, until the next key
-    checked: tuple[str, ...]  # the tags / release branches it was read at
-    source: str
-
-    def at(self, version: str) -> object:
-        """The value for a release: that of the newest key at or below it (None before the first)."""
-        return versions.as_of(self.by_version, version)
-
-
-@dataclass(frozen=True)
 class OperatingSystem:
     name: str
     image: str
@@ -187,8 +131,8 @@ class OperatingSystem:
     python: str
     java_package: str
     java: str
-    aio_package: str  # libaio, for DeepSpeed's async I/O op
-    mpi_package: str  # an MPI runtime (mpirun), for DJL's MPI mode
+    aio_package: str  # libaio (asynchronous I/O)
+    mpi_package: str  # an MPI runtime (mpirun)
     glibc: str  # the release's glibc: wheels up to manylinux_<glibc> run on it
     other_pythons: tuple[str, ...] = ()  # further interpreters the release packages (focal: python3.9)
 
@@ -210,36 +154,9 @@ class Facts:
     minor_compat: dict[str, str]
     torch: dict[str, TorchRelease]
     torch_wheel_index: str
-    deepspeed: dict[str, DeepSpeedRelease]
-    deepspeed_ops: tuple[DeepSpeedOp, ...]
-    djl: dict[str, DjlRelease]
-    djl_package_url: str
-    djl_checksum_unknown: str
-    djl_deepspeed_handler_last: str  # the last DJL Serving release with its own DeepSpeed handler
     systems: dict[str, OperatingSystem]
     sources: dict[str, dict[str, str]] = field(repr=False)
-    deepspeed_requires: dict[str, tuple[str, ...]] = field(default_factory=dict)  # first release -> list
-    deepspeed_requires_cuda: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    deepspeed_requires_read_through: str = "0"
-    djl_behaviour: dict[str, DjlBehaviour] = field(default_factory=dict)
-
-    def djl_behaviour_at(self, version: str) -> dict[str, object]:
-        """Every DJL behaviour's value for one DJL Serving release (what the stand-in DJL follows)."""
-        return {name: b.at(version) for name, b in self.djl_behaviour.items()}
-
-    def ops_of(self, deepspeed: str) -> tuple[DeepSpeedOp, ...]:
-        """The ops a DeepSpeed release has (op_builder at that tag)."""
-        return tuple(op for op in self.deepspeed_ops if versions.at_least(deepspeed, op.since) or deepspeed in op.also)
-
-    def deepspeed_requirements(self, version: str, cuda: bool) -> tuple[str, ...] | None:
-        """DeepSpeed `version`'s install_requires as its setup.py computes them (with the CUDA additions
-        when built for CUDA); None when that release's lists have not been read."""
-        if not versions.at_least(self.deepspeed_requires_read_through, version):
-            return None
-        base = versions.as_of(self.deepspeed_requires, version)
-        if base is None:
-            return None
-        return base + ((versions.as_of(self.deepspeed_requires_cuda, version) or ()) if cuda else ())
+    engines: dict[str, object] = field(default_factory=dict)  # profile name -> its facts (buildkit/profiles)
 
     def source(self, topic: str, key: str) -> str:
         """The recorded source of a fact: topic is the data file's stem, key its `sources` entry."""
@@ -249,17 +166,9 @@ class Facts:
         release = self.torch.get(versions.minor(version))
         return release if release and version in release.versions else None
 
-    def deepspeed_release(self, version: str) -> DeepSpeedRelease | None:
-        release = self.deepspeed.get(versions.minor(version))
-        return release if release and version in release.versions else None
-
     @property
     def torch_versions(self) -> list[str]:
         return [v for r in self.torch.values() for v in r.versions]
-
-    @property
-    def deepspeed_versions(self) -> list[str]:
-        return [v for r in self.deepspeed.values() for v in r.versions]
 
     @property
     def python_versions(self) -> list[str]:
@@ -273,7 +182,9 @@ def _read(name: str) -> dict:
 
 @functools.cache
 def load() -> Facts:
-    inst, cuda, torch, ds, djl, osd = (_read(n) for n in ("instances", "cuda", "torch", "deepspeed", "djl", "os"))
+    from . import profiles  # each profile reads its own facts file(s)
+
+    inst, cuda, torch, osd = (_read(n) for n in ("instances", "cuda", "torch", "os"))
     families = {
         name: Family(
             name=name,
@@ -328,17 +239,6 @@ def load() -> Facts:
         )
         for minor, r in torch["releases"].items()
     }
-    ds_releases = {
-        minor: DeepSpeedRelease(
-            minor=minor,
-            versions=tuple(r["versions"]),
-            python_classifiers=tuple(r["python_classifiers"]),
-            python_classifiers_from={k: tuple(v) for k, v in (r.get("python_classifiers_from") or {}).items()},
-            cuda12_minors=tuple(r["cuda12_minors"]),
-            cuda12_minors_from={k: tuple(v) for k, v in (r.get("cuda12_minors_from") or {}).items()},
-        )
-        for minor, r in ds["releases"].items()
-    }
     return Facts(
         families=families,
         amis={name: a["driver"] for name, a in inst["inference_amis"]["amis"].items()},
@@ -347,30 +247,13 @@ def load() -> Facts:
         minor_compat=dict(cuda["minor_compat"]),
         torch=torch_releases,
         torch_wheel_index=torch["wheel_index"],
-        deepspeed=ds_releases,
-        deepspeed_ops=tuple(DeepSpeedOp(name=op, **{k: tuple(v) if k == "also" else v for k, v in o.items()})
-                            for op, o in ds["ops"].items()),
-        djl={
-            ver: DjlRelease(version=ver, java=r["java"], aws_python=r.get("aws_python"), sha256=r.get("sha256"))
-            for ver, r in djl["releases"].items()
-        },
-        djl_package_url=djl["package_url"],
-        djl_checksum_unknown=" ".join(djl["checksum_unknown_reason"].split()),
-        djl_deepspeed_handler_last=djl["deepspeed_handler_last"],
-        deepspeed_requires={k: tuple(v) for k, v in ds["requires"].items()},
-        deepspeed_requires_cuda={k: tuple(v) for k, v in ds["requires_cuda"].items()},
-        deepspeed_requires_read_through=ds["requires_read_through"],
-        djl_behaviour={name: DjlBehaviour(name=name, fact=" ".join(b["fact"].split()), by_version=dict(b["by_version"]),
-                                          checked=tuple(b["checked"]), source=" ".join(b["source"].split()))
-                       for name, b in (djl.get("behaviour") or {}).items()},
         systems={name: OperatingSystem(name=name, **{k: tuple(v) if k == "other_pythons" else v for k, v in s.items()})
                  for name, s in osd["systems"].items()},
         sources={
             "instances": {**inst["sources"], "ami": inst["inference_amis"]["source"]},
             "cuda": cuda["sources"],
             "torch": torch["sources"],
-            "deepspeed": ds["sources"],
-            "djl": djl["sources"],
             "os": osd["sources"],
         },
+        engines={name: p.load_facts({stem: _read(stem) for stem in p.DATA}) for name, p in profiles.PROFILES.items()},
     )

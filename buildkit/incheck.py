@@ -2,17 +2,23 @@
 """lmi in-image checks: does this environment hold what its claims say?
 
 Not part of any image: `lmi test` mounts it read-only into each test container (at
-/opt/lmi-check/lmi_check.py) and runs it there, so editing a check changes no image; or run it directly on a
-host (`python -m buildkit.incheck`), e.g. on a GPU machine. It needs nothing beyond the Python standard
-library and what the image itself carries.
+/opt/lmi-check/lmi_check.py), with the checks of the image's profile beside it
+(/opt/lmi-check/<profile>_check.py, from buildkit/profiles/), and runs it there, so editing a check changes no
+image; or run it directly on a host (`python -m buildkit.incheck`), e.g. on a GPU machine. It needs nothing
+beyond the Python standard library and what the image itself carries.
 
-    python lmi_check.py --claims /opt/lmi/image.json --checks checks.json [--timeout 300]
+    python lmi_check.py --claims /opt/lmi/image.json --profile /opt/lmi-check/<profile>_check.py \
+        --checks checks.json [--timeout 300]
+
+`--profile` loads a profile's check module, which registers its builtins with `import lmi_check` and
+`@lmi_check.builtin(name, tier)` (`lmi_check` is this module, however it was started). A builtin named
+`<dist>-version` that nobody registered compares the installed distribution <dist> with the version the claims
+name under versions[<dist>] (the libraries of a matrix line, the engine's own packages).
 
 `--checks` is a JSON list of check records, as `lmi test` generates them from the matrix:
     {"name": "torch-version", "tier": "cpu", "kind": "builtin"}
-    {"name": "...", "tier": "cpu", "kind": "command", "command": "java -version", "expect": "17\\\\."}
-    {"name": "...", "tier": "cpu", "kind": "file", "path": "/opt/djl/conf/config.properties",
-     "exists": true, "contains": "inference_address"}
+    {"name": "...", "tier": "cpu", "kind": "command", "command": "nproc", "expect": "^\\d+"}
+    {"name": "...", "tier": "cpu", "kind": "file", "path": "/opt/ml/model", "exists": true, "contains": "..."}
 Prints one JSON object per check on stdout ({"name", "tier", "passed", "message", "seconds"}); exits 0
 when every check passed, 1 otherwise. Each check runs under a timeout: a check that hangs is stopped,
 reported, and the remaining checks still run.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import os
 import platform
@@ -32,6 +39,10 @@ import threading
 import time
 from importlib import metadata
 
+# A profile's checks `import lmi_check`: that is this module, whether it runs as the mounted lmi_check.py, as
+# `python -m buildkit.incheck` or is imported as buildkit.incheck.
+sys.modules.setdefault("lmi_check", sys.modules[__name__])
+
 BUILTINS: dict[str, tuple[str, object]] = {}  # name -> (tier, function(claims) -> message)
 
 
@@ -40,11 +51,27 @@ class CheckFailed(Exception):
 
 
 def builtin(name: str, tier: str):
+    """Register a builtin check (`fn(claims) -> message`, raising CheckFailed); a name is registered once."""
     def register(fn):
+        if name in BUILTINS and BUILTINS[name][1] is not fn:
+            raise ValueError(f"builtin check {name} is registered twice ({BUILTINS[name][1].__module__}, "
+                             f"{fn.__module__})")
         BUILTINS[name] = (tier, fn)
         return fn
 
     return register
+
+
+def load_profile(path: str):
+    """Load a profile's check module from a file; its builtins register themselves."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"no profile check module at {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def expect(condition: bool, message: str) -> None:
@@ -84,31 +111,14 @@ def torch_cuda(claims):
     return _compare("torch.version.cuda", want, torch.version.cuda)
 
 
-def _dist_check(dist: str, key: str):
+def library_version(dist: str):
+    """`<dist>-version`: the installed distribution against the version the claims name for it."""
     def check(claims):
-        return _compare(dist, _versions(claims)[key], metadata.version(dist))
+        want = _versions(claims).get(dist)
+        expect(want is not None, f"the claims name no version of {dist}")
+        return _compare(dist, want, metadata.version(dist))
 
     return check
-
-
-for _dist, _key in (("deepspeed", "deepspeed"), ("transformers", "transformers"), ("diffusers", "diffusers"),
-                    ("accelerate", "accelerate")):
-    builtin(f"{_dist}-version", "cpu")(_dist_check(_dist, _key))
-
-
-@builtin("djl-serving-version", "cpu")
-def djl_serving_version(claims):
-    want = _versions(claims).get("djl_serving")
-    out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "djl-serving"], capture_output=True, text=True)
-    found = out.stdout.strip().split("-")[0] or None
-    return _compare("DJL Serving", want, found)
-
-
-@builtin("java-version", "cpu")
-def java_version(claims):
-    out = subprocess.run(["java", "-version"], capture_output=True, text=True)
-    match = re.search(r'version "(\d+)', out.stderr + out.stdout)
-    return _compare("Java", _versions(claims).get("java"), match.group(1) if match else None)
 
 
 @builtin("pip-check", "cpu")
@@ -118,18 +128,8 @@ def pip_check(claims):
     return "pip check: no broken requirements"
 
 
-@builtin("imports", "cpu")
-def imports(claims):
-    import accelerate  # noqa: F401
-    import deepspeed  # noqa: F401
-    import diffusers  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-
-    return "torch, deepspeed, transformers, diffusers and accelerate import"
-
-
-def _tiny_model():
+def tiny_model():
+    """A 2-layer GPT-2 from a config (no hub) and a batch of token ids."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -141,9 +141,10 @@ def _tiny_model():
 TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?"
 
 
-def make_tiny_model(path: str, seed: int = 0) -> str:
+def make_tiny_model(path: str, seed: int = 0, heads: int = 8) -> str:
     """A tiny Llama with random weights and a character tokenizer, saved as a Transformers model
-    directory: real loading code, no hub. Two heads per rank for tensor parallelism up to 4."""
+    directory: real loading code, no hub. 64 wide: `heads` heads of 64/heads (8 by default: one head per rank
+    for tensor parallelism up to 8; fewer, wider heads where an attention kernel needs head sizes >= 32)."""
     import torch
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -158,7 +159,7 @@ def make_tiny_model(path: str, seed: int = 0) -> str:
                                         model_input_names=["input_ids", "attention_mask"])
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=128,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
     os.makedirs(path, exist_ok=True)
@@ -187,34 +188,12 @@ def reference_generate(path: str, prompts: list, max_new_tokens: int) -> list:
 def tiny_forward(claims):
     import torch
 
-    model, ids = _tiny_model()  # built on the fly from a config: no hub download
+    model, ids = tiny_model()  # built on the fly from a config: no hub download
     with torch.no_grad():
         logits = model(ids).logits
     expect(tuple(logits.shape) == (2, 16, 128), f"logits shape {tuple(logits.shape)}")
     expect(bool(torch.isfinite(logits).all()), "non-finite logits")
     return "a 2-layer GPT-2 from a config ran a forward pass on the CPU"
-
-
-def _installed_ops() -> dict:
-    from deepspeed.git_version_info import installed_ops
-
-    return {op: bool(on) for op, on in installed_ops.items()}
-
-
-@builtin("deepspeed-prebuilt-ops", "cpu")
-def deepspeed_prebuilt_ops(claims):
-    ops = claims.get("deepspeed_ops")
-    installed = {op for op, on in _installed_ops().items() if on}
-    if ops is None:
-        expect(not installed, f"a CPU image claims no prebuilt op, but has {sorted(installed)}")
-        return "no op prebuilt (CPU image: DeepSpeed JIT-compiles where a toolkit exists)"
-    want = set(ops["prebuilt"])
-    missing, extra = sorted(want - installed), sorted(installed - want)
-    expect(not missing, f"ops claimed prebuilt that the image lacks: {missing}")
-    expect(not extra, "ops prebuilt that the image should not carry: "
-                      + ", ".join(f"{op} ({ops['absent'].get(op, 'not claimed')})" for op in extra))
-    absent = ", ".join(f"{op} ({why})" for op, why in sorted(ops["absent"].items()))
-    return f"{len(want)} ops prebuilt as claimed: {', '.join(sorted(want))}; absent as claimed: {absent or 'none'}"
 
 
 @builtin("cuda-compat-files", "cpu")
@@ -302,50 +281,6 @@ def bf16(claims):
     return f"bf16 {'works' if supported else 'absent'}, as sm_{claims['sm']} implies"
 
 
-INFERENCE_OPS = {"transformer_inference": "InferenceBuilder", "inference_core_ops": "InferenceCoreBuilder",
-                 "ragged_ops": "RaggedUtilsBuilder", "ragged_device_ops": "RaggedOpsBuilder"}
-
-
-@builtin("deepspeed-ops", "gpu")
-def deepspeed_ops(claims):
-    """The prebuilt inference ops load on this GPU from the image itself, not from a JIT build."""
-    import deepspeed.ops.op_builder as builders
-
-    prebuilt = set((claims.get("deepspeed_ops") or {}).get("prebuilt", []))
-    installed = _installed_ops()
-    loaded = []
-    for op, cls in INFERENCE_OPS.items():
-        if op not in prebuilt:
-            continue
-        expect(installed.get(op), f"{op} is claimed prebuilt but DeepSpeed lists it as not installed")
-        start = time.monotonic()
-        module = getattr(builders, cls)().load(verbose=False)
-        took = time.monotonic() - start
-        where = os.path.dirname(getattr(module, "__file__", "") or "")
-        expect("site-packages" in where or "dist-packages" in where,
-               f"{op} loaded from {where or 'a JIT build'}, not from the installed package")
-        loaded.append(f"{op} ({took:.1f} s)")
-    expect(bool(loaded) or not prebuilt & set(INFERENCE_OPS), "no inference op was loaded")
-    return "prebuilt and loaded without JIT: " + (", ".join(loaded) or "no inference op claimed for this SM")
-
-
-@builtin("deepspeed-inference", "gpu")
-def deepspeed_inference(claims):
-    import deepspeed
-    import torch
-
-    model, ids = _tiny_model()
-    model, ids = model.half().cuda(), ids.cuda()
-    with torch.no_grad():
-        ref = model(ids).logits.float()
-    engine = deepspeed.init_inference(model, dtype=torch.half, replace_with_kernel_inject=True)
-    with torch.no_grad():
-        out = engine(ids).logits.float()
-    err = (out - ref).abs().max().item()
-    expect(err < 5e-2, f"DeepSpeed inference differs from torch by {err}")
-    return f"DeepSpeed kernel-injected inference matches torch (max abs diff {err:.2e})"
-
-
 def _allreduce_worker(rank, world, port, results):
     import torch
     import torch.distributed as dist
@@ -419,10 +354,18 @@ def run_file(record):
     return f"{path} {'present' if exists else 'absent'}"
 
 
+def find_builtin(name: str):
+    if name in BUILTINS:
+        return BUILTINS[name][1]
+    if name.endswith("-version"):
+        return library_version(name[: -len("-version")])
+    raise CheckFailed(f"no builtin check {name} (neither lmi_check nor the profile's checks define it)")
+
+
 def run_one(record, claims):
     kind = record.get("kind", "builtin")
     if kind == "builtin":
-        return BUILTINS[record["name"]][1](claims)
+        return find_builtin(record["name"])(claims)
     return {"command": run_command, "file": run_file}[kind](record)
 
 
@@ -431,8 +374,8 @@ def run_one(record, claims):
 
 def worker(records, claims) -> None:
     """Run checks in order, announcing each, so the supervisor knows which one hangs. Events go to the
-    original stdout; fd 1 is pointed at stderr, so what libraries print (DeepSpeed logs to stdout, C
-    code too) cannot corrupt them."""
+    original stdout; fd 1 is pointed at stderr, so what libraries print (some log to stdout, C code too)
+    cannot corrupt them."""
     events = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -454,13 +397,15 @@ def worker(records, claims) -> None:
               "seconds": round(time.monotonic() - start, 2)})
 
 
-def supervise(records, claims_text, timeout, emit) -> bool:
-    """Run the records in a worker process; a check running past `timeout` is killed and reported, and
-    a fresh worker carries on with the rest."""
+def supervise(records, claims_text, timeout, emit, profiles=()) -> bool:
+    """Run the records in a worker process (which loads the same profile check modules); a check running past
+    `timeout` is killed and reported, and a fresh worker carries on with the rest."""
     remaining = list(records)
     ok = True
+    loads = [arg for path in profiles for arg in ("--profile", path)]
     while remaining:
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "--claims-json", claims_text],
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "--claims-json", claims_text,
+                                 *loads],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         proc.stdin.write(json.dumps(remaining))
         proc.stdin.close()
@@ -517,15 +462,19 @@ def main(argv=None) -> int:
     parser.add_argument("--checks-json", help="the check records inline, as JSON")
     parser.add_argument("--tier", default="cpu", help="tiers for the default records, e.g. cpu,gpu")
     parser.add_argument("--timeout", type=float, default=300, help="seconds allowed per check")
+    parser.add_argument("--profile", action="append", default=[], metavar="FILE",
+                        help="a profile's check module (buildkit/profiles/<name>_check.py) to load; repeatable")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--make-tiny-model", metavar="DIR",
                         help="save a tiny random Llama with a tokenizer in DIR and print the greedy continuations "
                              "of --prompt by plain Transformers, as JSON (the serving tier's reference)")
     parser.add_argument("--prompt", action="append", default=[], help="with --make-tiny-model")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="with --make-tiny-model")
+    parser.add_argument("--heads", type=int, default=8, choices=(1, 2, 4, 8),
+                        help="with --make-tiny-model: attention heads (head size 64/heads)")
     args = parser.parse_args(argv)
     if args.make_tiny_model:
-        make_tiny_model(args.make_tiny_model)
+        make_tiny_model(args.make_tiny_model, heads=args.heads)
         print(json.dumps({"reference": reference_generate(args.make_tiny_model, args.prompt, args.max_new_tokens)}))
         return 0
     if args.claims_json:
@@ -534,6 +483,12 @@ def main(argv=None) -> int:
         with open(args.claims) as fh:
             claims_text = fh.read()
     claims = json.loads(claims_text)
+    for path in args.profile:
+        try:
+            load_profile(path)
+        except (OSError, ImportError, SyntaxError, ValueError) as exc:
+            print(f"--profile {path}: cannot load it: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
     if args.worker:
         worker(json.loads(sys.stdin.read()), claims)
         return 0
@@ -544,7 +499,8 @@ def main(argv=None) -> int:
             records = json.load(fh)
     else:
         records = default_records(args.tier.split(","))
-    ok = supervise(records, claims_text, args.timeout, lambda event: print(json.dumps(event), flush=True))
+    ok = supervise(records, claims_text, args.timeout, lambda event: print(json.dumps(event), flush=True),
+                   [os.path.abspath(p) for p in args.profile])
     return 0 if ok else 1
 
 

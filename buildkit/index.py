@@ -1,9 +1,13 @@
-"""The release index: which URI to pull for which instance family and versions.
+"""The release index: which URI to pull for which instance family, engine and versions.
 
-`images.json` (schema-versioned) lists every published image: its family, components, all tags, the
-digest, digest-pinned URIs per registry and region, content hash, build time and smoke result. It is
-written atomically, and only after every push of a run succeeded. `AVAILABLE_IMAGES.md` is generated
-beside it. `lmi uri` and `buildkit.image_uri()` answer from it.
+`images.json` (schema-versioned) lists every published image: its family, engine (the profile's name),
+components (the engine's versions under their matrix keys, then torch, CUDA, Python, OS and libraries),
+all tags, the digest, digest-pinned URIs per registry and region, content hash, build time and smoke
+result. It is written atomically, and only after every push of a run succeeded. `AVAILABLE_IMAGES.md` is
+generated beside it. `lmi uri` and `buildkit.image_uri()` answer from it.
+
+Schema 2 added `engine`. A schema-1 index (written before engines were profiles) is read as schema 2: its
+entries are the default profile's, with their component keys renamed by that profile's INDEX_LEGACY.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import fsutil, versions
+from . import fsutil, profiles, versions
 from .errors import UserError
 from .spec import is_alias
 
-SCHEMA = 1
+SCHEMA = 2
+READS = (1, 2)  # the schemas `load` reads (older ones upgraded on read: `upgrade`)
 DEFAULT_INDEX = Path("images.json")
 
 
@@ -51,12 +56,26 @@ def load(location: str | Path, missing_ok: bool = False) -> dict:
             data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{text}: cannot read the release index ({exc}); pass a valid --index") from exc
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+    return checked(data, text)
+
+
+def checked(data: object, source: str) -> dict:
+    """`data` as a valid release index of the current schema (an older schema upgraded), or a UserError."""
+    if not isinstance(data, dict) or data.get("schema") not in READS:
         got = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise UserError(f"{text}: not a release index of schema {SCHEMA} (got {str(got)[:40]!r}); "
-                        "upgrade lmi or point --index at an index it wrote")
-    validate(data, text)
-    return data
+        raise UserError(f"{source}: not a release index of schema {'/'.join(map(str, READS))} (got "
+                        f"{str(got)[:40]!r}); upgrade lmi or point --index at an index it wrote")
+    validate(data, source)
+    return {**data, "schema": SCHEMA, "images": [upgrade(e) for e in data["images"]]}
+
+
+def upgrade(entry: dict) -> dict:
+    """A schema-1 entry (no `engine`) as schema 2: the default profile's image, its components renamed."""
+    if "engine" in entry:
+        return entry
+    legacy = profiles.get(profiles.DEFAULT).INDEX_LEGACY
+    return {**entry, "engine": profiles.DEFAULT,
+            "components": {legacy.get(k, k): v for k, v in (entry.get("components") or {}).items()}}
 
 
 def validate(data: dict, source: str) -> None:
@@ -84,7 +103,8 @@ def merge(index: dict, entries: list[dict], source: str = "the new entries") -> 
     """Add entries; an image already listed (same id and digest) gains the new URIs and tags. An immutable
     tag that would name two digests is refused, naming both."""
     validate({"images": list(entries)}, source)
-    images = [dict(e) for e in index.get("images", [])]
+    entries = [upgrade(e) for e in entries]
+    images = [dict(upgrade(e)) for e in index.get("images", [])]
     owner = {(e["repository"] if "repository" in e else e["id"], t): e for e in images for t in e.get("tags", [])
              if not is_alias(t)}
     for new in entries:
@@ -143,10 +163,17 @@ def update(path: Path, entries: list[dict], source: str = "the new entries") -> 
     return merged
 
 
+def _engine_keys(entry: dict) -> tuple[str, ...]:
+    """The entry's engine components, in the profile's order (none for an engine this lmi does not know)."""
+    profile = profiles.PROFILES.get(entry.get("engine"))
+    return profile.COMPONENTS if profile else ()
+
+
 def _newness(entry: dict) -> tuple:
     c = entry["components"]
-    return (versions.key(c["djl_serving"]), versions.key(c["deepspeed"]), versions.key(c["torch"]),
-            versions.key(c.get("cuda") or "0"), entry.get("revision") or 0, entry.get("built") or "")
+    return (entry.get("engine") or "", *(versions.key(c.get(k) or "0") for k in _engine_keys(entry)),
+            versions.key(c["torch"]), versions.key(c.get("cuda") or "0"), entry.get("revision") or 0,
+            entry.get("built") or "")
 
 
 def _matches(have: str | None, want: str | None) -> bool:
@@ -158,23 +185,37 @@ def _matches(have: str | None, want: str | None) -> bool:
     return have == want or have.startswith(want + ".")
 
 
+FILTERS = ("torch", "cuda")  # the core's components `lmi uri` filters on, beside every profile's (component_keys)
+
+
 def lookup(index: dict, instance: str, region: str | None = None, registry: str | None = None,
-           revision: int | None = None, **wanted: str | None) -> tuple[dict, dict]:
-    """The newest image for `instance` matching every version given (and the revision, if given: the
-    component tuple's N-th publish, its <tag>-r<N>), and its registry entry."""
-    keys = {"djl": "djl_serving", "deepspeed": "deepspeed", "torch": "torch", "cuda": "cuda"}
+           revision: int | None = None, engine: str | None = None, **wanted: str | None) -> tuple[dict, dict]:
+    """The newest image for `instance` of `engine` (any, if None) matching every version given (components by
+    their matrix keys, torch, cuda; and the revision, if given: the component tuple's N-th publish, its
+    <tag>-r<N>), and its registry entry. Where images of several engines fit and no engine was asked for,
+    the default profile's answer (as every image was its before there were profiles)."""
+    known_keys = (*profiles.component_keys(), *FILTERS)
+    for key in wanted:
+        if key not in known_keys:
+            raise UserError(f"unknown component {key!r}; filter on one of {', '.join(known_keys)}")
+    if engine is not None and engine not in profiles.PROFILES:
+        raise UserError(f"unknown engine {engine!r}; {versions.did_you_mean(engine, sorted(profiles.PROFILES))}")
     family = [e for e in index.get("images", []) if e["family"] == instance]
     if not family:
         known = sorted({e["family"] for e in index.get("images", [])})
         raise UserError(f"no image for instance family '{instance}' in the index; it has: "
                         f"{', '.join(known) or 'nothing yet'}")
-    fits = [e for e in family if all(_matches(e["components"].get(keys[k]), v) for k, v in wanted.items())
-            and (revision is None or e.get("revision") == revision)]
+    fits = [e for e in family if all(_matches(e["components"].get(k), v) for k, v in wanted.items())
+            and (engine is None or e.get("engine") == engine) and (revision is None or e.get("revision") == revision)]
     if not fits:
         have = "; ".join(sorted({_describe(e) for e in family}))
-        asked = [f"{k} {v}" for k, v in wanted.items() if v] + ([f"revision {revision}"] if revision else [])
-        asked = ", ".join(asked)
+        asked = [f"{k} {v}" for k, v in (("engine", engine), *wanted.items()) if v]
+        asked = ", ".join(asked + ([f"revision {revision}"] if revision else []))
         raise UserError(f"no {instance} image with {asked}; {instance} has: {have}")
+    if len({e.get("engine") for e in fits}) > 1:
+        if not any(e.get("engine") == profiles.DEFAULT for e in fits):
+            raise UserError(f"{instance} has images of engines {', '.join(engines(fits))}; choose one with --engine")
+        fits = [e for e in fits if e.get("engine") == profiles.DEFAULT]
     for entry in sorted(fits, key=_newness, reverse=True):
         regs = [r for r in entry["registries"] if (region is None or r.get("region") == region)
                 and (registry is None or r["url"] == registry)]
@@ -185,29 +226,42 @@ def lookup(index: dict, instance: str, region: str | None = None, registry: str 
                     f"{'in region ' + region if region else 'to ' + str(registry)}; it is in: {', '.join(where)}")
 
 
+def engines(entries: list[dict]) -> list[str]:
+    """The engines of these entries, the default profile's first."""
+    return sorted({e.get("engine") or "" for e in entries}, key=lambda n: (n != profiles.DEFAULT, n))
+
+
+def _versions(entry: dict, titles: bool = False) -> str:
+    """The entry's engine versions, `<key> <version>` by matrix key in the profile's order (by title for people)."""
+    profile, c = profiles.PROFILES.get(entry.get("engine")), entry["components"]
+    name = (lambda k: profile.TITLES.get(k, k)) if titles and profile else (lambda k: k)
+    return ", ".join(f"{name(k)} {c.get(k) or '?'}" for k in _engine_keys(entry))
+
+
 def _describe(entry: dict) -> str:
     c = entry["components"]
     revision = f", revision {entry['revision']}" if entry.get("revision") else ""
-    return (f"djl {c['djl_serving']} (deepspeed {c['deepspeed']}, torch {c['torch']}, "
-            f"cuda {c.get('cuda') or 'none'}{revision})")
+    return (f"{_versions(entry)} (engine {entry.get('engine')}, torch {c['torch']}, cuda {c.get('cuda') or 'none'}"
+            f"{revision})")
 
 
 def markdown(index: dict) -> str:
     lines = ["# Available images", "",
              "Generated from the release index (`images.json`) by lmi; do not edit. Pull by digest:", "",
-             "| family | GPU | DJL Serving | DeepSpeed | torch | CUDA | Python | OS | tag | URI |",
+             "| family | GPU | engine | versions | torch | CUDA | Python | OS | tag | URI |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for e in sorted(index.get("images", []), key=lambda e: (e["family"], _newness(e)), reverse=True):
         c = e["components"]
         for reg in e["registries"]:
-            lines.append(f"| {e['family']} | {e.get('gpu') or '-'} | {c['djl_serving']} | {c['deepspeed']} | "
+            lines.append(f"| {e['family']} | {e.get('gpu') or '-'} | {e.get('engine')} | {_versions(e, titles=True)} | "
                          f"{c['torch']} | {c.get('cuda') or '-'} | {c['python']} | {c['os']} | `{e['tag']}` | "
                          f"`{reg['uri']}` |")
     return "\n".join(lines) + "\n"
 
 
-def image_uri(instance: str, region: str | None = None, djl: str | None = None, deepspeed: str | None = None,
-              torch: str | None = None, cuda: str | None = None, index: str | Path = DEFAULT_INDEX) -> str:
-    """The digest-pinned URI of the newest image for an instance family (the Python face of `lmi uri`)."""
-    entry, reg = lookup(load(index), instance, region=region, djl=djl, deepspeed=deepspeed, torch=torch, cuda=cuda)
+def image_uri(instance: str, region: str | None = None, *, engine: str | None = None, torch: str | None = None,
+              cuda: str | None = None, index: str | Path = DEFAULT_INDEX, **components: str | None) -> str:
+    """The digest-pinned URI of the newest image for an instance family (the Python face of `lmi uri`):
+    of `engine` (any, if None) and with the given versions (components by their matrix keys)."""
+    entry, reg = lookup(load(index), instance, region=region, engine=engine, torch=torch, cuda=cuda, **components)
     return reg["uri"]

@@ -1,8 +1,8 @@
 """Locked Python dependencies: what `lmi lock` resolved for each image, and how a context installs it.
 
-An image installs its Python packages in layers: torch (with the matrix's `pip:` pins), the build tools
-DeepSpeed's setup.py needs, the libraries (with DeepSpeed's own requirements and the handler's), and
-DeepSpeed itself from its sdist. Each layer installs from a lock file with
+An image installs its Python packages in layers: torch (with the matrix's `pip:` pins), then the layers
+of its engine profile (buildkit/profiles: e.g. build tools, the libraries, an engine built from its sdist,
+resolved alone). Each layer installs from a lock file with
 `pip install --require-hashes --no-deps`: exactly the versions and files that were resolved, nothing a
 later release of some transitive package could change.
 
@@ -27,11 +27,21 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
+from . import profiles
 from .errors import UserError
 
 SCHEMA = 1
-LAYERS = ("torch", "build", "runtime", "deepspeed")
-FILES = {"torch": "torch.lock", "build": "build.lock", "runtime": "requirements.lock", "deepspeed": "deepspeed.lock"}
+CORE_LAYERS = ("torch",)  # every image's first layer; its profile's follow (profile.LAYERS)
+
+
+def file_of(layer: str) -> str:
+    """A layer's lock file in a context: requirements.lock for `runtime`, <layer>.lock otherwise."""
+    return "requirements.lock" if layer == "runtime" else f"{layer}.lock"
+
+
+def files_of(spec) -> dict[str, str]:
+    """layer -> lock file, in install order, for one image spec (the templates' `lock_files`)."""
+    return {layer: file_of(layer) for layer in (*CORE_LAYERS, *profiles.of(spec).LAYERS)}
 MAX_BYTES = 32 << 20  # a lock file is text; refuse anything that is plainly not one
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
@@ -40,6 +50,12 @@ _PYTHON = re.compile(r"\d+\.\d+")
 _PLATFORM = re.compile(r"[a-z0-9_]+-[a-z0-9_]+")
 _RESOLVER = re.compile(r"[A-Za-z0-9 ._+-]{0,60}")
 _URL = re.compile(r"https?://[^\s\x00-\x1f\x7f]+")
+_LAYER = re.compile(r"[a-z][a-z0-9_]{0,30}")
+
+
+def _layer_order(layer: str) -> tuple:
+    """Install order of a set read back (JSON sorts keys): torch, build, runtime, then the rest."""
+    return ({"torch": 0, "build": 1, "runtime": 2}.get(layer, 3), layer)
 
 
 def lock_path(matrix_path: Path) -> Path:
@@ -55,10 +71,15 @@ class Inputs:
     python: str
     platform: str  # e.g. x86_64-manylinux_2_39: the wheels that run on the image's OS and arch
     indexes: tuple[str, ...]  # extra indexes (the torch variant's); the default index is the user's
-    roots: tuple[tuple[str, tuple[str, ...]], ...]  # (layer, requirements), in LAYERS order
+    roots: tuple[tuple[str, tuple[str, ...]], ...]  # (layer, requirements), in install order
+    alone: tuple[str, ...] = ()  # layers resolved by themselves (--no-deps: an sdist built in the image)
 
     def roots_of(self, layer: str) -> tuple[str, ...]:
         return dict(self.roots)[layer]
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(layer for layer, _ in self.roots)
 
     @property
     def fingerprint(self) -> str:
@@ -70,20 +91,16 @@ class Inputs:
 def inputs_of(spec, build_args: Mapping[str, str] | None = None) -> Inputs:
     """The dependency set of one image spec. `build_args` are the matrix's: a TORCH_INDEX_URL there
     replaces the variant's index (the local matrix takes torch from a wheelhouse instead)."""
-    if spec.deepspeed_requires is None:
-        raise UserError(f"image {spec.id}: DeepSpeed {spec.deepspeed}'s requirements are not recorded "
-                        "(buildkit/data/deepspeed.yaml `requires`, read through "
-                        "requires_read_through); read requirements/requirements.txt and setup.py at "
-                        f"v{spec.deepspeed} and add them")
+    profile = profiles.of(spec)
+    problem = profile.lock_problem(spec)
+    if problem:
+        raise UserError(problem)
     index = (build_args or {}).get("TORCH_INDEX_URL", spec.torch_index or "")
     torch = (spec.torch_requirement, *spec.pip)
-    runtime = (*(f"{n}=={v}" for n, v in sorted(spec.libraries.items())), *spec.handler_requirements, *spec.pip,
-               *spec.deepspeed_requires)
     return Inputs(
         key=f"{spec.line}-{spec.wheel_variant}", python=spec.python, platform=spec.wheel_platform,
         indexes=(index,) if index else (),
-        roots=(("torch", torch), ("build", tuple(spec.build_requirements)), ("runtime", runtime),
-               ("deepspeed", (f"deepspeed=={spec.deepspeed}",))),
+        roots=(("torch", torch), *profile.lock_layers(spec)), alone=tuple(profile.ALONE),
     )
 
 
@@ -129,8 +146,8 @@ class LockSet:
         if self.unresolved:
             doc["unresolved"] = self.unresolved
         else:
-            doc["layers"] = {layer: [[p.name, p.version, list(p.hashes)] for p in self.layers[layer]]
-                             for layer in LAYERS}
+            doc["layers"] = {layer: [[p.name, p.version, list(p.hashes)] for p in pins]
+                             for layer, pins in self.layers.items()}
         return doc
 
 
@@ -197,7 +214,10 @@ def _set(key: str, raw: dict) -> LockSet:
     if raw.get("unresolved"):
         return LockSet(**common, unresolved=str(raw["unresolved"])[:500])
     layers = {}
-    for layer in LAYERS:
+    if not isinstance(raw["layers"], dict) or not all(isinstance(n, str) and _LAYER.fullmatch(n)
+                                                      for n in raw["layers"]):
+        raise ValueError(f"set {key}: layer names")
+    for layer in sorted(raw["layers"], key=_layer_order):
         pins = []
         for name, version, hashes in raw["layers"][layer]:
             if not _NAME.fullmatch(name) or not _VERSION.fullmatch(version):
@@ -210,8 +230,9 @@ def _set(key: str, raw: dict) -> LockSet:
 
 
 def is_locked(files: Mapping[str, bytes]) -> bool:
-    """Whether a rendered context carries its lock files (only a current set is ever copied in)."""
-    return set(FILES.values()) <= set(files)
+    """Whether a rendered context carries its lock files (only a current set is ever copied in): every
+    profile's contexts have the torch and runtime layers."""
+    return {file_of("torch"), file_of("runtime")} <= set(files)
 
 
 def context_files(found: LockSet) -> dict[str, bytes]:
@@ -219,12 +240,12 @@ def context_files(found: LockSet) -> dict[str, bytes]:
     every image of the set: each is bind-mounted into its layer's step, so the families of a line share
     those layers only if nothing image-specific is written here."""
     files = {}
-    for layer in LAYERS:
+    for layer, pins in found.layers.items():
         head = (f"# The {layer} layer of lock set {found.key}, locked by `lmi lock` from the matrix's lock file\n"
                 f"# (Python {found.python}, {found.platform}, {found.resolver}). Installed with\n"
                 "# pip install --require-hashes --no-deps: change the matrix, then run `lmi lock`.\n")
-        body = "".join(p.line() + "\n" for p in found.layers[layer])
-        files[FILES[layer]] = (head + body).encode()
+        body = "".join(p.line() + "\n" for p in pins)
+        files[file_of(layer)] = (head + body).encode()
     return files
 
 
@@ -299,14 +320,18 @@ def closure(roots: set[str], edges: Mapping[str, set[str]]) -> set[str]:
 
 
 def partition(inputs: Inputs, pins: Mapping[str, Pin], edges: Mapping[str, set[str]],
-              deepspeed: Pin) -> dict[str, tuple[Pin, ...]]:
+              alone: Mapping[str, Pin]) -> dict[str, tuple[Pin, ...]]:
     """Split one resolution into the image's layers: each layer is the closure of its roots, less what
-    the torch layer below it already installed. DeepSpeed is its own layer (its sdist)."""
+    the torch layer below it already installed (and less the layers resolved alone: `alone` maps each to
+    its one pin, its sdist)."""
     torch = closure(names(inputs.roots_of("torch")), edges)
-    build = closure(names(inputs.roots_of("build")), edges) - torch
-    runtime = closure(names(inputs.roots_of("runtime")), edges) - torch - {canonicalize_name("deepspeed")}
+    apart = {canonicalize_name(p.name) for p in alone.values()}
+    wanted_by_layer = [("torch", torch)]
+    for layer in inputs.layers:
+        if layer != "torch" and layer not in inputs.alone:
+            wanted_by_layer.append((layer, closure(names(inputs.roots_of(layer)), edges) - torch - apart))
     layers = {}
-    for layer, wanted in (("torch", torch), ("build", build), ("runtime", runtime)):
+    for layer, wanted in wanted_by_layer:
         missing = sorted(wanted - set(pins))
         if missing:
             raise UserError(f"set {inputs.key}: the resolver listed no files for {', '.join(missing[:5])}; "
@@ -316,8 +341,9 @@ def partition(inputs: Inputs, pins: Mapping[str, Pin], edges: Mapping[str, set[s
             raise UserError(f"set {inputs.key}: no sha256 for {', '.join(unhashed[:5])} (a wheelhouse or index "
                             "that publishes no hashes); `lmi lock` needs every file hashed")
         layers[layer] = tuple(pins[n] for n in sorted(wanted))
-    layers["deepspeed"] = (deepspeed,)
-    return layers
+    for layer in inputs.alone:
+        layers[layer] = (alone[layer],)
+    return {layer: layers[layer] for layer in inputs.layers}
 
 
 def problems(specs: Iterable, lockfile: LockFile, build_args: Mapping[str, str] | None = None

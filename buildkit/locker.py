@@ -3,8 +3,9 @@ platform (not this host's), into the sets of buildkit/lock.py.
 
 Per set, uv resolves once and writes twice from its cache: pip-compile style (its `# via` annotations
 are the dependency graph that splits the set into layers) and PEP 751 (the files for the target platform
-with their sha256; a wheelhouse's files too). DeepSpeed is locked as its sdist alone: it is built in the
-image, so its requirements come from buildkit/data/deepspeed.yaml, resolved with the rest.
+with their sha256; a wheelhouse's files too). A profile's layer marked `alone` (an engine built in the image
+from its sdist) is locked by itself with --no-deps: its requirements come from the profile's facts and are
+resolved with the rest.
 
 The package index: uv's default (PyPI), or the user's (--pip-index-url / LMI_PIP_INDEX_URL), handed to
 uv in its environment so credentials never reach argv; nothing of an index URL is written to the lock.
@@ -99,26 +100,30 @@ def resolve(inputs: lock.Inputs, *, index_url: str | None = None, find_links: Se
             uv: str | None = None) -> lock.LockSet:
     """Resolve one set. Raises Unresolvable with uv's reason when it cannot be resolved here."""
     uv = uv or uv_path()
-    reqs = [r for layer in ("torch", "build", "runtime") for r in inputs.roots_of(layer)]
+    reqs = [r for layer in inputs.layers if layer not in inputs.alone for r in inputs.roots_of(layer)]
     with tempfile.TemporaryDirectory(prefix="lmi-lock-") as tmp:
         work = Path(tmp)
         graph_text = _compile(uv, reqs, inputs, "graph.txt", ["--annotation-style", "split"], find_links,
                               index_url, work)
         files_doc = tomllib.loads(_compile(uv, reqs, inputs, "pylock.toml", [], find_links, index_url, work))
-        ds_doc = tomllib.loads(_compile(uv, inputs.roots_of("deepspeed"), inputs, "pylock.deepspeed.toml",
-                                        ["--no-deps"], find_links, index_url, work))
+        alone_docs = {layer: tomllib.loads(_compile(uv, inputs.roots_of(layer), inputs, f"pylock.{layer}.toml",
+                                                    ["--no-deps"], find_links, index_url, work))
+                      for layer in inputs.alone}
     versions_, edges = lock.parse_graph(graph_text)
     pins = lock.parse_pylock(files_doc)
     moved = sorted(n for n, v in versions_.items() if n in pins and pins[n].version != v)
     if moved or set(versions_) != set(pins):
         raise Unresolvable("the index changed between two reads of the same resolution "
                            f"({', '.join(moved[:3]) or 'different packages'}); run `lmi lock` again")
-    (deepspeed,) = lock.parse_pylock(ds_doc).values()
-    if not deepspeed.hashes:
-        raise Unresolvable(f"no sha256 for deepspeed=={deepspeed.version}")
+    alone = {}
+    for layer, doc in alone_docs.items():
+        (pin,) = lock.parse_pylock(doc).values()
+        if not pin.hashes:
+            raise Unresolvable(f"no sha256 for {pin.name}=={pin.version}")
+        alone[layer] = pin
     return lock.LockSet(key=inputs.key, inputs=inputs.fingerprint, python=inputs.python, platform=inputs.platform,
                         indexes=inputs.indexes, resolver=uv_version(uv),
-                        layers=lock.partition(inputs, pins, edges, deepspeed))
+                        layers=lock.partition(inputs, pins, edges, alone))
 
 
 def unresolved(inputs: lock.Inputs, why: str, uv: str | None = None) -> lock.LockSet:

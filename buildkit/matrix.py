@@ -7,8 +7,9 @@ lines x instance families into images.
       g5: {}
       g6e: {inference_ami: al2-ami-sagemaker-inference-gpu-3-1}
     lines:
-      djl0.27:
-        djl: "0.27.0"
+      <name>:
+        engine: <profile>               # the line's engine profile (buildkit/profiles); its keys follow
+        torch: "2.9.1"
         ...
         exclude: {p6-b200: "why"}       # every family of the fleet not excluded is built
 """
@@ -23,7 +24,7 @@ from typing import Any
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
-from . import versions
+from . import profiles, versions
 from .errors import UserError, where
 from .facts import Facts
 from .rules import Combo
@@ -36,17 +37,20 @@ CHECK_KEYS = ("name", "command", "expect", "exit_code", "file", "exists", "conta
 # Size budgets when the matrix sets none: the LMI GPU images AWS ships are 10-20 GB; CPU images far less.
 DEFAULT_BUDGET_GB = {"gpu": 20.0, "cpu": 6.0}
 FAMILY_KEYS = ("driver", "inference_ami")
-COMPONENTS = ("djl", "deepspeed", "torch", "cuda", "python", "os")
-LIBRARIES = ("transformers", "diffusers", "accelerate")
+COMPONENTS = ("torch", "cuda", "python", "os")  # the core's; a line's profile adds its own and its libraries
 OPTIONAL = ("torch_cuda", "pip")
-LINE_KEYS = COMPONENTS + LIBRARIES + OPTIONAL + ("include", "exclude", "overrides", "checks", "size_budget_gb",
-                                                 "tag_suffix", "bases", "handler")
-HANDLERS = ("lmi", "djl")  # who serves DeepSpeed models: the toolkit's lmi_deepspeed, or DJL's own (<= 0.27)
-BASE_KEYS = ("builder", "runtime")
+LINE_KEYS = ("engine", *COMPONENTS, *OPTIONAL, "include", "exclude", "overrides", "checks", "size_budget_gb",
+             "tag_suffix", "bases", "inference_ami")
 # An image reference: [host[:port]/]path[:tag][@sha256:digest], matched whole.
 IMAGE_REF = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
                        r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
-OVERRIDE_KEYS = COMPONENTS + LIBRARIES + OPTIONAL
+
+
+def _keys(profile) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(versioned keys, every line key, override keys) of a line of `profile`."""
+    versioned = (*profile.COMPONENTS, *COMPONENTS, *profile.LIBRARIES)
+    return (versioned, (*LINE_KEYS, *profile.COMPONENTS, *profile.LIBRARIES, *profile.OPTIONS),
+            (*versioned, *OPTIONAL))
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")  # always fullmatch: `$` would also match before a trailing newline
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # A registry prefix (a base mirror, the --registry images are named for): HOST[:PORT] then lowercase path
@@ -70,7 +74,7 @@ class Image:
     checks: tuple[dict, ...] = ()  # user smoke checks of the line
     size_budget_gb: float = 0.0
     tag_suffix: str = ""  # tells apart lines whose versioned components are all the same
-    bases: tuple[str, str] | None = None  # (builder, runtime) given by the matrix instead of nvidia/cuda
+    bases: dict[str, str] | None = None  # the profile's BASES given by the matrix instead of nvidia/cuda
 
     def line_of(self, fld: str) -> int:
         return self.lines.get(fld) or self.lines["family"]
@@ -185,7 +189,8 @@ def load(path: Path, facts: Facts) -> Matrix:
     budget = _budget(doc, "the matrix", p)
     build_args = _build_args(doc, p)
     fleet = _families(doc, facts, p)
-    lines = _mapping(doc.get("lines"), doc.line_of("lines"), "lines", p, "lines: {djl0.27: {djl: \"0.27.0\", ...}}")
+    lines = _mapping(doc.get("lines"), doc.line_of("lines"), "lines", p,
+                     "lines: {<name>: {engine: <profile>, torch: \"2.9.1\", ...}} (docs/matrix.md)")
     if "lines" not in doc:
         p.add(1, "the matrix has no 'lines'; add at least one release line")
     elif lines is not None and not lines:
@@ -194,7 +199,7 @@ def load(path: Path, facts: Facts) -> Matrix:
 
     images: list[Image] = []
     for name, body in (lines or {}).items():
-        images.extend(_line(name, body, lines.line_of(name), fleet, p, budget))
+        images.extend(_line(name, body, lines.line_of(name), fleet, p, budget, facts.amis))
     seen: dict[str, Image] = {}
     for image in images:
         if image.id in seen:
@@ -354,21 +359,30 @@ def _checks(node: LocDict, what: str, p: _Problems) -> tuple[dict, ...]:
     return tuple(out)
 
 
-def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: float | None) -> list[Image]:
+def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: float | None,
+          amis: dict[str, str]) -> list[Image]:
     what = f"line '{name}'"
     if not _NAME.fullmatch(name):
         p.add(line, f"{what}: line names are lowercase letters, digits and . _ - (they become image ids)")
         return []
-    body = _mapping(body, line, what, p, f"{name}: {{djl: \"0.27.0\", ...}}")
+    body = _mapping(body, line, what, p, f"{name}: {{engine: <profile>, torch: \"2.9.1\", ...}} (docs/matrix.md)")
     if body is None:
         if not p.lines:
-            p.add(line, f"{what} is empty; give its components ({', '.join(COMPONENTS + LIBRARIES)})")
+            p.add(line, f"{what} is empty; give its engine and components (see docs/matrix.md)")
         return []
-    _check_keys(body, LINE_KEYS, what, p)
-    for key in COMPONENTS + LIBRARIES:
+    engine = _string(body, "engine", what, p, version=False) if "engine" in body else profiles.DEFAULT
+    if engine not in profiles.PROFILES:
+        if engine:
+            p.add(body.line_of("engine"), f"{what}: engine '{engine}' is not one of {', '.join(profiles.PROFILES)}; "
+                                          f"{versions.did_you_mean(engine, profiles.PROFILES)}")
+        return []
+    profile = profiles.get(engine)
+    versioned, line_keys, override_keys = _keys(profile)
+    _check_keys(body, line_keys, what, p)
+    for key in versioned:
         if key not in body and key != "cuda":
             p.add(line, f"{what} is missing '{key}'; add {key}: \"<version>\"")
-    values = {k: _string(body, k, what, p) for k in COMPONENTS + LIBRARIES + ("torch_cuda",) if k in body}
+    values = {k: _string(body, k, what, p) for k in (*versioned, "torch_cuda") if k in body}
     for key, value in values.items():
         problem = value and key != "os" and version_problem(value)
         if problem:
@@ -416,12 +430,22 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: 
                                           f"{versions.did_you_mean(fam, member_names)}")
         ov = _mapping(ov, overrides.line_of(fam), f"{what}: overrides.{fam}", p, "{torch: \"2.8.0\"}")
         if ov:
-            _check_keys(ov, OVERRIDE_KEYS, f"{what}: overrides.{fam}", p)
-    bases = _bases(body, what, p)
-    handler = _string(body, "handler", what, p, version=False) if "handler" in body else None
-    if handler and handler not in HANDLERS:
-        p.add(body.line_of("handler"), f"{what}: handler '{handler}' is not one of {', '.join(HANDLERS)}; "
-                                       "lmi is the toolkit's DeepSpeed handler, djl is DJL Serving's own (<= 0.27)")
+            _check_keys(ov, override_keys, f"{what}: overrides.{fam}", p)
+    bases = _bases(body, profile.BASES, what, p)
+    # The InferenceAmiVersion this line's endpoints use where the family pins none (a family's own pin, which
+    # its hardware needs, wins): e.g. a line on a CUDA whose driver no family's default runs.
+    line_ami = _string(body, "inference_ami", what, p, version=False) if "inference_ami" in body else None
+    if line_ami and line_ami not in amis:
+        p.add(body.line_of("inference_ami"), f"{what}: unknown inference_ami '{line_ami}'; "
+                                             f"{versions.did_you_mean(line_ami, amis)}")
+    options = {}
+    for key, allowed in profile.OPTIONS.items():
+        value = _string(body, key, what, p, version=False) if key in body else None
+        if value and value not in allowed:
+            p.add(body.line_of(key), f"{what}: {key} '{value}' is not one of {', '.join(allowed)}; "
+                                     f"{profile.OPTION_HELP.get(key, '')}".rstrip("; "))
+        elif value:
+            options[key] = value
     if "cuda" not in body and any(fam != "cpu" for fam, _ in members):
         p.add(line, f"{what} builds GPU families but has no 'cuda'; add cuda: \"<version>\" (or build only cpu)")
     if p.lines:
@@ -441,49 +465,55 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: 
         fam_pip = _pins(ov, f"{what}: overrides.{fam}", p) if "pip" in ov else pip
         gpu = fam != "cpu"
         driver = fleet.driver.get(fam)
+        ami = fleet.ami.get(fam)
+        if line_ami and fam not in fleet.driver and gpu:
+            driver, ami = (amis[line_ami], body.line_of("inference_ami")), line_ami
         origin["family"] = fam_line
         if driver:
             origin["driver"] = driver[1]
         combo = Combo(
-            family=fam, djl=vals.get("djl"), deepspeed=vals.get("deepspeed"), torch=vals.get("torch"),
-            cuda=vals.get("cuda") if gpu else None, python=vals.get("python"), os=vals.get("os"),
+            family=fam, torch=vals.get("torch"), cuda=vals.get("cuda") if gpu else None, python=vals.get("python"),
+            os=vals.get("os"), engine=engine,
+            parts=tuple((k, vals[k]) for k in profile.COMPONENTS if vals.get(k)) + tuple(options.items()),
             torch_cuda=vals.get("torch_cuda") if gpu else None, driver=driver[0] if driver else None,
-            custom_bases=bool(bases) and gpu, handler=handler,
+            custom_bases=bool(bases) and gpu,
         )
-        if handler:
-            origin["handler"] = body.line_of("handler")
+        for key in options:
+            origin[key] = body.line_of(key)
+        if "engine" in body:
+            origin["engine"] = body.line_of("engine")
         if suffix:
             origin["tag_suffix"] = body.line_of("tag_suffix")
         if bases:
             origin["bases"] = body.line_of("bases")
         images.append(Image(
             id=f"{name}-{fam}", line=name, family=fam, combo=combo,
-            libraries={k: vals.get(k) for k in LIBRARIES}, pip=fam_pip, inference_ami=fleet.ami.get(fam),
+            libraries={k: vals.get(k) for k in profile.LIBRARIES}, pip=fam_pip, inference_ami=ami,
             lines=origin, checks=checks, tag_suffix=suffix or "", bases=bases if gpu else None,
             size_budget_gb=line_budget or DEFAULT_BUDGET_GB["gpu" if gpu else "cpu"],
         ))
     return images
 
 
-def _bases(body: LocDict, what: str, p: _Problems) -> tuple[str, str] | None:
+def _bases(body: LocDict, keys: tuple[str, ...], what: str, p: _Problems) -> dict[str, str] | None:
     """Base images the matrix names instead of nvidia/cuda's (a hardened in-house CUDA image, or one made
-    locally): the matrix then vouches that they carry the line's CUDA toolkit."""
+    locally): the matrix then vouches that they carry the line's CUDA toolkit. `keys`: the profile's."""
     if "bases" not in body:
         return None
-    node = _mapping(body["bases"], body.line_of("bases"), f"{what}: bases", p,
-                    "bases: {builder: \"registry/cuda:12.4.1-devel\", runtime: \"registry/cuda:12.4.1-base\"}")
+    example = ", ".join(f"{k}: \"registry/cuda:12.4.1-{'devel' if k == 'builder' else 'base'}\"" for k in keys)
+    node = _mapping(body["bases"], body.line_of("bases"), f"{what}: bases", p, f"bases: {{{example}}}")
     if node is None:
         return None
-    _check_keys(node, BASE_KEYS, f"{what}: bases", p)
+    _check_keys(node, keys, f"{what}: bases", p)
     refs = []
-    for key in BASE_KEYS:
+    for key in keys:
         ref = node.get(key)
         if not isinstance(ref, str) or not IMAGE_REF.fullmatch(ref):
             shown = ref if isinstance(ref, str) and len(ref) <= 200 else _kind(ref)
             p.add(node.line_of(key), f"{what}: bases.{key} must be an image reference such as "
                                      f"registry/cuda:12.4.1-devel, got {shown!r}")
         refs.append(ref)
-    return (refs[0], refs[1]) if not p.lines else None
+    return dict(zip(keys, refs, strict=True)) if not p.lines else None
 
 
 def _pins(node: LocDict, what: str, p: _Problems) -> tuple[str, ...]:

@@ -65,17 +65,25 @@ def _inspect(docker: str, ref: str) -> dict | None:
     return json.loads(result.stdout)[0] if result.returncode == 0 else None
 
 
-def bases(docker: str, image: str, runtime: str | None, builder: str | None) -> dict[str, dict]:
-    """The base images by digest, as the engine has them: for each base name, the local image of that name
-    (or one pulled through a mirror: `<mirror>/<name>`, `<mirror>/library/<name>`) and its registry digest
-    (RepoDigests), else its image ID (a base made locally has no registry digest). The runtime base is
-    verified: its layers must be the first layers of `image`. The builder's layers are not in the image,
-    so it is named as found, marked unverified. A base the engine no longer has is listed without digest."""
+def base_roles(spec) -> dict[str, str]:
+    """The base images of a spec by role: the profile's build stages' bases (its BASES before the runtime, e.g.
+    a builder; a CPU image may have none of them), then the runtime. Each is the build argument <ROLE>_IMAGE."""
+    return {**dict(zip(spec.profile.BASES[:-1], spec.engine.bases, strict=False)), "runtime": spec.runtime_image}
+
+
+def bases(docker: str, image: str, spec) -> dict[str, dict]:
+    """The base images of `spec`'s `image` by digest, as the Docker engine has them: for each base name,
+    the local image of that name (or one pulled through a mirror: `<mirror>/<name>`, `<mirror>/library/<name>`)
+    and its registry digest (RepoDigests), else its image ID (a base made locally has no registry digest). The
+    runtime base is verified: its layers must be the first layers of `image`. A build stage's base (a
+    builder's) has no layers in the image, so it is named as found, marked unverified. A base the engine no
+    longer has is listed without digest."""
     layers = ((_inspect(docker, image) or {}).get("RootFS") or {}).get("Layers") or []
     listed = subprocess.run([docker, "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True,
                             text=True, timeout=60).stdout.split()
     out = {}
-    for role, name in (("runtime", runtime), ("builder", builder)):
+    roles = base_roles(spec)
+    for role, name in (("runtime", roles.pop("runtime")), *roles.items()):
         if not name:
             continue
         out[name] = {"role": role}

@@ -60,8 +60,9 @@ class Published:
             "id": s.id, "family": s.family.name, "gpu": s.family.gpu, "sm": s.family.sm, "arch": s.family.arch,
             "repository": s.repository, "tag": self.full_tag, "revision": self.revision, "tags": sorted(self.tags),
             "aliases": [s.tag, *s.aliases],
-            "components": {"djl_serving": s.djl, "deepspeed": s.deepspeed, "torch": s.torch, "cuda": s.cuda_patch,
-                           "python": s.python, "os": s.os.name, "java": s.java, **s.libraries},
+            "engine": s.engine.name,
+            "components": {**s.versions, "torch": s.torch, "cuda": s.cuda_patch, "python": s.python, "os": s.os.name,
+                           **s.libraries},
             "torch_variant": s.wheel_variant, "cuda_compat": s.needs_compat, "host": host_entry(s),
             "image_id": self.image_id, "digest": self.digest, "content_hash": self.content_hash,
             "built": self.built,
@@ -414,9 +415,7 @@ def fetch_index_at(address: Address, repository: str) -> tuple[dict, str | None]
         if "sha256:" + hashlib.sha256(blob).hexdigest() != layer:
             raise PublishError(f"{address.url}: the release index blob does not match its digest {layer}; "
                                "refusing a tampered or damaged index")
-        data = json.loads(blob)
-        index.validate(data, f"{address.url} ({repository}:{INDEX_TAG})")
-        return data, found[0]
+        return index.checked(json.loads(blob), f"{address.url} ({repository}:{INDEX_TAG})"), found[0]
     except (RegistryError, AuthError) as exc:
         raise PublishError(f"{address.url}: cannot fetch the release index: {exc}") from None
 

@@ -17,25 +17,16 @@ from pathlib import Path
 
 import jinja2
 
-from . import lock
+from . import lock, profiles
 from .errors import UserError
 from .matrix import Matrix
 from .spec import ImageSpec, PlannedImage, content_hash
 
-# context file -> template; image.json is written from the spec itself.
-TEMPLATES = {
-    "Dockerfile": "Dockerfile.j2",
-    "entrypoint.sh": "entrypoint.sh.j2",
-    "config.properties": "config.properties.j2",
-    "requirements.txt": "requirements.txt.j2",
-    "build-requirements.txt": "build-requirements.txt.j2",
-}
-EXECUTABLE = {"entrypoint.sh"}
-# The toolkit's handler: the DJL glue and the DeepSpeed way (lmi_deepspeed), the Accelerate way and diffusion
-# pipelines. Copied into every context. The smoke checks (buildkit/incheck.py) are not: `lmi test` mounts them
-# into its test containers, so the image ships no test code and a check edit changes no content hash.
-HANDLER_FILES = ("lmi_deepspeed.py", "lmi_accelerate.py", "lmi_diffusion.py")
-VERBATIM = {name: Path(__file__).with_name(name) for name in HANDLER_FILES}
+# What a context holds comes from the image's profile (buildkit/profiles): its Dockerfile template (which
+# extends the core templates/Dockerfile.j2), further templates, and files copied verbatim (a handler, an
+# entry point); image.json is written from the spec itself. The smoke checks (buildkit/incheck.py and the
+# profile's checker) are not: `lmi test` mounts them into its test containers, so the image ships no test
+# code and a check edit changes no content hash.
 
 
 @dataclass(frozen=True)
@@ -44,9 +35,10 @@ class Context:
 
     id: str
     files: dict[str, bytes]
+    executable: frozenset[str] = frozenset()
 
     def mode(self, name: str) -> int:
-        return 0o755 if name in EXECUTABLE else 0o644
+        return 0o755 if name in self.executable else 0o644
 
     @property
     def modes(self) -> dict[str, int]:
@@ -89,24 +81,40 @@ class Renderer:
         self.env.filters["label"] = label_value
 
     def render(self, spec: ImageSpec) -> Context:
+        profile = profiles.of(spec)
         files = {}
-        for name, template in sorted(TEMPLATES.items()):
+        for name, template in sorted({"Dockerfile": profile.DOCKERFILE, **profile.TEMPLATES}.items()):
             try:
-                text = self.env.get_template(template).render(spec=spec, lock_files=lock.FILES,
-                                                              handler_files=HANDLER_FILES)
+                text = self.env.get_template(template).render(spec=spec, lock_files=lock.files_of(spec),
+                                                              verbatim_files=tuple(profile.VERBATIM))
             except jinja2.TemplateError as exc:
-                lineno = getattr(exc, "lineno", None)
-                at = f"{template}:{lineno}" if lineno else template
-                raise UserError(f"templates/{at}: {exc.message if hasattr(exc, 'message') else exc}; "
-                                "fix the template") from exc
+                raise UserError(f"templates/{_where(exc, template)}: {exc.message if hasattr(exc, 'message') else exc}"
+                                "; fix the template") from exc
             files[name] = text.encode()
         files["image.json"] = (json.dumps(spec.claims(), indent=2, sort_keys=True) + "\n").encode()
-        for name, source in VERBATIM.items():  # the handler
+        for name, source in profile.VERBATIM.items():
             files[name] = source.read_bytes()
         found = self.locks.current(spec, self.build_args) if self.locks else None
         if found:
             files.update(lock.context_files(found))
-        return Context(spec.id, files)
+        return Context(spec.id, files, frozenset(profile.EXECUTABLE))
+
+
+def _where(exc: jinja2.TemplateError, template: str) -> str:
+    """template[:line] of an error: a syntax error's own, else the innermost template frame of the traceback
+    (a profile's template extends the core's, so the error may be in either)."""
+    if getattr(exc, "lineno", None):
+        return f"{getattr(exc, 'name', None) or template}:{exc.lineno}"
+    frames, tb = [], exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(".j2"):
+            frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno))
+        tb = tb.tb_next
+    if not frames:
+        return template
+    path, line = frames[-1]
+    name = path.split("/templates/", 1)[-1] if "/templates/" in path else template
+    return f"{name}:{line}"
 
 
 def for_matrix(m: Matrix) -> Renderer:

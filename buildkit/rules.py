@@ -1,9 +1,11 @@
 """Compatibility rules. Each rule reads the facts (buildkit/data) and reports findings that name the
 rule, the source of the fact it relied on, and the nearest choice that would pass.
 
-Rules run over a `Combo` (one image's components). `evaluate` returns a `Verdict`: the errors, the
-notes worth telling a user (cuda-compat needed, ops not built for this SM), and what the image needs
-(cuda-compat, the torch wheel variant, the arch list for source-built ops).
+Rules run over a `Combo` (one image's components). `evaluate` runs the core's rules (instance family,
+torch wheel, nvcc, host driver, Python, base image) and then the rules of the line's engine profile
+(buildkit/profiles), on the same context, and returns a `Verdict`: the errors, the notes worth telling a
+user (cuda-compat needed, what the engine leaves out on this SM), and what the image needs (cuda-compat,
+the torch wheel variant, the arch list for source-built code, and what the profile records for itself).
 """
 
 from __future__ import annotations
@@ -11,28 +13,40 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import versions
+from . import profiles, versions
 from .facts import Facts, Family, Toolkit, TorchRelease, WheelVariant, coverage, variant_name
 
-COMPONENTS = ("djl", "deepspeed", "torch", "cuda", "python", "os")
+COMPONENTS = ("torch", "cuda", "python", "os")  # the core's; each profile adds its own (profile.COMPONENTS)
 
 
 @dataclass(frozen=True)
 class Combo:
-    """One image's components. `cuda` is None for CPU images; `torch_cuda` selects a torch wheel
-    variant other than the toolkit's (e.g. cu128 on a 12.9 base); `driver` overrides the host driver."""
+    """One image's components. `engine` names its profile, and `parts` holds the profile's components and
+    options (`part(name)`); `cuda` is None for CPU images; `torch_cuda` selects a torch wheel variant other
+    than the toolkit's (e.g. cu128 on a 12.9 base); `driver` overrides the host driver."""
 
     family: str
-    djl: str
-    deepspeed: str
     torch: str
     cuda: str | None
     python: str
     os: str
+    engine: str = profiles.DEFAULT
+    parts: tuple[tuple[str, str], ...] = ()  # the profile's matrix keys -> values
     torch_cuda: str | None = None
     driver: str | None = None
     custom_bases: bool = False  # the matrix names its own base images (it vouches for their CUDA)
-    handler: str | None = None  # who serves DeepSpeed: "djl" (DJL's own) or "lmi" (the toolkit's); None: default
+
+    def part(self, name: str) -> str | None:
+        return dict(self.parts).get(name)
+
+    @classmethod
+    def of(cls, engine: str, family: str, torch: str, cuda: str | None, python: str, os: str,
+           **parts_and_options) -> Combo:
+        """A combo from keywords: the core's fields and the profile's components/options by name."""
+        core = {k: parts_and_options.pop(k) for k in ("torch_cuda", "driver", "custom_bases")
+                if k in parts_and_options}
+        parts = tuple((k, v) for k, v in parts_and_options.items() if v is not None)
+        return cls(family=family, torch=torch, cuda=cuda, python=python, os=os, engine=engine, parts=parts, **core)
 
 
 @dataclass(frozen=True)
@@ -55,11 +69,9 @@ class Verdict:
     needs_compat: bool = False
     driver: str | None = None
     wheel_variant: str = "cpu"
-    arch_list: str | None = None  # TORCH_CUDA_ARCH_LIST for source-built ops: the family's SM only
-    skipped_ops: list[str] = field(default_factory=list)  # ops whose SM floor the family is below
-    ops_off: dict[str, str] = field(default_factory=dict)  # op -> why it is not prebuilt (GPU images)
-    ops_built: list[str] = field(default_factory=list)  # ops prebuilt for the family's SM (GPU images)
+    arch_list: str | None = None  # TORCH_CUDA_ARCH_LIST for source-built code: the family's SM only
     ptx_only: bool = False  # the wheel reaches the SM only through PTX JIT
+    engine: dict = field(default_factory=dict)  # what the profile's rules record for its spec
 
     @property
     def ok(self) -> bool:
@@ -67,10 +79,13 @@ class Verdict:
 
 
 @dataclass
-class _Ctx:
+class Ctx:
+    """What every rule sees: the combo, the facts, the verdict so far, and what earlier rules found."""
+
     combo: Combo
     facts: Facts
     verdict: Verdict
+    engine: object = None  # the profile's facts (buildkit/profiles/<name>.py `Facts`)
     family: Family | None = None
     toolkit: Toolkit | None = None
     torch: TorchRelease | None = None
@@ -87,12 +102,10 @@ def _sm(sm: str) -> str:
 # --- rule 6: every component is known --------------------------------------------------------------
 
 
-def _known(ctx: _Ctx) -> None:
+def _known(ctx: Ctx) -> None:
     c, f = ctx.combo, ctx.facts
     checks: list[tuple[str, str | None, list[str], str]] = [
         ("family", c.family, list(f.families), f.source("instances", "ec2")),
-        ("djl", c.djl, list(f.djl), f.source("djl", "package")),
-        ("deepspeed", c.deepspeed, f.deepspeed_versions, f.source("deepspeed", "tags")),
         ("torch", c.torch, f.torch_versions, f.source("torch", "python")),
         ("python", c.python, f.python_versions, f.source("torch", "python")),
         ("os", c.os, list(f.systems), f.source("os", "ubuntu")),
@@ -116,7 +129,7 @@ def _known(ctx: _Ctx) -> None:
 # --- the torch wheel variant must exist, and (rule 1) carry kernels for the family's SM ---------------
 
 
-def _wheel(ctx: _Ctx) -> None:
+def _wheel(ctx: Ctx) -> None:
     c, f, fam, rel = ctx.combo, ctx.facts, ctx.family, ctx.torch
     if fam is None or rel is None:
         return
@@ -155,7 +168,7 @@ def _wheel(ctx: _Ctx) -> None:
         ctx.verdict.notes.append(f"the arch list of torch {c.torch}+{wanted} is unverified")
 
 
-def _wheel_fix(ctx: _Ctx) -> str:
+def _wheel_fix(ctx: Ctx) -> str:
     """Nearest torch/CUDA choice whose wheel covers the SM and whose nvcc can target it."""
     c, f, fam = ctx.combo, ctx.facts, ctx.family
     candidates: list[tuple[str, str]] = []
@@ -176,12 +189,12 @@ def _wheel_fix(ctx: _Ctx) -> str:
     return f"excluding {fam.name} from this line"
 
 
-# --- rule 2: the toolkit's nvcc can compile for the SM (DeepSpeed ops are built from source) ---------
+# --- rule 2: the toolkit's nvcc can compile for the SM (when the engine builds CUDA code from source) ----
 
 
-def _nvcc(ctx: _Ctx) -> None:
+def _nvcc(ctx: Ctx) -> None:
     c, f, fam, tk = ctx.combo, ctx.facts, ctx.family, ctx.toolkit
-    if fam is None or not fam.is_gpu or tk is None:
+    if fam is None or not fam.is_gpu or tk is None or not profiles.get(c.engine).COMPILES:
         return
     if fam.sm not in tk.nvcc_archs:
         able = [v for v, t in f.toolkits.items() if fam.sm in t.nvcc_archs]
@@ -196,7 +209,7 @@ def _nvcc(ctx: _Ctx) -> None:
 # --- rule 3: the host driver runs the toolkit, directly, through cuda-compat, or minor-version compat --
 
 
-def _driver(ctx: _Ctx) -> None:
+def _driver(ctx: Ctx) -> None:
     c, f, fam, tk = ctx.combo, ctx.facts, ctx.family, ctx.toolkit
     if fam is None or not fam.is_gpu or tk is None:
         return
@@ -242,13 +255,11 @@ def _ami_fix(facts: Facts, need: str) -> str:
     return ok[0][1] if ok else "an AMI whose driver is >= " + need
 
 
-# --- rule 4: Python inside the OS, torch, DeepSpeed and DJL ranges -----------------------------------
+# --- rule 4: Python inside the OS and torch ranges (a profile adds its engine's) ---------------------
 
 
-def _python(ctx: _Ctx) -> None:
-    """Requirements only: the OS must package the Python, and torch must publish a wheel for it.
-    DeepSpeed's classifiers are evidence (a note), DJL Serving declares no Python requirement, and what
-    AWS shipped is an observation (a note under -v)."""
+def _python(ctx: Ctx) -> None:
+    """Requirements only: the OS must package the Python, and torch must publish a wheel for it."""
     c, f = ctx.combo, ctx.facts
     if c.python not in f.python_versions:
         return
@@ -264,28 +275,20 @@ def _python(ctx: _Ctx) -> None:
         ctx.error("python-range", "python", f"torch {c.torch} has wheels for Python {bounds[0]}-{bounds[1]}, "
                   f"not {c.python}", f.source("torch", "python"),
                   "python " + " or ".join(versions.nearest(c.python, inside, 2)))
-    ds = f.deepspeed_release(c.deepspeed)
-    if ds and not versions.in_range(c.python, ds.classifiers(c.deepspeed)):
-        lo, hi = ds.classifiers(c.deepspeed)
-        ctx.verdict.notes.append(f"DeepSpeed {c.deepspeed}'s classifiers name Python {lo}-{hi}, not {c.python}: "
-                                 "evidence of what it was tested on, not a limit (it sets no python_requires)")
-    djl = f.djl.get(c.djl)
-    if djl and djl.aws_python:
-        ctx.verdict.observations.append(f"AWS shipped DJL Serving {c.djl} with Python {djl.aws_python} "
-                                        f"({'the same' if djl.aws_python == c.python else 'this is ' + c.python})")
 
 
 # --- rule 5: an nvidia/cuda base image exists for (CUDA, Ubuntu) -------------------------------------
 
 
-def _base(ctx: _Ctx) -> None:
+def _base(ctx: Ctx) -> None:
     c, f, tk = ctx.combo, ctx.facts, ctx.toolkit
     system = f.systems.get(c.os)
     if tk is None or system is None:
         return
     if c.custom_bases:
-        ctx.verdict.notes.append(f"base images named by the matrix: not checked against nvidia/cuda tags; "
-                                 f"they must carry CUDA {tk.version}'s nvcc and libraries")
+        carry = (f"they must carry CUDA {tk.version}'s nvcc and libraries" if profiles.get(c.engine).COMPILES else
+                 f"the engine compiles nothing and torch's wheels bring CUDA {tk.version}'s libraries")
+        ctx.verdict.notes.append(f"base images named by the matrix: not checked against nvidia/cuda tags; {carry}")
         return
     if system.ubuntu is None or system.ubuntu not in tk.ubuntu:
         oses = [name for name, s in f.systems.items() if s.ubuntu in tk.ubuntu]
@@ -295,83 +298,7 @@ def _base(ctx: _Ctx) -> None:
                   f"(only Ubuntu {', '.join(tk.ubuntu)})", f.source("cuda", "base-tags"), fix)
 
 
-# --- DeepSpeed builds its ops with nvcc against torch: their CUDA versions must agree ----------------
-
-
-def _deepspeed_cuda(ctx: _Ctx) -> None:
-    c, f, fam, tk, var = ctx.combo, ctx.facts, ctx.family, ctx.toolkit, ctx.variant
-    ds = f.deepspeed_release(c.deepspeed)
-    if fam is None or not fam.is_gpu or tk is None or var is None or ds is None:
-        return
-    torch_cuda = var.cuda
-    if torch_cuda == tk.version:
-        pass
-    elif torch_cuda.split(".")[0] != tk.major:
-        ctx.error("deepspeed-cuda", "torch_cuda" if c.torch_cuda else "cuda",
-                  f"DeepSpeed cannot build ops with nvcc {tk.version} for torch built with CUDA {torch_cuda} "
-                  "(different major versions)", f.source("deepspeed", "tags"), f"torch_cuda {tk.version}")
-    else:
-        accepted = ds.accepted_cuda12_minors(c.deepspeed) if tk.major == "12" else ()
-        if not (torch_cuda in accepted and tk.version in accepted):
-            later = [v for v in f.deepspeed_versions
-                     if {torch_cuda, tk.version} <= set(f.deepspeed_release(v).accepted_cuda12_minors(v))]
-            fix = f"deepspeed {later[0]}" if later else f"torch_cuda {tk.version}"
-            ctx.error("deepspeed-cuda", "deepspeed",
-                      f"DeepSpeed {c.deepspeed} refuses nvcc {tk.version} with torch built for CUDA {torch_cuda}",
-                      f.source("deepspeed", "tags"), fix)
-    for op in f.ops_of(c.deepspeed):
-        if op.sm and versions.key(fam.sm) < versions.key(op.sm):
-            ctx.verdict.skipped_ops.append(op.name)
-            ctx.verdict.ops_off[op.name] = f"{op.what} needs sm_{op.sm.replace('.', '')}+; {fam.name} is {_sm(fam.sm)}"
-        elif op.needs:
-            ctx.verdict.ops_off[op.name] = f"needs {op.needs}"
-        else:
-            ctx.verdict.ops_built.append(op.name)
-    if ctx.verdict.skipped_ops:
-        ctx.verdict.notes.append(f"DeepSpeed ops not built for {_sm(fam.sm)}: {', '.join(ctx.verdict.skipped_ops)}")
-
-
-# --- DJL Serving dropped its DeepSpeed handler in 0.28.0: the toolkit's serves DeepSpeed there --------------
-
-
-def default_handler(djl: str, facts: Facts) -> str:
-    return "djl" if not versions.at_least(djl, _next_after(facts.djl_deepspeed_handler_last)) else "lmi"
-
-
-def _next_after(version: str) -> str:
-    major, minor, *_ = version.split(".")
-    return f"{major}.{int(minor) + 1}.0"
-
-
-def _handler(ctx: _Ctx) -> None:
-    c, f = ctx.combo, ctx.facts
-    if c.djl not in f.djl:
-        return
-    handler = c.handler or default_handler(c.djl, f)
-    has_own = default_handler(c.djl, f) == "djl"
-    if handler == "djl" and not has_own:
-        ctx.error("deepspeed-handler", "handler",
-                  f"DJL Serving {c.djl} has no DeepSpeed handler (its last is in {f.djl_deepspeed_handler_last}): "
-                  "option.engine=DeepSpeed would fail to load", f.source("djl", "deepspeed-handler"),
-                  "handler: lmi (the toolkit's lmi_deepspeed, in every image)")
-    elif not has_own:
-        ctx.verdict.notes.append(f"DJL Serving {c.djl} has no DeepSpeed handler (the last is in "
-                                 f"{f.djl_deepspeed_handler_last}): DeepSpeed is served by the toolkit's "
-                                 "lmi_deepspeed, the image's default entry point (deepspeed-handler)")
-
-
-# --- DJL Serving needs a Java the OS provides ---------------------------------------------------------
-
-
-def _java(ctx: _Ctx) -> None:
-    c, f = ctx.combo, ctx.facts
-    djl, system = f.djl.get(c.djl), f.systems.get(c.os)
-    if djl and system and not versions.at_least(system.java, djl.java):
-        ctx.error("java", "os", f"DJL Serving {c.djl} needs Java >= {djl.java}; {c.os} provides {system.java}",
-                  f.source("djl", "java"), "a newer os")
-
-
-def _family_notes(ctx: _Ctx) -> None:
+def _family_notes(ctx: Ctx) -> None:
     fam = ctx.family
     if fam and fam.legacy:
         ctx.verdict.notes.append(f"{fam.name} is legacy: {fam.legacy}")
@@ -381,13 +308,22 @@ def _family_notes(ctx: _Ctx) -> None:
         ctx.verdict.notes.append("cpu images use the torch CPU build; cuda is ignored")
 
 
-RULES: tuple[Callable[[_Ctx], None], ...] = (_known, _wheel, _nvcc, _driver, _python, _base, _deepspeed_cuda,
-                                              _handler, _java, _family_notes)
+RULES: tuple[Callable[[Ctx], None], ...] = (_known, _wheel, _nvcc, _driver, _python, _base)
+LAST: tuple[Callable[[Ctx], None], ...] = (_family_notes,)
+
+
+def _engine_cpu(ctx: Ctx) -> None:
+    profile, fam = profiles.get(ctx.combo.engine), ctx.family
+    if fam is not None and not fam.is_gpu and not profile.CPU:
+        ctx.error("engine-cpu", "family", f"the {profile.NAME} engine has no CPU build",
+                  profile.CPU_SOURCE, f"excluding {fam.name} from this line")
 
 
 def evaluate(combo: Combo, facts: Facts) -> Verdict:
-    ctx = _Ctx(combo=combo, facts=facts, verdict=Verdict())
-    for rule in RULES:
+    """The core's rules, then the profile's (buildkit/profiles/<engine>.py RULES), on one context."""
+    profile = profiles.get(combo.engine)
+    ctx = Ctx(combo=combo, facts=facts, verdict=Verdict(), engine=facts.engines[combo.engine])
+    for rule in (*RULES, _engine_cpu, *profile.RULES, *LAST):
         rule(ctx)
     return ctx.verdict
 

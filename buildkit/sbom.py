@@ -8,7 +8,8 @@ Python (importlib.metadata) in one `docker run --network=none`. From those:
 - every OS package as `pkg:deb/<distro>/<name>@<version>?arch=..&distro=<id>-<version_id>`;
 - every Python distribution as `pkg:pypi/<name>@<version>`, with the sha256 of every file its lock
   allows (pip installed one of them with --require-hashes); one that no lock names says so;
-- DJL Serving, Java and the CUDA base marked by role (`lmi:role`), DeepSpeed with the op libraries
+- the CUDA base and the engine's parts marked by role (`lmi:role`), with the properties the engine's
+  profile gives them (buildkit/profiles: DEB_ROLES, SBOM_FILES, sbom_properties), e.g. the op libraries
   found prebuilt in the image and the SM they were built for.
 
 The document is deterministic for one image (serial number and timestamp come from its digest and
@@ -26,18 +27,26 @@ import tarfile
 import uuid
 from datetime import datetime, timezone
 
+from . import profiles
 from .errors import LmiError
 
 MEDIA_TYPE = "application/vnd.cyclonedx+json"
 SPEC_VERSION = "1.5"
 
-# Runs inside the image (its venv's Python, no network): every Python distribution, as JSON.
+# Runs inside the image (its venv's Python, no network): every Python distribution, as JSON, with the shared
+# libraries under the paths the profiles ask about (SBOM_FILES) as "ops".
 _DISTS = r"""
 import importlib.metadata as md, json
+prefixes = tuple(json.loads(PREFIXES))
 print(json.dumps([{"name": d.metadata["Name"], "version": d.version,
-                   "ops": sorted(str(f) for f in (d.files or []) if str(f).startswith("deepspeed/ops/")
+                   "ops": sorted(str(f) for f in (d.files or []) if str(f).startswith(prefixes)
                                  and str(f).endswith(".so"))} for d in md.distributions()]))
 """
+
+
+def _dists_script() -> str:
+    prefixes = sorted({p for profile in profiles.PROFILES.values() for p in profile.SBOM_FILES})
+    return _DISTS.replace("PREFIXES", repr(json.dumps(prefixes)))
 VENV = "/opt/venv"
 # Files copied out of the image (no process of the image runs for these; a path may be absent).
 FILES = {"os_release": "/etc/os-release", "dpkg_status": "/var/lib/dpkg/status", "claims": "/opt/lmi/image.json",
@@ -70,7 +79,7 @@ def inventory(docker: str, image: str, timeout: float = 300) -> dict:
     inv["dists"], inv["python_inventory"] = [], f"not taken: {VENV}/pyvenv.cfg is absent (not an lmi image)"
     if inv.pop("venv") is not None:
         result = subprocess.run([docker, "run", "--rm", "--network=none", "--entrypoint", f"{VENV}/bin/python", image,
-                                 "-c", _DISTS], capture_output=True, text=True, timeout=timeout)
+                                 "-c", _dists_script()], capture_output=True, text=True, timeout=timeout)
         if result.returncode:
             tail = (result.stderr.strip().splitlines() or ["no output"])[-1][:300]
             raise SbomError(f"{image}: cannot list its Python distributions ({VENV}/bin/python failed: {tail})")
@@ -198,11 +207,9 @@ def build(inv: dict, facts: dict, name: str, digest: str | None = None, base_dig
         else:
             properties.append(Property(name="lmi:lock", value="none (installed by the venv or not locked)"
                                        if not lock_entry else f"{lock_entry[2]} pins {lock_entry[0]}"))
-        if key == "deepspeed":
-            properties += prop("deepspeed")
-            ops = sorted({re.sub(r"(_op)?\..*$", "", o.rsplit("/", 1)[-1]) for o in dist.get("ops") or []})
-            properties.append(Property(name="lmi:deepspeed:ops-prebuilt", value=",".join(ops) or "none"))
-            properties.append(Property(name="lmi:deepspeed:sm", value=claims.get("sm") or "none"))
+        for profile in profiles.PROFILES.values():  # each names its own distributions only
+            properties += [Property(name=k, value=v)
+                           for k, v in profile.sbom_properties(key, list(dist.get("ops") or []), claims)]
         components.append(Component(name=dist["name"], version=dist["version"], purl=purl, bom_ref=purl.to_string(),
                                     hashes=hashes, properties=properties))
 
@@ -238,10 +245,10 @@ def validate(text: str) -> None:
 
 
 def _deb_role(package: str) -> str | None:
-    if package == "djl-serving":
-        return "djl-serving"
-    if re.fullmatch(r"openjdk-\d+-jre(-headless)?", package):
-        return "java"
+    for profile in profiles.PROFILES.values():
+        role = next((r for pattern, r in profile.DEB_ROLES.items() if re.fullmatch(pattern, package)), None)
+        if role:
+            return role
     if re.fullmatch(r"cuda-(compat|cudart|toolkit|libraries|runtime)-\d+-\d+", package):
         return "cuda"
     return None

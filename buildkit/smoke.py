@@ -4,10 +4,15 @@ publishing obeys.
 Each check is a small typed record (container-structure-test style). In-image checks (claims, files,
 user commands, the GPU tier) run through buildkit/incheck.py inside a container with --network=none; the
 checker is not part of the image: it is mounted read-only into each test container (as docker-library's
-official-images runs its tests), and the record names its version;
-metadata and size are read from the engine; the serving tier starts the image with its real
-entrypoint and talks to it over the container's own loopback. Every container is removed afterwards,
-on failure and on Ctrl-C too.
+official-images runs its tests) together with the checks of the image's profile (its CHECKER), and the
+record names both by sha256; metadata and size are read from the engine; the serving tier starts the image
+with its real entrypoint and talks to it over the container's own loopback. Every container is removed
+afterwards, on failure and on Ctrl-C too.
+
+What varies by profile is asked of it (buildkit/profiles/<name>.py): `checks(spec)` (its builtins per
+tier, core ones included), `SERVING_FILES` (file checks of its serving configuration), `SERVING_ENV` (the
+environment its image sets) and `SERVING_WAYS` (how its image serves: the tiny model, the configuration,
+the request bodies and answer checks).
 """
 
 from __future__ import annotations
@@ -21,57 +26,88 @@ import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__, engine
 from .errors import UserError
-from .spec import ImageSpec
+
+if TYPE_CHECKING:  # not imported at run time: the profiles' smoke modules import this one
+    from .spec import ImageSpec
 
 TIERS = ("cpu", "gpu", "serving")
 RECORD_SCHEMA = 1
 RECORD_DIR = Path(".lmi/smoke")
 CHECKER = Path(__file__).with_name("incheck.py")  # the in-image checks, kept out of the image
-CHECK_DIR = "/opt/lmi-check"  # where test containers see it, read-only
+CHECK_DIR = "/opt/lmi-check"  # where test containers see it, read-only, with the profiles' checks beside it
 CHECK_MODULE = f"{CHECK_DIR}/lmi_check.py"
+MODEL_DIR = "/opt/ml/model"  # where the serving tier mounts its tiny model (SageMaker's model directory)
 RUN_LABEL = "io.lmi.smoke-run"
 ENTRYPOINT = "/usr/local/bin/dockerd-entrypoint.sh"
-CPU_BUILTINS = ("python-version", "torch-version", "torch-cuda", "deepspeed-version", "transformers-version",
-                "diffusers-version", "accelerate-version", "djl-serving-version", "java-version", "pip-check",
-                "imports", "tiny-forward", "deepspeed-prebuilt-ops", "cuda-compat-files")
-GPU_BUILTINS = ("nvidia-smi", "cuda-available", "compute-capability", "arch-list", "bf16", "deepspeed-ops",
-                "deepspeed-inference", "nccl-allreduce", "cuda-compat-active")
-SERVING_PROMPT = "the lmi smoke test"
-SERVING_TOKENS = 8
-SERVING_SEED, SERVING_STEPS, SERVING_MAX_STEPS = 7, 2, 4  # the diffusion way: a bound the tier exceeds once
-# The Accelerate way on CPU: the tiny Llama's second decoder layer goes to the disk (incheck.make_tiny_model).
-ACCELERATE_OFFLOAD_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                          "model.norm": "cpu", "lm_head": "cpu"}
-# Run in the image (its own Diffusers, the handler's lmi_diffusion on PYTHONPATH): make the tiny pipeline and
-# print the sha256 of the RGB pixels plain Diffusers draws; then the same digest of a served PNG.
-TINY_PIPELINE = """import hashlib, json, sys
-import lmi_diffusion
-path, prompt, seed, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-lmi_diffusion.make_tiny_pipeline(path)
-image = lmi_diffusion.reference_image(path, prompt, seed, num_inference_steps=steps)
-print(json.dumps({"reference": hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()}))"""
-PIXELS = """import hashlib, sys
-from PIL import Image
-print(hashlib.sha256(Image.open(sys.argv[1]).convert("RGB").tobytes()).hexdigest())"""
+
+
+def tiny_model_command(prompt: str, max_new_tokens: int, heads: int = 8) -> list[str]:
+    """Run in the image: save incheck's tiny Llama at MODEL_DIR and print plain Transformers' greedy continuation
+    of `prompt` ({"reference": [text]})."""
+    return ["python", CHECK_MODULE, "--make-tiny-model", MODEL_DIR, "--prompt", prompt,
+            "--max-new-tokens", str(max_new_tokens), "--heads", str(heads)]
+
+
+class Client:
+    """A running serving container, asked from inside (it has no network but its own loopback)."""
+
+    def __init__(self, container) -> None:
+        self.container = container
+
+    def post(self, payload: dict, *curl: str) -> tuple[str, str]:
+        """POST JSON to /invocations on port 8080 (extra curl arguments after it): (HTTP status, body)."""
+        _, out = self.container.exec_run(["curl", "-sS", "-X", "POST", "-H", "Content-Type: application/json",
+                                          "-d", json.dumps(payload), "-w", "\n%{http_code}", *curl,
+                                          "http://127.0.0.1:8080/invocations"])
+        body, _, status = out.decode(errors="replace").rpartition("\n")
+        return status, body
+
+    def run(self, argv: list[str]) -> tuple[int, str]:
+        """Run a command in the container: (exit code, stdout and stderr)."""
+        code, out = self.container.exec_run(argv)
+        return code, out.decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One serving check: a request to the running server and the check of its answer,
+    `ask(client, reference, ranks) -> (passed, message)` (`reference`: what the tiny model's command printed)."""
+
+    check: str
+    ask: Callable[[Client, object, int], tuple[bool, str]]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How one way starts: its ranks, the files written beside the tiny model, the serving container's env."""
+
+    ranks: int = 1
+    files: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ServingWay:
-    """One way the image's handler serves, and the serving checks that report it."""
+    """One way a profile's image serves, and the serving checks that report it."""
 
     name: str
-    checks: tuple[str, ...]
+    model: tuple[str, ...]  # run in the image with MODEL_DIR mounted writable: make the model, print its reference
+    setup: Callable[..., Setup]  # setup(spec, gpu, gpus) -> Setup
+    asks: tuple[Ask, ...]
+    ping: str | None = None  # a check of its own for GET /ping (else a /ping that never answers fails the asks)
+    needs_gpu: bool = False  # skipped, with the reason, where no GPU is usable
 
-
-SERVING_WAYS = (ServingWay("deepspeed", ("serving-ping", "serving-invocations")),
-                ServingWay("accelerate", ("serving-accelerate",)),
-                ServingWay("diffusion", ("serving-diffusion",)))
+    @property
+    def checks(self) -> tuple[str, ...]:
+        return ((self.ping,) if self.ping else ()) + tuple(a.check for a in self.asks)
 
 
 @dataclass(frozen=True)
@@ -101,16 +137,15 @@ class Outcome:
 
 
 def generate(spec: ImageSpec, tiers: tuple[str, ...]) -> list[Check]:
-    """Every check of one image, derived from its spec (and the user checks of its matrix line)."""
+    """Every check of one image, derived from its spec, its profile and the user checks of its matrix line."""
+    profile = spec.profile
+    builtins = profile.checks(spec)
     checks: list[Check] = []
     if "cpu" in tiers:
-        checks += [Check(name, "cpu", "builtin") for name in CPU_BUILTINS]
-        checks += [
-            Check("entrypoint-file", "cpu", "file", {"path": ENTRYPOINT, "executable": True}),
-            Check("serving-config", "cpu", "file", {"path": "/opt/djl/conf/config.properties",
-                                                    "contains": r"(?m)^model_store=/opt/ml/model$"}),
-            Check("model-dir", "cpu", "file", {"path": "/opt/ml/model"}),
-        ]
+        checks += [Check(name, "cpu", "builtin") for name in builtins.get("cpu", ())]
+        checks.append(Check("entrypoint-file", "cpu", "file", {"path": ENTRYPOINT, "executable": True}))
+        checks += [Check(name, "cpu", "file", dict(params)) for name, params in profile.SERVING_FILES]
+        checks.append(Check("model-dir", "cpu", "file", {"path": MODEL_DIR}))
         checks += [Check(c["name"], "cpu", c["kind"], {k: v for k, v in c.items() if k not in ("name", "tier",
                                                                                                 "kind")})
                    for c in spec.checks]
@@ -118,9 +153,9 @@ def generate(spec: ImageSpec, tiers: tuple[str, ...]) -> list[Check]:
                    for what in ("labels", "user", "port", "healthcheck", "entrypoint", "env")]
         checks.append(Check("size-budget", "cpu", "size", {"budget_gb": spec.size_budget_gb}))
     if "gpu" in tiers and spec.family.is_gpu:
-        checks += [Check(name, "gpu", "builtin") for name in GPU_BUILTINS]
+        checks += [Check(name, "gpu", "builtin") for name in builtins.get("gpu", ())]
     if "serving" in tiers:
-        checks += [Check(name, "serving", "serving") for way in SERVING_WAYS for name in way.checks]
+        checks += [Check(name, "serving", "serving") for way in profile.SERVING_WAYS for name in way.checks]
     return checks
 
 
@@ -159,24 +194,36 @@ class Runner:
         self.serving_timeout = serving_timeout
         self.log_dir = log_dir
         self.run_id = uuid.uuid4().hex[:12]
-        # The checker as this run mounts it: a copy in a world-readable folder of its own (the images run as
-        # uid 1001, and a checkout may not be readable to it), and its sha256, which every record names.
-        source = CHECKER.read_bytes()
-        self.checker = "sha256:" + hashlib.sha256(source).hexdigest()
+        # The checkers as this run mounts them: copies in a world-readable folder of its own (the images run as
+        # uid 1001, and a checkout may not be readable to it), and their sha256, which every record names.
         self._checker_dir = Path(tempfile.mkdtemp(prefix="lmi-check-",
                                                   dir=os.path.realpath(os.environ.get("TMPDIR", "/tmp"))))
         self._checker_dir.chmod(0o755)
-        (self._checker_dir / "lmi_check.py").write_bytes(source)
-        (self._checker_dir / "lmi_check.py").chmod(0o644)
+        self.checker = self._copy(CHECKER, "lmi_check.py")
+        self._profiles: dict[str, tuple[str, str]] = {}  # profile name -> (path in the container, sha256)
+
+    def _copy(self, source: Path, name: str) -> str:
+        data = source.read_bytes()
+        (self._checker_dir / name).write_bytes(data)
+        (self._checker_dir / name).chmod(0o644)
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+    def profile_checker(self, spec: ImageSpec) -> tuple[str, str]:
+        """The spec's profile checks, mounted beside the checker: (their path in a container, their sha256)."""
+        profile = spec.profile
+        if profile.NAME not in self._profiles:
+            name = profile.CHECKER.name
+            self._profiles[profile.NAME] = (f"{CHECK_DIR}/{name}", self._copy(profile.CHECKER, name))
+        return self._profiles[profile.NAME]
 
     def cleanup(self) -> None:
-        """Remove every container this run started (also after Ctrl-C), and the checker's copy."""
+        """Remove every container this run started (also after Ctrl-C), and the checkers' copies."""
         for container in self.sdk.containers.list(all=True, filters={"label": f"{RUN_LABEL}={self.run_id}"}):
             container.remove(force=True)
         shutil.rmtree(self._checker_dir, ignore_errors=True)
 
     def _container(self, image: str, command: list[str], gpu: bool, volumes: dict | None = None, **kw):
-        """A test container of this run: no network, the checker mounted read-only at CHECK_DIR."""
+        """A test container of this run: no network, the checkers mounted read-only at CHECK_DIR."""
         import docker.types
 
         return self.sdk.containers.run(
@@ -187,8 +234,8 @@ class Runner:
 
     def in_image(self, image: str, spec: ImageSpec, checks: list[Check], gpu: bool) -> list[Outcome]:
         records = [c.record() for c in checks]
-        cmd = [CHECK_MODULE, "--claims-json", json.dumps(spec.claims()), "--checks-json", json.dumps(records),
-               "--timeout", str(self.check_timeout)]
+        cmd = [CHECK_MODULE, "--profile", self.profile_checker(spec)[0], "--claims-json", json.dumps(spec.claims()),
+               "--checks-json", json.dumps(records), "--timeout", str(self.check_timeout)]
         # Through the real entrypoint, so the GPU tier sees what serving would (e.g. cuda-compat).
         try:
             container = self._container(image, ["python", *cmd], gpu)
@@ -211,6 +258,11 @@ class Runner:
                                                           event["message"], event["seconds"])
                 if time.monotonic() > deadline:
                     break
+            if not outcomes:  # the checker itself failed (e.g. a profile's checks that do not load): say why
+                container.reload()
+                why = container.logs(stdout=False, stderr=True).decode(errors="replace").strip()[-300:]
+                if why:
+                    return [Outcome(c.name, c.tier, False, f"the checker did not run: {why}") for c in checks]
         finally:
             container.remove(force=True)
         return [outcomes.get(c.name) or Outcome(c.name, c.tier, False, "no result (the check run was cut short)")
@@ -245,55 +297,63 @@ class Runner:
             return Outcome(check.name, check.tier, ok, f"entrypoint {config.get('Entrypoint')} {config.get('Cmd')}")
         if what == "env":
             env = dict(item.split("=", 1) for item in config.get("Env") or [])
-            want = {"LMI_IMAGE_ID": spec.id, "MODEL_SERVER_HOME": "/opt/djl"}
+            want = {"LMI_IMAGE_ID": spec.id, **spec.profile.SERVING_ENV}
             if spec.arch_list:
                 want["TORCH_CUDA_ARCH_LIST"] = spec.arch_list
             wrong = {k: env.get(k) for k, v in want.items() if env.get(k) != v}
             return Outcome(check.name, check.tier, not wrong, f"env {want}" if not wrong else f"env differs: {wrong}")
         raise ValueError(f"unknown metadata check {what}")
 
-    def serving(self, image: str, spec: ImageSpec, checks: list[Check], gpu: bool) -> list[Outcome]:
-        """Start the image as SageMaker does (`serve`) once per way of its handler, each with a tiny real model
-        at /opt/ml/model made by the image's own libraries: DeepSpeed tensor parallelism and Accelerate must
-        answer the continuation plain Transformers gives on the same weights, a diffusion pipeline the image
-        plain Diffusers draws for the same seed."""
+    def serving(self, image: str, spec: ImageSpec, checks: list[Check], gpu: bool,
+                gpu_reason: str = "no GPU") -> list[Outcome]:
+        """Start the image as SageMaker does (`serve`) once per way its profile serves, each with a tiny real
+        model at /opt/ml/model made by the image's own libraries, and ask it what the way asks (its profile's
+        SERVING_WAYS say what the answers must be). A way that needs a GPU is skipped, with the reason, where
+        none is usable."""
         wanted = {c.name for c in checks}
         outcomes: list[Outcome] = []
-        for way in SERVING_WAYS:
-            if wanted & set(way.checks):
+        for way in spec.profile.SERVING_WAYS:
+            if not wanted & set(way.checks):
+                continue
+            if way.needs_gpu and not gpu:
+                outcomes += [Outcome(name, "serving", None, f"skipped: the {way.name} way needs a GPU ({gpu_reason})")
+                             for name in way.checks]
+            else:
                 outcomes += self._serve(image, spec, way, gpu)
         return [o for o in outcomes if o.name in wanted]
 
     def _serve(self, image: str, spec: ImageSpec, way: ServingWay, gpu: bool) -> list[Outcome]:
         model_dir = Path(os.path.realpath(os.environ.get("TMPDIR", "/tmp"))) / f"lmi-model-{uuid.uuid4().hex[:8]}"
         model_dir.mkdir()
-        fail = [Outcome(name, "serving", False, "") for name in way.checks]
         try:
             reference, problem = self._tiny_model(image, model_dir, way)
             if problem:
-                return [Outcome(o.name, o.tier, False, problem) for o in fail]
-            tp = serving_ranks(spec, gpu, visible_gpus() if gpu else 0) if way.name == "deepspeed" else 1
-            (model_dir / "serving.properties").write_text(serving_properties(spec, tp, gpu, way.name))
-            container = self._container(image, ["serve"], gpu,
-                                        volumes={str(model_dir): {"bind": "/opt/ml/model", "mode": "ro"}})
+                return [Outcome(name, "serving", False, problem) for name in way.checks]
+            setup = way.setup(spec, gpu, visible_gpus() if gpu else 0)
+            for name, text in setup.files.items():
+                (model_dir / name).write_text(text)
+            container = self._container(image, ["serve"], gpu, environment=dict(setup.env),
+                                        volumes={str(model_dir): {"bind": MODEL_DIR, "mode": "ro"}})
         except Exception as exc:
             shutil.rmtree(model_dir, ignore_errors=True)
-            return [Outcome(o.name, o.tier, False, f"the container did not start: {_short(exc)}") for o in fail]
+            return [Outcome(name, "serving", False, f"the container did not start: {_short(exc)}")
+                    for name in way.checks]
         outcomes: list[Outcome] = []
         start = time.monotonic()
         try:
             ping = self._wait_for_ping(container)
-            loaded = f"GET /ping answered 200 ({way.name}: model loaded on {tp} rank(s))"
-            if len(way.checks) == 2:  # the DeepSpeed way reports the ping on its own
-                outcomes.append(Outcome(way.checks[0], "serving", ping is None, ping or loaded,
+            if way.ping:
+                outcomes.append(Outcome(way.ping, "serving", ping is None, ping or
+                                        f"GET /ping answered 200 ({way.name}: model loaded on {setup.ranks} rank(s))",
                                         time.monotonic() - start))
-            if ping is None:
-                t0 = time.monotonic()
-                ok, msg = (self._ask_image if way.name == "diffusion" else self._ask_text)(container, reference, tp)
-                outcomes.append(Outcome(way.checks[-1], "serving", ok, msg, time.monotonic() - t0))
-            else:
-                outcomes.append(Outcome(way.checks[-1], "serving", False,
-                                        ping if len(way.checks) == 1 else "not tried: /ping never answered"))
+            for ask in way.asks:
+                if ping is None:
+                    t0 = time.monotonic()
+                    ok, msg = ask.ask(Client(container), reference, setup.ranks)
+                    outcomes.append(Outcome(ask.check, "serving", ok, msg, time.monotonic() - t0))
+                else:
+                    outcomes.append(Outcome(ask.check, "serving", False,
+                                            "not tried: /ping never answered" if way.ping else ping))
             if not all(o.passed for o in outcomes):
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 log = self.log_dir / f"{spec.id}.serving-{way.name}.log"
@@ -304,62 +364,18 @@ class Runner:
             shutil.rmtree(model_dir, ignore_errors=True)
         return outcomes
 
-    @staticmethod
-    def _post(container, payload: dict, *curl: str) -> tuple[str, str]:
-        """POST /invocations from inside the container: (HTTP status, body)."""
-        _, out = container.exec_run(["curl", "-sS", "-X", "POST", "-H", "Content-Type: application/json",
-                                     "-d", json.dumps(payload), "-w", "\n%{http_code}", *curl,
-                                     "http://127.0.0.1:8080/invocations"])
-        body, _, status = out.decode(errors="replace").rpartition("\n")
-        return status, body
-
-    def _ask_text(self, container, reference: str, tp: int) -> tuple[bool, str]:
-        status, body = self._post(container, {"inputs": SERVING_PROMPT,
-                                              "parameters": {"max_new_tokens": SERVING_TOKENS}})
-        try:
-            answer = json.loads(body)
-        except ValueError:
-            return False, f"POST /invocations: HTTP {status}: {body[-300:]!r}"
-        if status == "200" and answer == {"generated_text": reference}:
-            return True, f"POST /invocations: {tp} rank(s) generated {reference!r}, as plain Transformers does"
-        return False, f"HTTP {status}: {answer!r}; plain Transformers gives {reference!r}"
-
-    def _ask_image(self, container, reference: str, tp: int) -> tuple[bool, str]:
-        """A PNG whose pixels are the reference image's, and an over-limit request refused with 400."""
-        request = {"prompt": SERVING_PROMPT, "parameters": {"num_inference_steps": SERVING_STEPS,
-                                                              "seed": SERVING_SEED}}
-        status, body = self._post(container, request, "-o", "/tmp/lmi-smoke.png")
-        if status != "200":
-            return False, f"POST /invocations: HTTP {status}: {body[-300:]!r}"
-        code, out = container.exec_run(["python", "-c", PIXELS, "/tmp/lmi-smoke.png"])
-        pixels = out.decode(errors="replace").strip()
-        if code != 0 or pixels != reference:
-            return False, f"the PNG's pixels are not plain Diffusers' image for seed {SERVING_SEED}: {pixels[-200:]}"
-        over = {"prompt": SERVING_PROMPT, "parameters": {"num_inference_steps": SERVING_MAX_STEPS + 1}}
-        status, body = self._post(container, over)
-        if status != "400":
-            return False, f"an over-limit request (num_inference_steps {SERVING_MAX_STEPS + 1}) got HTTP {status}"
-        return True, "POST /invocations: a PNG equal to plain Diffusers' image for the same seed; over-limit: 400"
-
-    def _tiny_model(self, image: str, model_dir: Path, way: ServingWay) -> tuple[str | None, str | None]:
+    def _tiny_model(self, image: str, model_dir: Path, way: ServingWay) -> tuple[object, str | None]:
         """Make the way's tiny model with the image's own libraries (no hub) and its reference answer."""
         model_dir.chmod(0o777)  # the image runs as uid 1001
-        if way.name == "diffusion":
-            command = ["python", "-c", TINY_PIPELINE, "/opt/ml/model", SERVING_PROMPT, str(SERVING_SEED),
-                       str(SERVING_STEPS)]
-        else:
-            command = ["python", CHECK_MODULE, "--make-tiny-model", "/opt/ml/model", "--prompt", SERVING_PROMPT,
-                       "--max-new-tokens", str(SERVING_TOKENS)]
-        container = self._container(image, command, False,
-                                    volumes={str(model_dir): {"bind": "/opt/ml/model", "mode": "rw"}})
+        container = self._container(image, list(way.model), False,
+                                    volumes={str(model_dir): {"bind": MODEL_DIR, "mode": "rw"}})
         try:
             result = container.wait(timeout=self.serving_timeout)
             out = container.logs(stdout=True, stderr=False).decode(errors="replace").strip().splitlines()
             if result.get("StatusCode") != 0 or not out:
                 err = container.logs(stdout=False, stderr=True).decode(errors="replace")
                 return None, f"the tiny model could not be made in the image: {err.strip()[-300:]}"
-            reference = json.loads(out[-1])["reference"]
-            return (reference if way.name == "diffusion" else reference[0]), None
+            return json.loads(out[-1])["reference"], None
         finally:
             container.remove(force=True)
             model_dir.chmod(0o755)
@@ -377,38 +393,9 @@ class Runner:
             time.sleep(1)
         return f"GET /ping did not answer 200 within {self.serving_timeout:.0f} s"
 
+
 def visible_gpus() -> int:
     return len(_list_gpus()[0])
-
-
-def serving_ranks(spec: ImageSpec, gpu: bool, gpus: int = 0) -> int:
-    """Ranks for the serving tier, as real DJL starts them. With GPUs: MPI mode (the image's entrypoint turns it
-    on where a GPU is visible), one rank per visible GPU (NCCL from two on), the largest power of two up to 8
-    (the tiny model has 8 heads). Without a GPU, CPU image or not: one process, one rank, because DJL refuses
-    MPI mode without a GPU ("GPU devices are not enough", buildkit/data/djl.yaml: mpi_needs_gpus)."""
-    if gpu and gpus:
-        return 1 << (min(gpus, 8).bit_length() - 1)
-    return 1
-
-
-def serving_properties(spec: ImageSpec, tp: int, gpu: bool = False, way: str = "deepspeed") -> str:
-    """The tiny model's serving.properties, as an LMI user writes them for the image's handler: engine=Python
-    (without it DJL 0.27 turns rolling batch on), fp32 everywhere, so the answer must equal the plain library's
-    exactly (kernel injection's numerics are the GPU tier's deepspeed-inference check, with a tolerance).
-    DeepSpeed: MPI mode only for more than one rank (GPUs only), AutoTP. Accelerate: one process; on a GPU host
-    the map spreads over the visible GPUs, on CPU one decoder layer goes to the disk (offload). Diffusion: one
-    process, plain Diffusers, a step bound the tier's over-limit request exceeds."""
-    props = "engine=Python\noption.entryPoint=lmi_deepspeed\noption.dtype=fp32\n"
-    if way == "accelerate":
-        device_map = "balanced" if gpu else json.dumps(ACCELERATE_OFFLOAD_MAP, separators=(",", ":"))
-        return props + (f"option.mpi_mode=false\noption.partition=accelerate\noption.device_map={device_map}\n"
-                        "option.offload_folder=/tmp/lmi-offload\noption.max_new_tokens=64\n")
-    if way == "diffusion":
-        return props + f"option.mpi_mode=false\noption.max_inference_steps={SERVING_MAX_STEPS}\n" + (
-            "option.kernel_injection=false\n" if gpu else "")
-    return (props + ("option.mpi_mode=true\n" if tp > 1 else "")
-            + f"option.tensor_parallel_degree={tp}\noption.max_new_tokens=64\n"
-            + ("option.kernel_injection=false\n" if gpu else ""))
 
 
 def _short(exc: Exception) -> str:
@@ -435,6 +422,7 @@ class Record:
     finished: str
     lmi_version: str = __version__
     checker: str | None = None  # sha256 of the checker that ran (buildkit/incheck.py, mounted, not in the image)
+    profile_checker: str | None = None  # sha256 of the profile's checks it loaded (buildkit/profiles/<name>_check.py)
 
     def save(self, directory: Path = RECORD_DIR) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
@@ -479,13 +467,15 @@ def smoke_image(runner: Runner, image: str, spec: ImageSpec, tiers: tuple[str, .
     outcomes += [runner.metadata(attrs, spec, c) for c in checks if c.kind in ("metadata", "size")]
     serving = [c for c in checks if c.kind == "serving"]
     if serving:
-        outcomes += runner.serving(image, spec, serving, gpu and spec.family.is_gpu)
+        outcomes += runner.serving(image, spec, serving, gpu and spec.family.is_gpu,
+                                   gpu_reason if spec.family.is_gpu else "a CPU image")
     record = Record(
         schema=RECORD_SCHEMA, image=image, image_id=attrs["Id"],
         content_hash=(attrs["Config"].get("Labels") or {}).get("io.lmi.content-hash"), spec_id=spec.id,
         tiers=list(run_tiers), passed=all(o.passed is not False for o in outcomes),
         outcomes=[asdict(o) for o in outcomes], started=started.isoformat(timespec="seconds"),
         finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), checker=runner.checker,
+        profile_checker=runner.profile_checker(spec)[1],
     )
     record.save()
     return record

@@ -10,16 +10,16 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from . import versions
+from . import profiles, versions
 from .errors import UserError, where
 from .facts import Facts, Family, OperatingSystem
 from .matrix import Image, Matrix
-from .rules import default_handler, evaluate
+from .rules import evaluate
 
 LABEL_PREFIX = "io.lmi"
 # Two kinds of immutable tags: the content-hash tag (hash-<16 hex>, the dedup key) and the revision tags
 # (<tuple>-r<N>: every publish of new content for a component tuple gets the next N). Every other tag is an
-# alias that moves: the bare tuple tag (to the newest revision), deepspeed*/djl*/*-latest. ECR enforces
+# alias that moves: the bare tuple tag (to the newest revision) and each profile's aliases. ECR enforces
 # exactly this with MUTABLE_WITH_EXCLUSION on these filters (its wildcard has `*` only, so no filter could
 # single out the bare tuple against its own revisions: the immutable ones are named instead).
 IMMUTABLE_FILTERS = ("hash-*", "*-r*")
@@ -44,13 +44,6 @@ def revisions(tags: Iterable[str], tag: str) -> list[int]:
     found = (REVISION.fullmatch(t[len(tag):]) for t in tags if t.startswith(tag + "-r"))
     return sorted((int(m.group(1)) for m in found if m), reverse=True)
 
-HANDLER_MODULE = "lmi_deepspeed"  # buildkit/lmi_deepspeed.py, at /opt/lmi/python in every image
-# What the handler needs beside the OS's MPI runtime: mpi4py's manylinux wheel loads the system's libmpi.
-HANDLER_REQUIREMENTS = ("mpi4py==4.1.2",)
-# What DeepSpeed's setup.py needs to build its sdist beside torch (--no-build-isolation), in the builder
-# stage of GPU images and for the Python-only install of CPU images. `lmi lock` pins them; setuptools is a
-# floor, not a pin, because torch itself requires setuptools on Python >= 3.12 (2.13: >= 77.0.3).
-BUILD_REQUIREMENTS = ("setuptools>=75.8.2", "wheel==0.45.1", "ninja==1.11.1.4", "packaging==24.2", "py-cpuinfo==9.0.0")
 SAGEMAKER_CUDA_LABEL = "com.amazonaws.sagemaker.inference.cuda.verified_versions"
 SAGEMAKER_BIND_LABEL = "com.amazonaws.sagemaker.capabilities.accept-bind-to-port"
 
@@ -61,60 +54,45 @@ class ImageSpec:
     line: str
     family: Family
     repository: str
-    djl: str
-    deepspeed: str
+    engine: object  # the profile's spec (buildkit/profiles/<name>.py Spec): its versions and what it builds
     torch: str
     cuda: str | None  # toolkit major.minor; None for CPU images
     cuda_patch: str | None
     python: str
     os: OperatingSystem
-    java: str
     libraries: dict[str, str]
     pip: tuple[str, ...]
     wheel_variant: str  # cu121 / cu128 / cpu
     torch_requirement: str  # the pip requirement that selects the right wheel
     torch_index: str | None  # extra index for variants that PyPI does not carry; None: PyPI's default
-    builder_image: str | None  # devel image that prebuilds DeepSpeed ops; None for CPU images
     runtime_image: str
-    arch_list: str | None  # TORCH_CUDA_ARCH_LIST: the family's SM only
+    arch_list: str | None  # TORCH_CUDA_ARCH_LIST where the engine compiles CUDA code: the family's SM only
     needs_compat: bool
     driver: str | None
     inference_ami: str | None
     host_cuda: str | None  # the CUDA version of the pinned InferenceAmiVersion's driver (SageMaker's label)
-    djl_url: str
-    djl_sha256: str | None
-    djl_sha256_missing: str | None  # why no checksum is recorded (the build warns)
-    skipped_ops: tuple[str, ...]  # ops whose SM floor the family is below
-    ds_ops_built: tuple[str, ...]  # ops prebuilt into the image (GPU images; CPU images JIT-compile)
-    ds_ops_off: tuple[tuple[str, str, str], ...]  # (op, its DS_BUILD_* switch, why it is not prebuilt)
     notes: tuple[str, ...]
     aliases: tuple[str, ...] = ()
     checks: tuple[dict, ...] = ()  # user smoke checks from the matrix
     size_budget_gb: float = 20.0
     tag_suffix: str = ""
     toolkit_compat_pin: str | None = None
-    handler: str = "lmi"  # who serves DeepSpeed models by default: the toolkit's lmi_deepspeed, or DJL's own
     wheel_platform: str = "x86_64-manylinux_2_17"  # the wheels that run on the image's OS and arch
-    deepspeed_requires: tuple[str, ...] | None = None  # DeepSpeed's install_requires as built here; None: unknown
 
     @property
-    def build_requirements(self) -> tuple[str, ...]:
-        return BUILD_REQUIREMENTS
+    def profile(self):
+        return profiles.of(self)
 
     @property
-    def handler_requirements(self) -> tuple[str, ...]:
-        return HANDLER_REQUIREMENTS
-
-    @property
-    def default_entry_point(self) -> str | None:
-        """The DJL entry point an image sets (OPTION_ENTRYPOINT) when DJL's own DeepSpeed handler is not used."""
-        return HANDLER_MODULE if self.handler == "lmi" else None
+    def versions(self) -> dict[str, str]:
+        """The engine's versioned components, by matrix key (e.g. what `lmi uri` filters on)."""
+        return dict(self.engine.versions)
 
     @property
     def tag(self) -> str:
-        """The immutable full tag."""
+        """The immutable full tag: the engine's part, then torch, its variant, Python, OS and family."""
         py = self.python.replace(".", "")
-        return (f"{self.djl}-deepspeed{self.deepspeed}-torch{self.torch}-{self.wheel_variant}-py{py}-"
+        return (f"{self.profile.tag(self)}-torch{self.torch}-{self.wheel_variant}-py{py}-"
                 f"{self.os.name}-{self.family.name}" + (f"-{self.tag_suffix}" if self.tag_suffix else ""))
 
     @property
@@ -127,7 +105,7 @@ class ImageSpec:
 
     @property
     def bases(self) -> tuple[str, ...]:
-        return tuple(b for b in (self.builder_image, self.runtime_image) if b)
+        return (*self.engine.bases, self.runtime_image)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -136,8 +114,8 @@ class ImageSpec:
         components = {
             "id": self.id, "line": self.line, "family": fam.name, "arch": fam.arch,
             "sm": fam.sm or "none", "cuda": self.cuda_patch or "none", "cuda-compat": str(self.needs_compat).lower(),
-            "torch": self.torch, "torch-variant": self.wheel_variant, "deepspeed": self.deepspeed,
-            "djl-serving": self.djl, "python": self.python, "os": self.os.name, "java": self.java,
+            "torch": self.torch, "torch-variant": self.wheel_variant, "python": self.python, "os": self.os.name,
+            **self.profile.labels(self),
             # the SageMaker host driver the rules checked this image against (the family's default, or the
             # matrix's driver / inference_ami), which it runs on natively or through cuda-compat (above)
             "host-driver": self.driver or "none",
@@ -147,8 +125,7 @@ class ImageSpec:
         labels = {
             "org.opencontainers.image.title": self.repository,
             "org.opencontainers.image.description": (
-                f"DJL Serving {self.djl} with DeepSpeed {self.deepspeed} and PyTorch {self.torch} "
-                f"({self.wheel_variant}) for {what}"),
+                f"{self.profile.description(self)} and PyTorch {self.torch} ({self.wheel_variant}) for {what}"),
             "org.opencontainers.image.version": self.tag,
             "org.opencontainers.image.licenses": "Apache-2.0",
             "org.opencontainers.image.base.name": self.runtime_image,
@@ -161,16 +138,15 @@ class ImageSpec:
 
     def claims(self) -> dict:
         """What the image says it is, as written into its build context (image.json) for smoke tests."""
+        engine_versions, engine_claims = self.profile.claims(self)
         return {
             "id": self.id, "repository": self.repository, "tag": self.tag, "family": self.family.name,
             "sm": self.family.sm, "arch": self.family.arch, "gpu": self.family.gpu,
-            "versions": {"djl_serving": self.djl, "deepspeed": self.deepspeed, "torch": self.torch,
-                         "cuda": self.cuda, "python": self.python, "java": self.java, **self.libraries},
+            "versions": {**engine_versions, "torch": self.torch, "cuda": self.cuda, "python": self.python,
+                         **self.libraries},
             "torch_variant": self.wheel_variant, "cuda_compat": self.needs_compat,
             "host_driver": self.driver, "inference_ami": self.inference_ami,
-            "deepspeed_handler": self.handler, "entry_point": self.default_entry_point,
-            "deepspeed_ops": {"prebuilt": list(self.ds_ops_built),
-                              "absent": {op: why for op, _, why in self.ds_ops_off}} if self.builder_image else None,
+            **engine_claims,
             "labels": self.labels,
         }
 
@@ -204,43 +180,37 @@ def resolve(matrix: Matrix, facts: Facts) -> list[ImageSpec]:
 
 def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
     combo, family = image.combo, facts.families[image.family]
+    profile = profiles.get(combo.engine)
     system = facts.systems[combo.os]
     toolkit = facts.toolkits.get(combo.cuda) if family.is_gpu else None
     release = facts.torch_release(combo.torch)
     variant = verdict.wheel_variant
     on_pypi = release.pypi_variant == variant
-    djl = facts.djl[combo.djl]
-    switches = {op.name: op.build_var for op in facts.ops_of(combo.deepspeed)}
     # `base`, not `runtime`: torch's wheels bring their own CUDA libraries (bench/results.md).
-    builder, runtime = (None, system.image) if not toolkit else image.bases or (
-        toolkit.base_image("devel", system.ubuntu), toolkit.base_image("base", system.ubuntu))
+    runtime = system.image if not toolkit else (
+        image.bases["runtime"] if image.bases else toolkit.base_image("base", system.ubuntu))
     return ImageSpec(
         id=image.id, line=image.line, family=family, repository=repository,
-        djl=combo.djl, deepspeed=combo.deepspeed, torch=combo.torch,
+        engine=profile.engine_spec(image, facts, facts.engines[combo.engine], verdict, toolkit, system),
+        torch=combo.torch,
         cuda=toolkit.version if toolkit else None, cuda_patch=toolkit.patch if toolkit else None,
-        python=combo.python, os=system, java=system.java, libraries=dict(image.libraries), pip=image.pip,
+        python=combo.python, os=system, libraries=dict(image.libraries), pip=image.pip,
         wheel_variant=variant,
         torch_requirement=f"torch=={combo.torch}" if on_pypi else f"torch=={combo.torch}+{variant}",
         torch_index=None if on_pypi else f"{facts.torch_wheel_index}/{variant}",
-        builder_image=builder, runtime_image=runtime,
+        runtime_image=runtime,
         arch_list=verdict.arch_list, needs_compat=verdict.needs_compat, driver=verdict.driver,
         inference_ami=image.inference_ami, host_cuda=facts.ami_cuda.get(image.inference_ami or ""),
-        djl_url=facts.djl_package_url.format(version=combo.djl), djl_sha256=djl.sha256,
-        djl_sha256_missing=None if djl.sha256 else facts.djl_checksum_unknown,
-        skipped_ops=tuple(verdict.skipped_ops), notes=tuple(verdict.notes),
-        ds_ops_built=tuple(sorted(verdict.ops_built)),
-        ds_ops_off=tuple((op, switches[op], why) for op, why in sorted(verdict.ops_off.items())),
+        notes=tuple(verdict.notes),
         checks=image.checks, size_budget_gb=image.size_budget_gb, tag_suffix=image.tag_suffix,
         toolkit_compat_pin=toolkit.compat_pin if toolkit else None,
-        handler=combo.handler or default_handler(combo.djl, facts),
         wheel_platform=system.wheel_platform(family.arch),
-        deepspeed_requires=facts.deepspeed_requirements(combo.deepspeed, cuda=toolkit is not None),
     )
 
 
 def _newness(spec: ImageSpec) -> tuple:
-    return (versions.key(spec.djl), versions.key(spec.deepspeed), versions.key(spec.torch),
-            versions.key(spec.cuda or "0"), spec.id)
+    return (spec.engine.name, spec.profile.newness(spec), versions.key(spec.torch), versions.key(spec.cuda or "0"),
+            spec.id)
 
 
 def with_aliases(specs: Iterable[ImageSpec]) -> list[ImageSpec]:
@@ -249,8 +219,7 @@ def with_aliases(specs: Iterable[ImageSpec]) -> list[ImageSpec]:
     owner: dict[str, ImageSpec] = {}
     for spec in sorted(specs, key=_newness):
         fam = spec.family.name + (f"-{spec.tag_suffix}" if spec.tag_suffix else "")
-        for alias in (f"deepspeed{versions.minor(spec.deepspeed)}-{fam}", f"djl{versions.minor(spec.djl)}-{fam}",
-                      f"{fam}-latest"):
+        for alias in spec.profile.aliases(spec, fam):
             owner[alias] = spec  # later (newer) specs overwrite older claims
     return [replace(s, aliases=tuple(sorted(a for a, o in owner.items() if o.id == s.id))) for s in specs]
 

@@ -1,8 +1,8 @@
 """`lmi facts verify`: re-derive from the package index what buildkit/data records and can be derived
 there, and report drift: every torch version of the data has manylinux x86_64 wheels, and the Pythons
-that every version of a torch minor has wheels for are the data's range; every DeepSpeed version of the
-data exists; the matrix's libraries and pins exist. Reads the index's simple API (PEP 691 JSON, else
-PEP 503 HTML) at PIP_INDEX_URL or PyPI; nothing else is contacted.
+that every version of a torch minor has wheels for are the data's range; every engine release the data
+names exists (each profile's index_versions); the matrix's libraries and pins exist. Reads the index's
+simple API (PEP 691 JSON, else PEP 503 HTML) at PIP_INDEX_URL or PyPI; nothing else is contacted.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
 from packaging.version import Version
 
+from . import profiles
 from .errors import UserError
 from .facts import Facts
 
@@ -85,7 +86,9 @@ def _released(files: list[str]) -> set[Version]:
 
 def verify(facts: Facts, requirements: list[str], base: str | None = None) -> tuple[list[str], int]:
     """(drift lines, facts checked). `requirements` are name==version pins the matrix installs."""
-    projects = {"torch", "deepspeed", *(Requirement(r).name for r in requirements)}
+    engines = {name: profile.index_versions(facts.engines[name]) for name, profile in profiles.PROFILES.items()}
+    projects = {"torch", *(project for listed in engines.values() for project in listed),
+                *(Requirement(r).name for r in requirements)}
     with ThreadPoolExecutor(max_workers=4) as pool:
         listing = dict(zip(projects, pool.map(lambda p: fetch_files(p, base), projects), strict=True))
     drift, checked = [], 0
@@ -106,11 +109,13 @@ def verify(facts: Facts, requirements: list[str], base: str | None = None) -> tu
                 drift.append(f"torch {minor}: the data says Python {release.python[0]}-{release.python[1]}, the "
                              f"wheels of every {minor}.x cover {derived[0]}-{derived[1] if derived else 'nothing'}"
                              " (buildkit/data/torch.yaml)")
-    ds_versions = _released(listing["deepspeed"])
-    for version in facts.deepspeed_versions:
-        checked += 1
-        if Version(version) not in ds_versions:
-            drift.append(f"deepspeed {version}: not on the index (buildkit/data/deepspeed.yaml)")
+    for listed in engines.values():
+        for project, (known, data) in sorted(listed.items()):
+            released = _released(listing[project])
+            for version in known:
+                checked += 1
+                if Version(version) not in released:
+                    drift.append(f"{project} {version}: not on the index ({data})")
     for req in sorted(set(requirements)):
         parsed = Requirement(req)
         pinned = next(iter(parsed.specifier)).version

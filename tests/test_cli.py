@@ -8,8 +8,12 @@ import re
 
 from conftest import LINE_027, ROOT, lmi, production_images
 
+from buildkit import facts, index, profiles
+
 CHECK = ["check", "--instance", "g5", "--cuda", "12.4", "--torch", "2.4.0", "--deepspeed", "0.15.1",
          "--djl", "0.30.0", "--python", "3.10", "--os", "ubuntu22.04"]
+# vLLM 0.33.0 as the production matrix's line has it: CUDA 13, which g6e runs on InferenceAmiVersion 3-1's
+# driver through cuda-compat.
 
 
 def test_check_valid_combination_is_one_line_with_notes() -> None:
@@ -53,11 +57,29 @@ def test_check_with_inference_ami_and_cpu() -> None:
 def test_check_missing_flag_is_a_usage_error() -> None:
     result = lmi("check", "--instance", "g5")
     assert result.returncode == 2 and "required" in result.stderr
+    without = [a for i, a in enumerate(CHECK) if "--djl" not in CHECK[max(i - 1, 0):i + 1]]
+    result = lmi(*without)  # the default engine's components are required
+    assert result.returncode == 2 and "needs --djl" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_options_come_from_the_profile() -> None:
+    own = json.loads(lmi(*CHECK, "--handler", "djl", "--json").stdout)
+    assert not own["valid"] and [e["rule"] for e in own["errors"]] == ["deepspeed-handler"]
+    assert own["combination"]["handler"] == "djl"
+    bad = lmi(*CHECK, "--handler", "nope")
+    assert bad.returncode == 2 and "--handler 'nope': not one of lmi, djl" in bad.stderr
 
 
 def test_matrix_table_json_and_selectors() -> None:
     table = lmi("matrix", "--instance", "g5").stdout.splitlines()
-    assert table[0].split()[:3] == ["ID", "FAMILY", "GPU"] and len(table) == 3
+    g5 = [i for i in production_images() if i.family == "g5"]
+    assert table[0].split() == ["ID", "FAMILY", "GPU", "CUDA", "TORCH", "ENGINE", "VERSIONS", "PYTHON", "OS", "COMPAT"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert sorted(rows) == sorted(i.id for i in g5)
+    for image in g5:  # the engine and its versions under their matrix keys, whatever the engine
+        row = rows[image.id]
+        assert row[6] == image.combo.engine
+        assert row[7] == ",".join(f"{k}={image.combo.part(k)}" for k in profiles.get(image.combo.engine).COMPONENTS)
     data = json.loads(lmi("matrix", "--json", "djl0.36-p5*").stdout)
     assert [d["id"] for d in data] == ["djl0.36-p5", "djl0.36-p5e", "djl0.36-p5en"]
     both = json.loads(lmi("matrix", "--json", "--instance", "g5", "--instance", "cpu").stdout)
@@ -73,10 +95,13 @@ def test_unknown_selector_exits_2() -> None:
 
 def test_plan_json_has_tags_hashes_and_args() -> None:
     plan = json.loads(lmi("plan", "--json", "--instance", "p5").stdout)
-    assert {p["id"] for p in plan} == {"djl0.27-p5", "djl0.36-p5"}
+    p5 = {i.id: i for i in production_images() if i.family == "p5"}
+    assert {p["id"] for p in plan} == set(p5)
     for p in plan:
         assert len(p["content_hash"]) == 64 and p["hash_tag"] == f"hash-{p['content_hash'][:16]}"
-        assert p["torch_cuda_arch_list"] == "9.0"
+        # the family's SM where the engine compiles CUDA code; nothing where its kernels come built
+        compiles = profiles.get(p5[p["id"]].combo.engine).COMPILES
+        assert p["torch_cuda_arch_list"] == ("9.0" if compiles else None)
     again = json.loads(lmi("plan", "--json", "--instance", "p5").stdout)
     assert again == plan  # deterministic across processes
 
@@ -191,6 +216,65 @@ def test_changed_since_follows_the_content_hash(tmp_path) -> None:
     assert lmi("--matrix", matrix, "render").returncode == 0
     touched = [e["id"] for e in json.loads(lmi("--matrix", matrix, "ci-matrix", "--changed-since", "HEAD").stdout)
                ["include"]]
-    assert touched and touched == [i.id for i in production_images() if i.libraries["transformers"] == "4.57.3"]
+    assert touched and touched == [i.id for i in production_images() if i.libraries.get("transformers") == "4.57.3"]
     bad = lmi("--matrix", matrix, "ci-matrix", "--changed-since", "no-such-ref")
     assert bad.returncode == 2 and "no such commit here" in bad.stderr
+
+
+# --- `lmi uri` over the engines ------------------------------------------------------------------------------
+
+
+def _entry(n: int, family: str, engine: str, torch: str, cuda: str, **versions: str) -> dict:
+    digest = f"sha256:{n:064d}"
+    return {"id": f"{engine}-{n}-{family}", "family": family, "tag": f"t{n}", "digest": digest, "built": f"2026-{n}",
+            "engine": engine, "components": {**versions, "torch": torch, "cuda": cuda, "python": "3.12",
+                                              "os": "ubuntu24.04"},
+            "registries": [{"url": "oci://r.example/ml", "kind": "oci", "region": None,
+                            "uri": f"r.example/ml/lmi@{digest}"}]}
+
+
+def _suffix(result) -> str:
+    return result.stdout.strip()[-2:]
+
+
+def test_an_old_index_still_answers_and_merges_forward(tmp_path) -> None:
+    """Schema 1 (before profiles): no `engine`, DJL Serving recorded as `djl_serving`. It answers as the
+    default engine's images, and merging into it writes the current schema, its entries upgraded."""
+    old = _entry(1, "g5", "deepspeed", "2.1.2", "12.1.1", deepspeed="0.12.6")
+    del old["engine"]
+    old["components"] = {"djl_serving": "0.27.0", **old["components"], "java": "11"}
+    path = tmp_path / "images.json"
+    path.write_text(json.dumps({"schema": 1, "generated": None, "images": [old]}))
+    at = ("--index", str(path))
+    assert _suffix(lmi("uri", "--instance", "g5", "--djl", "0.27", *at)) == "01"
+    assert _suffix(lmi("uri", "--instance", "g5", "--engine", "deepspeed", "--deepspeed", "0.12", *at)) == "01"
+    data = json.loads(lmi("uri", "--instance", "g5", "--json", *at).stdout)
+    assert data["engine"] == "deepspeed" and data["components"]["djl"] == "0.27.0"
+    assert "djl_serving" not in data["components"]
+    index.update(path, [_entry(2, "g6e", "deepspeed", "2.9.1", "12.8.1", djl="0.36.0", deepspeed="0.18.9")])
+    merged = json.loads(path.read_text())
+    assert merged["schema"] == index.SCHEMA
+    assert {e["id"]: (e["engine"], sorted(e["components"])[:3]) for e in merged["images"]} == {
+        old["id"]: ("deepspeed", ["cuda", "deepspeed", "djl"]),
+        "deepspeed-2-g6e": ("deepspeed", ["cuda", "deepspeed", "djl"])}
+    future = lmi("uri", "--instance", "g5", "--index", str(_write(tmp_path / "future.json", {"schema": 3})))
+    assert future.returncode == 2 and "not a release index of schema 1/2 (got '3')" in future.stderr
+
+
+def _write(path, doc: dict):
+    path.write_text(json.dumps({"generated": None, "images": [], **doc}))
+    return path
+
+
+def test_render_warns_what_the_profile_warns(tmp_path) -> None:
+    """The engine's profile says what a render warns about (here: DJL Serving downloads without a recorded
+    sha256); images of an engine with nothing to warn about add no line."""
+    result = lmi("render", "--instance", "g5", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    g5 = [i for i in production_images() if i.family == "g5"]
+    djl = facts.load().engines["deepspeed"].djl
+    versions = {i.combo.part("djl") for i in g5} - {None}
+    expected = sorted(v for v in versions if djl[v].sha256 is None)
+    assert [w.split("DJL Serving ")[1].split()[0] for w in warnings] == expected
+    assert all("used by 1 image(s)" in w for w in warnings)

@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, free_port, lmi
 
 from buildkit import facts as facts_mod
-from buildkit import gate, registry
+from buildkit import gate, index, registry
 from buildkit import matrix as matrix_mod
 from buildkit.errors import UserError
 from buildkit.spec import resolve
@@ -248,11 +248,12 @@ def index_with(path: Path, spec, digest: str, url: str) -> None:
     address = registry.parse(url)
     entry = {"id": spec.id, "family": spec.family.name, "repository": spec.repository, "tag": spec.tag,
              "tags": [spec.tag], "digest": digest, "built": "2026-12-01T00:00:00Z",
-             "components": {"djl_serving": spec.djl, "deepspeed": spec.deepspeed, "torch": spec.torch, "cuda": None,
-                            "python": spec.python, "os": spec.os.name},
+             "engine": spec.engine.name,
+             "components": {**spec.versions, "torch": spec.torch, "cuda": None, "python": spec.python,
+                            "os": spec.os.name},
              "smoke": {"passed": True}, "registries": [{"url": url, "kind": address.kind, "region": address.region,
                                                          "uri": address.ref(spec.repository, digest=digest)}]}
-    path.write_text(json.dumps({"schema": 1, "generated": None, "images": [entry]}))
+    path.write_text(json.dumps({"schema": index.SCHEMA, "generated": None, "images": [entry]}))
 
 
 def run_gate(moto, idx: Path, allow: Path, url: str = f"ecr://{ACCOUNT}/{REGION}/ml", *extra: str):

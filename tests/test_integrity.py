@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, lmi
 
-from buildkit import index, publish, registry
+from buildkit import index, profiles, publish, registry
 from buildkit.errors import UserError
 
 
@@ -123,7 +123,8 @@ def entry(i: int, digest: str | None = None, tag: str | None = None) -> dict:
     digest = digest or "sha256:" + hashlib.sha256(str(i).encode()).hexdigest()
     return {"id": f"line{i}-g5", "family": "g5", "repository": "lmi", "tag": tag or f"t{i}",
             "tags": [tag or f"t{i}", "djl0.36-g5"], "digest": digest,
-            "components": {"djl_serving": "0.36.0", "deepspeed": "0.18.9", "torch": "2.9.1", "cuda": "12.8.1",
+            "engine": "deepspeed",
+            "components": {"djl": "0.36.0", "deepspeed": "0.18.9", "torch": "2.9.1", "cuda": "12.8.1",
                            "python": "3.12", "os": "ubuntu24.04"},
             "registries": [{"url": "oci://r.example/ml", "kind": "oci", "region": None,
                             "uri": f"r.example/ml/lmi@{digest}"}]}
@@ -134,7 +135,7 @@ def test_digests_are_validated_on_read_and_write(tmp_path, digest) -> None:
     bad = entry(1)
     bad["digest"] = digest
     path = tmp_path / "images.json"
-    path.write_text(json.dumps({"schema": 1, "generated": None, "images": [bad]}))
+    path.write_text(json.dumps({"schema": index.SCHEMA, "generated": None, "images": [bad]}))
     with pytest.raises(UserError, match="not sha256:<64 hex>"):
         index.load(path)
     with pytest.raises(UserError, match="not sha256:<64 hex>"):
@@ -152,6 +153,36 @@ def test_an_immutable_tag_never_names_two_digests() -> None:
     # revision) included.
     assert len(index.merge(one, [entry(3)])["images"]) == 2
     assert len(index.merge(one, [entry(4, tag="0.36.0-g5")])["images"]) == 2
+
+
+def test_an_entry_records_its_engine_and_versions_by_matrix_key(tmp_path) -> None:
+    """What `lmi push` records for an image of each engine: the profile's name, and its versions under the
+    matrix's keys beside the core's components, so `lmi uri --<component>` finds them."""
+    from buildkit import facts, matrix, smoke
+    from buildkit.spec import resolve
+
+    f = facts.load()
+    specs = resolve(matrix.load(ROOT / "matrix.yaml", f), f)
+    record = smoke.Record(schema=1, image="x", image_id="sha256:" + "1" * 64, content_hash=None, spec_id="x",
+                          tiers=["cpu"], passed=True, outcomes=[], started="s", finished="f")
+    address = registry.parse("oci://r.example/ml")
+    entries = []
+    for name in sorted({s.engine.name for s in specs}):
+        spec = next(s for s in specs if s.engine.name == name and s.family.name == "g6e")
+        digest = "sha256:" + hashlib.sha256(spec.id.encode()).hexdigest()
+        e = publish.Published(spec, record.image_id, digest, address, [spec.tag], None, "2026", record,
+                              f"{spec.tag}-r1", 1).entry()
+        assert e["engine"] == name and e["components"] == {
+            **spec.versions, "torch": spec.torch, "cuda": spec.cuda_patch, "python": spec.python,
+            "os": spec.os.name, **spec.libraries}
+        entries.append(e)
+    path = tmp_path / "images.json"
+    index.update(path, entries)
+    for e in entries:
+        flags = [f"--{k}={e['components'][k]}" for k in (*profiles.component_keys(), *index.FILTERS)
+                 if k in e["components"]]
+        found = lmi("uri", "--instance", "g6e", "--engine", e["engine"], *flags, "--index", str(path), "--json")
+        assert json.loads(found.stdout)["id"] == e["id"], found.stderr
 
 
 def test_a_mistyped_index_path_is_an_error_not_an_empty_index(tmp_path) -> None:
@@ -256,3 +287,24 @@ def test_index_latest_is_not_overwritten_when_it_moved(tmp_path, monkeypatch) ->
     assert pushed == []
     publish.publish_index(path, [address], "lmi", {address.url: "sha256:" + "b" * 64})
     assert len(pushed) == 1
+
+
+def test_base_mirrors_and_provenance_follow_the_profiles_bases() -> None:
+    """A base mirror rewrites each base an image is built from, as the build argument <ROLE>_IMAGE: a build
+    stage's base where the profile has one (a GPU image of a profile that compiles), and the runtime."""
+    from buildkit import build, engine, matrix, provenance
+    from buildkit import facts as facts_mod
+    from buildkit.spec import resolve
+
+    f = facts_mod.load()
+    options = build.BuildOptions(base_mirror="mirror.example/hub")
+    seen = set()
+    for spec in resolve(matrix.load(ROOT / "matrix.yaml", f), f):
+        roles = provenance.base_roles(spec)
+        assert list(roles)[-1] == "runtime" and roles["runtime"] == spec.runtime_image
+        assert tuple(roles.values()) == spec.bases  # every base the content hash covers, each once
+        args = build.host_args(spec, options, {}, None)
+        assert {k: v for k, v in args.items() if k.endswith("_IMAGE")} == {
+            f"{role.upper()}_IMAGE": engine.mirrored(ref, "mirror.example/hub") for role, ref in roles.items()}
+        seen.add((spec.engine.name, tuple(roles)))
+    assert ("deepspeed", ("builder", "runtime")) in seen and ("deepspeed", ("runtime",)) in seen  # GPU, CPU

@@ -369,6 +369,8 @@ def test_promote_by_digest_between_registries(tested, auth_registry, client_env,
 
 
 def test_uri_from_an_index_url_and_python_api(tmp_path) -> None:
+    """An index of schema 1 (before engines were profiles: no `engine`, DJL Serving as `djl_serving`) still
+    answers, read as the default engine's images with the components under their matrix keys."""
     data = {"schema": 1, "generated": "now", "images": [
         {"id": f"djl0.{v}-g5", "family": "g5", "tag": f"t{v}", "digest": f"sha256:{v:064d}", "built": "2026",
          "components": {"djl_serving": f"0.{v}.0", "deepspeed": "0.12.6", "torch": "2.1.2", "cuda": "12.1.1",
@@ -385,7 +387,8 @@ def test_uri_from_an_index_url_and_python_api(tmp_path) -> None:
         newest = lmi("uri", "--instance", "g5", "--region", "us-west-2", "--index", url)
         assert newest.stdout.strip().endswith(f"{27:064d}")
         older = lmi("uri", "--instance", "g5", "--djl", "0.26", "--index", url, "--json")
-        assert json.loads(older.stdout)["components"]["djl_serving"] == "0.26.0"
+        assert json.loads(older.stdout)["components"]["djl"] == "0.26.0"
+        assert json.loads(older.stdout)["engine"] == "deepspeed"
         missing = lmi("uri", "--instance", "g5", "--djl", "0.30", "--index", url)
         assert missing.returncode == 2 and "g5 has: djl 0.26.0" in missing.stderr and "djl 0.27.0" in missing.stderr
         elsewhere = lmi("uri", "--instance", "g5", "--region", "eu-west-1", "--index", url)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, lmi, production_images
 
-from buildkit import lock, matrix, render
+from buildkit import lock, matrix, profiles, render
 from buildkit.errors import UserError
 from buildkit.spec import resolve
 
@@ -30,8 +30,10 @@ def production(facts):
 
 def test_golden_rendering(facts, request) -> None:
     m = matrix.load(GOLDEN / "matrix.yaml", facts)
-    # lmi_deepspeed.py is copied verbatim (no template): render --check guards it in images/, not the goldens.
-    contexts = [render.Context(c.id, {n: b for n, b in c.files.items() if n not in render.VERBATIM})
+    # A profile's verbatim files (its handler, its entry point) are copied, not rendered: render --check guards
+    # them in images/, not the goldens.
+    verbatim = {name for p in profiles.PROFILES.values() for name in p.VERBATIM}
+    contexts = [render.Context(c.id, {n: b for n, b in c.files.items() if n not in verbatim}, c.executable)
                 for c in (render.Renderer(ROOT / "templates").render(s) for s in resolve(m, facts))]
     assert [c.id for c in contexts] == ["ds012-g4dn", "ds012-p5", "ds018-g6e", "ds018-cpu"]
     if request.config.getoption("--update-golden"):
@@ -44,9 +46,11 @@ def test_no_context_or_image_carries_the_checker(production) -> None:
     """The smoke checks run from outside the image (`lmi test` mounts them): no context has them, so no image
     does; the committed images/ neither."""
     checker = (ROOT / "buildkit" / "incheck.py").read_bytes()
-    for _, ctx in production:
+    for spec, ctx in production:
         assert "lmi_check.py" not in ctx.files and checker not in ctx.files.values()
-        assert b"lmi_check" not in ctx.files["Dockerfile"] and b"lmi_deepspeed.py" in ctx.files["Dockerfile"]
+        assert spec.profile.CHECKER.name not in ctx.files
+        assert b"lmi_check" not in ctx.files["Dockerfile"]
+        assert all(name.encode() in ctx.files["Dockerfile"] for name in spec.profile.VERBATIM)  # what ships
     assert not list((ROOT / "images").glob("*/lmi_check.py"))
 
 
@@ -63,11 +67,14 @@ def _plan_with_edited(tmp_path: Path, name: str) -> dict[str, str]:
     return {p["id"]: p["content_hash"] for p in json.loads(result.stdout)}
 
 
-def test_editing_a_check_changes_no_content_hash(tmp_path) -> None:
+def test_editing_a_check_changes_no_content_hash(tmp_path, production) -> None:
     pristine = _plan_with_edited(tmp_path, "")
     assert _plan_with_edited(tmp_path, "incheck.py") == pristine
-    handler = _plan_with_edited(tmp_path, "lmi_deepspeed.py")  # the handler ships in the image: a new hash
-    assert handler.keys() == pristine.keys() and all(handler[i] != pristine[i] for i in pristine)
+    # A profile's verbatim file (a handler) ships in the images of that profile: a new hash for those only.
+    shipping = {spec.id for spec, _ in production if "lmi_deepspeed.py" in spec.profile.VERBATIM}
+    handler = _plan_with_edited(tmp_path, "lmi_deepspeed.py")
+    assert handler.keys() == pristine.keys() and shipping & handler.keys()
+    assert all((handler[i] != pristine[i]) == (i in shipping) for i in pristine)
 
 
 def test_render_is_deterministic(tmp_path, facts) -> None:
@@ -110,12 +117,18 @@ def test_render_check_catches_drift(tmp_path) -> None:
     assert not (tmp_path / "images" / "djl0.19-g5").exists()
 
 
+def _ids() -> list[str]:
+    from conftest import production_images
+
+    return [image.id for image in production_images()]
+
+
 def test_selective_render_leaves_other_contexts(tmp_path) -> None:
     out = tmp_path / "out"
     assert lmi("render", "--instance", "p5", "--out", str(out)).returncode == 0
     assert lmi("render", "--instance", "g5", "--out", str(out)).returncode == 0
-    assert sorted(p.name for p in out.iterdir()) == [render.MANIFEST, "djl0.27-g5", "djl0.27-p5",
-                                                     "djl0.36-g5", "djl0.36-p5"]
+    wanted = sorted(i for i in _ids() if i.endswith(("-g5", "-p5")))
+    assert sorted(p.name for p in out.iterdir()) == [render.MANIFEST, *wanted]
 
 
 # --- render owns only what it wrote -----------------------------------------------------------------
@@ -234,9 +247,9 @@ def test_contexts_rendered_before_manifests_are_adopted(tmp_path, facts) -> None
 def test_strict_undefined_names_the_template(tmp_path, facts) -> None:
     templates = tmp_path / "templates"
     shutil.copytree(ROOT / "templates", templates)
-    (templates / "config.properties.j2").write_text("x={{ spec.no_such_field }}\n")
+    (templates / "entrypoint.sh.j2").write_text("x={{ spec.no_such_field }}\n")
     spec = resolve(matrix.load(ROOT / "matrix.yaml", facts), facts)[0]
-    with pytest.raises(UserError, match=r"templates/config.properties.j2.*no_such_field"):
+    with pytest.raises(UserError, match=r"templates/entrypoint.sh.j2.*no_such_field"):
         render.Renderer(templates).render(spec)
 
 
@@ -255,14 +268,15 @@ def test_layer_order_and_contract(production) -> None:
         assert "# syntax" not in dockerfile, spec.id
         steps = _instructions(dockerfile)
         runtime = steps[next(i for i, s in enumerate(steps) if s.endswith("AS runtime")):]
-        order = [next(i for i, s in enumerate(runtime) if marker(s)) for marker in (
+        markers = [
             lambda s: "venv" in s and s.startswith("RUN apt-get"),  # OS + Python
             lambda s: "pip install" in s and "/tmp/lock/torch.lock" in s,  # torch
             lambda s: "/tmp/lock/requirements.lock" in s and s.startswith("RUN"),  # other Python deps
-            lambda s: "djl-serving.deb" in s,  # Java + DJL Serving
-            lambda s: "deepspeed" in s and s.startswith("RUN"),  # DeepSpeed: the family-specific layer
             lambda s: s.startswith("COPY entrypoint.sh"),  # entrypoint/config
-        )]
+        ]
+        if "deepspeed" in spec.profile.LAYERS:  # Java + DJL, then DeepSpeed: the family-specific layer
+            markers[3:3] = [lambda s: "djl-serving.deb" in s, lambda s: "deepspeed" in s and s.startswith("RUN")]
+        order = [next(i for i, s in enumerate(runtime) if marker(s)) for marker in markers]
         assert order == sorted(order), (spec.id, order)
         assert "EXPOSE 8080" in runtime
         assert runtime[-2:] == ['ENTRYPOINT ["/usr/local/bin/dockerd-entrypoint.sh"]', 'CMD ["serve"]']
@@ -284,8 +298,15 @@ def test_every_download_step_takes_the_ca_as_a_secret(production) -> None:
                                                    if s.startswith(("COPY", "ADD", "ENV", "ARG")))
 
 
+def _of(production, profile_name: str):
+    """The production contexts of one profile (for tests of what that profile renders)."""
+    found = [(spec, ctx) for spec, ctx in production if spec.engine.name == profile_name]
+    assert found, profile_name
+    return found
+
+
 def test_deepspeed_ops_prebuilt_for_the_family_sm_only(production) -> None:
-    for spec, ctx in production:
+    for spec, ctx in _of(production, "deepspeed"):
         dockerfile = ctx.files["Dockerfile"].decode()
         if spec.family.is_gpu:
             assert "AS deepspeed-builder" in dockerfile
@@ -294,15 +315,16 @@ def test_deepspeed_ops_prebuilt_for_the_family_sm_only(production) -> None:
             assert f'TORCH_CUDA_ARCH_LIST="{spec.family.sm}"' in step
             assert '/lib64/stubs' in step  # ops link -lcuda: the driver stub stands in
             switched_off = set(re.findall(r"(DS_BUILD_[A-Z_]+)=0", step))
-            assert switched_off == {switch for _, switch, _ in spec.ds_ops_off}, spec.id
+            assert switched_off == {switch for _, switch, _ in spec.engine.ds_ops_off}, spec.id
             assert {"DS_BUILD_RAGGED_DEVICE_OPS", "DS_BUILD_CUTLASS_OPS", "DS_BUILD_SPARSE_ATTN",
                     "DS_BUILD_EVOFORMER_ATTN"} <= switched_off
             assert "DS_BUILD_TRANSFORMER_INFERENCE" not in switched_off and "DS_BUILD_RAGGED_OPS" not in switched_off
             claims = json.loads(ctx.files["image.json"])["deepspeed_ops"]
-            assert set(claims["prebuilt"]) == set(spec.ds_ops_built) and "transformer_inference" in claims["prebuilt"]
+            assert set(claims["prebuilt"]) == set(spec.engine.ds_ops_built)
+            assert "transformer_inference" in claims["prebuilt"]
             assert "--no-build-isolation" in step
             assert "--mount=type=bind,from=deepspeed-builder" in dockerfile
-            assert "FROM ${BUILDER_IMAGE}" in dockerfile and spec.builder_image.endswith(
+            assert "FROM ${BUILDER_IMAGE}" in dockerfile and spec.engine.builder_image.endswith(
                 f"devel-ubuntu{spec.os.ubuntu}")
             assert spec.runtime_image.endswith(f"base-ubuntu{spec.os.ubuntu}")
         else:
@@ -334,9 +356,9 @@ def test_image_json_carries_the_claims(production) -> None:
 
 
 def test_djl_download_is_verified_or_warns(production) -> None:
-    for spec, ctx in production:
+    for spec, ctx in _of(production, "deepspeed"):
         dockerfile = ctx.files["Dockerfile"].decode()
-        assert f"ARG DJL_SERVING_SHA256={spec.djl_sha256 or ''}\n" in dockerfile
+        assert f"ARG DJL_SERVING_SHA256={spec.engine.djl_sha256 or ''}\n" in dockerfile
         assert 'sha256sum -c -' in dockerfile and "WARNING: no sha256 is recorded for DJL Serving" in dockerfile
 
 

@@ -30,7 +30,8 @@ def production(facts):
 def test_checks_generated_from_the_spec(production) -> None:
     gpu = smoke.generate(production["djl0.36-g5"], ("cpu", "gpu", "serving"))
     names = [c.name for c in gpu]
-    assert set(smoke.CPU_BUILTINS) <= set(names) and set(smoke.GPU_BUILTINS) <= set(names)
+    builtins = production["djl0.36-g5"].profile.checks(production["djl0.36-g5"])
+    assert set(builtins["cpu"]) <= set(names) and set(builtins["gpu"]) <= set(names)
     assert {"serving-ping", "serving-invocations", "size-budget", "metadata-labels"} <= set(names)
     assert len(names) == len(set(names))
     size = next(c for c in gpu if c.kind == "size")
@@ -71,8 +72,12 @@ def host_claims(**versions) -> dict:
     return {"versions": found, "torch_variant": "cpu", "sm": None, "cuda_compat": False}
 
 
+DEEPSPEED_CHECKS = ROOT / "buildkit" / "profiles" / "deepspeed_check.py"  # the profile's builtins (imports, ops)
+
+
 def incheck(claims: dict, records: list[dict], timeout: float = 300) -> tuple[int, list[dict]]:
-    result = subprocess.run([sys.executable, "-m", "buildkit.incheck", "--claims-json", json.dumps(claims),
+    result = subprocess.run([sys.executable, "-m", "buildkit.incheck", "--profile", str(DEEPSPEED_CHECKS),
+                             "--claims-json", json.dumps(claims),
                              "--checks-json", json.dumps(records), "--timeout", str(timeout)],
                             capture_output=True, text=True, timeout=900)
     return result.returncode, [json.loads(line) for line in result.stdout.splitlines()]
@@ -306,12 +311,13 @@ def test_arch_list_coverage_as_torch_reports_it() -> None:
 
 def test_serving_ranks_follow_the_gpus(production) -> None:
     gpu_image, cpu_image = production["djl0.36-p4d"], production["djl0.36-cpu"]
-    assert smoke.serving_ranks(cpu_image, False) == 1  # real DJL refuses MPI mode without a GPU
-    assert smoke.serving_ranks(gpu_image, False) == 1  # a GPU image on a CPU host
-    assert [smoke.serving_ranks(gpu_image, True, n) for n in (1, 2, 3, 4, 8, 16)] == [1, 2, 2, 4, 8, 8]
-    props = smoke.serving_properties(gpu_image, 8, gpu=True)
+    ds = gpu_image.profile  # the serving tier's ranks and serving.properties are the DeepSpeed profile's
+    assert ds.serving_ranks(cpu_image, False) == 1  # real DJL refuses MPI mode without a GPU
+    assert ds.serving_ranks(gpu_image, False) == 1  # a GPU image on a CPU host
+    assert [ds.serving_ranks(gpu_image, True, n) for n in (1, 2, 3, 4, 8, 16)] == [1, 2, 2, 4, 8, 8]
+    props = ds.serving_properties(gpu_image, 8, gpu=True)
     assert "option.tensor_parallel_degree=8" in props and "option.kernel_injection=false" in props
-    assert "option.mpi_mode=true" in props and "option.mpi_mode" not in smoke.serving_properties(gpu_image, 1)
-    accelerate = smoke.serving_properties(cpu_image, 1, way="accelerate")
+    assert "option.mpi_mode=true" in props and "option.mpi_mode" not in ds.serving_properties(gpu_image, 1)
+    accelerate = ds.serving_properties(cpu_image, 1, way="accelerate")
     assert "option.partition=accelerate" in accelerate and '"model.layers.1":"disk"' in accelerate
-    assert "option.mpi_mode=false" in smoke.serving_properties(cpu_image, 1, way="diffusion")
+    assert "option.mpi_mode=false" in ds.serving_properties(cpu_image, 1, way="diffusion")

@@ -80,7 +80,7 @@ def ensure_base(image: str, mirror: str) -> str:
 
 def standin_facts(version: str) -> dict:
     """What the stand-in reads to behave as DJL Serving <version> does (buildkit/data/djl.yaml, behaviour)."""
-    return {"version": version, "behaviour": facts.load().djl_behaviour_at(version)}
+    return {"version": version, "behaviour": facts.load().engines["deepspeed"].djl_behaviour_at(version)}
 
 
 def standin_deb(version: str, out_dir: Path = PACKAGES) -> Path:
@@ -161,7 +161,7 @@ def prepare(matrix_path: Path) -> dict:
                            for ref in (image.bases or (f.systems[image.combo.os].image,)))
     made = [ensure_base(ref, m.base_mirror or "lmi-local") for ref in wanted]
     url = urlparse(m.build_args.get("DJL_SERVING_URL", ""))
-    versions = sorted({image.combo.djl for image in m.images})
+    versions = sorted({image.combo.part("djl") for image in m.images} - {None})
     debs = [standin_deb(v) for v in versions]
     return {"bases": sorted(set(made)), "debs": debs, "port": url.port, "host": url.hostname}
 
