@@ -58,6 +58,22 @@ def test_deepspeed_checks_are_what_they_were(production) -> None:
     assert config.params == {"path": "/opt/djl/conf/config.properties", "contains": r"(?m)^model_store=/opt/ml/model$"}
 
 
+def test_vllm_gets_its_own_checks_and_none_of_djl(production) -> None:
+    spec = _one(production, "vllm")
+    checks = smoke.generate(spec, smoke.TIERS)
+    tiers = _by_tier(checks)
+    assert tiers["cpu"][:11] == ["python-version", "torch-version", "torch-cuda", "vllm-version", "pip-check",
+                                 "installed-files-distinct", "vllm-import", "vllm-routes", "sm-vllm-mapping",
+                                 "vllm-serve-help", "cuda-compat-files"]
+    assert "vllm-kernels" in tiers["gpu"] and "nvidia-smi" in tiers["gpu"]
+    assert tiers["serving"] == ["serving-ping", "serving-chat", "serving-completion"]
+    text = json.dumps([c.record() for c in checks]).lower()
+    assert not re.search(r"deepspeed|djl|java|imports|accelerate|diffusion", text), text
+    config = next(c for c in checks if c.name == "serving-config")
+    assert config.params["path"] == "/opt/lmi/python/sm_vllm.py"
+    assert len({c.name for c in checks}) == len(checks)
+
+
 def _registered(checker) -> dict[str, str]:
     """name -> tier of every builtin the checker registers with this profile's checks loaded (a fresh process)."""
     code = ("import json, sys; from buildkit import incheck; incheck.load_profile(sys.argv[1]); "
@@ -176,6 +192,14 @@ def test_profile_checks_are_mounted_beside_the_checker_and_named(production, tmp
         assert (tmp_path / spec.profile.CHECKER.name).read_bytes() == source
 
 
+def test_vllm_serving_is_skipped_without_a_gpu(production, tmp_path) -> None:
+    spec = _one(production, "vllm")
+    checks = [c for c in smoke.generate(spec, ("serving",))]
+    outcomes = _runner(tmp_path).serving("no-image", spec, checks, False, "nvidia-smi is not on this host")
+    assert [(o.name, o.passed) for o in outcomes] == [(c.name, None) for c in checks]
+    assert outcomes[0].message == "skipped: the vllm way needs a GPU (nvidia-smi is not on this host)"
+
+
 def test_expected_env_comes_from_the_profile(production) -> None:
     check = smoke.Check("metadata-env", "cpu", "metadata", {"what": "env"})
     for name in sorted(profiles.PROFILES):
@@ -191,3 +215,27 @@ def test_expected_env_comes_from_the_profile(production) -> None:
         assert not outcome.passed and missing in outcome.message, name
 
 
+def test_the_vllm_answers_are_checked(production) -> None:
+    """The chat and completion asks pass an OpenAI answer of the right shape and fail anything else."""
+    way = _one(production, "vllm").profile.SERVING_WAYS[0]
+    chat, completion = (a.ask for a in way.asks)
+
+    class Answers:
+        def __init__(self, status, body):
+            self.status, self.body, self.sent = status, body, []
+
+        def post(self, payload, *curl):
+            self.sent.append(payload)
+            return self.status, json.dumps(self.body)
+
+    good_chat = {"object": "chat.completion", "choices": [{"message": {"role": "assistant", "content": "ab"}}],
+                 "usage": {"completion_tokens": 2}}
+    client = Answers("200", good_chat)
+    assert chat(client, ["ab"], 1)[0] and client.sent[0]["messages"][0]["role"] == "user"
+    assert not chat(Answers("200", {**good_chat, "usage": {"completion_tokens": 0}}), ["ab"], 1)[0]
+    assert not chat(Answers("400", {"error": "no chat template"}), ["ab"], 1)[0]
+    good = {"object": "text_completion", "choices": [{"text": "ab"}], "usage": {"completion_tokens": 2}}
+    client = Answers("200", good)
+    ok, message = completion(client, ["ab"], 1)
+    assert ok and "prompt" in client.sent[0] and "'ab'" in message
+    assert not completion(Answers("200", good_chat), ["ab"], 1)[0]

@@ -6,14 +6,19 @@ import json
 import os
 import re
 
+import pytest
 from conftest import LINE_027, ROOT, lmi, production_images
 
 from buildkit import facts, index, profiles
+from buildkit.errors import UserError
 
 CHECK = ["check", "--instance", "g5", "--cuda", "12.4", "--torch", "2.4.0", "--deepspeed", "0.15.1",
          "--djl", "0.30.0", "--python", "3.10", "--os", "ubuntu22.04"]
 # vLLM 0.33.0 as the production matrix's line has it: CUDA 13, which g6e runs on InferenceAmiVersion 3-1's
 # driver through cuda-compat.
+CHECK_VLLM = ["check", "--engine", "vllm", "--vllm", "0.33.0", "--instance", "g6e", "--cuda", "13.0", "--torch",
+              "2.14.0", "--python", "3.12", "--os", "ubuntu24.04",
+              "--inference-ami", "al2-ami-sagemaker-inference-gpu-3-1"]
 
 
 def test_check_valid_combination_is_one_line_with_notes() -> None:
@@ -60,6 +65,27 @@ def test_check_missing_flag_is_a_usage_error() -> None:
     without = [a for i, a in enumerate(CHECK) if "--djl" not in CHECK[max(i - 1, 0):i + 1]]
     result = lmi(*without)  # the default engine's components are required
     assert result.returncode == 2 and "needs --djl" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_another_engine_with_its_own_flags() -> None:
+    """`--engine` picks the profile; its components are flags (one per profile component), its rules apply."""
+    ok = lmi(*CHECK_VLLM)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("ok: g6e can run vLLM 0.33.0, torch 2.14.0+cu130, CUDA 13.0.2")
+    assert "needs cuda-compat on driver 550" in ok.stdout
+    data = json.loads(lmi(*CHECK_VLLM, "--json").stdout)
+    assert data["valid"] and data["combination"]["engine"] == "vllm" and data["combination"]["vllm"] == "0.33.0"
+    assert data["torch_cuda_arch_list"] is None  # nothing is compiled: the kernels come in the wheel
+    p3 = lmi(*[a if a != "g6e" else "p3" for a in CHECK_VLLM])
+    assert p3.returncode == 2 and p3.stdout == "" and "Traceback" not in p3.stderr
+    assert any("(arch-in-engine," in line and "sm_70" in line and "; try " in line for line in p3.stderr.splitlines())
+    foreign = lmi(*CHECK_VLLM, "--djl", "0.30.0")
+    assert foreign.returncode == 2 and "--djl belongs to engine deepspeed, not to vllm" in foreign.stderr
+    handler = lmi(*CHECK_VLLM, "--handler", "lmi")  # an option of another profile
+    assert handler.returncode == 2 and "--handler belongs to engine deepspeed" in handler.stderr
+    missing = lmi(*[a for a in CHECK_VLLM if a not in ("--vllm", "0.33.0")])
+    assert missing.returncode == 2 and "engine vllm needs --vllm" in missing.stderr
+    assert lmi(*CHECK_VLLM[:2], "--engine", "nope", *CHECK_VLLM[4:]).returncode == 2
 
 
 def test_check_options_come_from_the_profile() -> None:
@@ -237,6 +263,50 @@ def _suffix(result) -> str:
     return result.stdout.strip()[-2:]
 
 
+def test_uri_chooses_among_engines(tmp_path) -> None:
+    """An index with images of both engines: --engine and each engine's component flags choose; without them
+    a family answers as it did before profiles (the default engine's image), and says what else it has."""
+    entries = [_entry(1, "g5", "deepspeed", "2.1.2", "12.1.1", djl="0.27.0", deepspeed="0.12.6"),
+               _entry(2, "g5", "deepspeed", "2.9.1", "12.8.1", djl="0.36.0", deepspeed="0.18.9"),
+               _entry(3, "g6e", "deepspeed", "2.9.1", "12.8.1", djl="0.36.0", deepspeed="0.18.9"),
+               _entry(4, "g6e", "vllm", "2.14.0", "13.0.2", vllm="0.33.0"),
+               _entry(5, "g6", "vllm", "2.14.0", "13.0.2", vllm="0.33.0")]
+    path = tmp_path / "images.json"
+    index.update(path, entries)
+    assert json.loads(path.read_text())["schema"] == index.SCHEMA
+    at = ("--index", str(path))
+    vllm = lmi("uri", "--instance", "g6e", "--engine", "vllm", *at)
+    assert vllm.returncode == 0 and _suffix(vllm) == "04", vllm.stderr
+    implied = lmi("uri", "--instance", "g6e", "--vllm", "0.33", *at)  # a component flag implies its engine
+    assert _suffix(implied) == "04" and "also has" not in implied.stderr
+    default = lmi("uri", "--instance", "g6e", *at)
+    assert _suffix(default) == "03" and "g6e also has images of engine vllm (choose with --engine)" in default.stderr
+    assert _suffix(lmi("uri", "--instance", "g6", *at)) == "05"  # the only engine a family has answers
+    g5 = lmi("uri", "--instance", "g5", *at)
+    assert _suffix(g5) == "02" and "also has" not in g5.stderr  # as before there were engines: the newest
+    assert _suffix(lmi("uri", "--instance", "g5", "--djl", "0.27", *at)) == "01"
+    data = json.loads(lmi("uri", "--instance", "g6e", "--engine", "vllm", "--json", *at).stdout)
+    assert data["engine"] == "vllm" and data["components"]["vllm"] == "0.33.0"
+    none = lmi("uri", "--instance", "g5", "--engine", "vllm", *at)
+    assert none.returncode == 2 and "Traceback" not in none.stderr
+    assert "no g5 image with engine vllm; g5 has: djl 0.27.0, deepspeed 0.12.6 (engine deepspeed" in none.stderr
+    assert lmi("uri", "--instance", "g6e", "--engine", "vllm", "--djl", "0.36", *at).returncode == 2
+    assert lmi("uri", "--instance", "g6e", "--engine", "nope", *at).returncode == 2
+    table = (tmp_path / "AVAILABLE_IMAGES.md").read_text()
+    assert "| g6e | - | vllm | vLLM 0.33.0 | 2.14.0 |" in table
+    assert "| g6e | - | deepspeed | DJL Serving 0.36.0, DeepSpeed 0.18.9 | 2.9.1 |" in table
+
+    import buildkit
+
+    assert buildkit.image_uri("g6e", engine="vllm", index=str(path)).endswith("04")
+    assert buildkit.image_uri("g6e", vllm="0.33.0", index=str(path)).endswith("04")
+    assert buildkit.image_uri("g5", djl="0.27", index=str(path)).endswith("01")
+    with pytest.raises(UserError, match="unknown component 'dj'"):
+        buildkit.image_uri("g5", dj="0.27", index=str(path))
+    with pytest.raises(UserError, match="unknown engine 'vlm'"):
+        buildkit.image_uri("g5", engine="vlm", index=str(path))
+
+
 def test_an_old_index_still_answers_and_merges_forward(tmp_path) -> None:
     """Schema 1 (before profiles): no `engine`, DJL Serving recorded as `djl_serving`. It answers as the
     default engine's images, and merging into it writes the current schema, its entries upgraded."""
@@ -251,12 +321,11 @@ def test_an_old_index_still_answers_and_merges_forward(tmp_path) -> None:
     data = json.loads(lmi("uri", "--instance", "g5", "--json", *at).stdout)
     assert data["engine"] == "deepspeed" and data["components"]["djl"] == "0.27.0"
     assert "djl_serving" not in data["components"]
-    index.update(path, [_entry(2, "g6e", "deepspeed", "2.9.1", "12.8.1", djl="0.36.0", deepspeed="0.18.9")])
+    index.update(path, [_entry(2, "g6e", "vllm", "2.14.0", "13.0.2", vllm="0.33.0")])
     merged = json.loads(path.read_text())
     assert merged["schema"] == index.SCHEMA
     assert {e["id"]: (e["engine"], sorted(e["components"])[:3]) for e in merged["images"]} == {
-        old["id"]: ("deepspeed", ["cuda", "deepspeed", "djl"]),
-        "deepspeed-2-g6e": ("deepspeed", ["cuda", "deepspeed", "djl"])}
+        old["id"]: ("deepspeed", ["cuda", "deepspeed", "djl"]), "vllm-2-g6e": ("vllm", ["cuda", "os", "python"])}
     future = lmi("uri", "--instance", "g5", "--index", str(_write(tmp_path / "future.json", {"schema": 3})))
     assert future.returncode == 2 and "not a release index of schema 1/2 (got '3')" in future.stderr
 

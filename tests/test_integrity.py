@@ -308,3 +308,4 @@ def test_base_mirrors_and_provenance_follow_the_profiles_bases() -> None:
             f"{role.upper()}_IMAGE": engine.mirrored(ref, "mirror.example/hub") for role, ref in roles.items()}
         seen.add((spec.engine.name, tuple(roles)))
     assert ("deepspeed", ("builder", "runtime")) in seen and ("deepspeed", ("runtime",)) in seen  # GPU, CPU
+    assert ("vllm", ("runtime",)) in seen

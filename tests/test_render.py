@@ -35,7 +35,7 @@ def test_golden_rendering(facts, request) -> None:
     verbatim = {name for p in profiles.PROFILES.values() for name in p.VERBATIM}
     contexts = [render.Context(c.id, {n: b for n, b in c.files.items() if n not in verbatim}, c.executable)
                 for c in (render.Renderer(ROOT / "templates").render(s) for s in resolve(m, facts))]
-    assert [c.id for c in contexts] == ["ds012-g4dn", "ds012-p5", "ds018-g6e", "ds018-cpu"]
+    assert [c.id for c in contexts] == ["ds012-g4dn", "ds012-p5", "ds018-g6e", "ds018-cpu", "vllm033-g6e"]
     if request.config.getoption("--update-golden"):
         render.write(contexts, GOLDEN / "rendered", prune=True)
     problems = render.diff(contexts, GOLDEN / "rendered", prune=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
-from . import deepspeed
+from . import deepspeed, vllm
 
 
 class Profile(Protocol):
@@ -60,7 +60,7 @@ class Profile(Protocol):
     def index_versions(self, engine: Any) -> dict[str, tuple[list[str], str]]: ...
 
 
-PROFILES: dict[str, ModuleType] = {p.NAME: p for p in (deepspeed,)}
+PROFILES: dict[str, ModuleType] = {p.NAME: p for p in (deepspeed, vllm)}
 # A line without `engine:` is a line of the first profile, as every line was before profiles existed.
 DEFAULT = deepspeed.NAME
 
