@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,131 @@ def plain_registry(tmp_path_factory):
     """A registry without authentication for one test module."""
     with local_registry(tmp_path_factory.mktemp("registry")) as host:
         yield host
+
+
+# --- the engine tier's shared fixtures (tests marked `engine`) ------------------------------------------
+# pytest keeps one definition of a fixture per module that holds it, so a session fixture imported into a
+# test module (`from test_build import local`) is set up again for that module. The engine tier's session
+# state is therefore kept here, made once by whichever module asks first: one package server on one port
+# (so BuildKit's cache answers the DJL step run after run) and one built local image.
+_SESSION: dict = {}
+TORCH_WHEEL = "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+SERVED: dict[str, str] = {}  # where the `local` fixture serves the stand-in packages
+TEST_PACKAGES_PORT = 38779  # not the local matrix's 38771, which `make build` serves
+
+
+def _wheelhouse() -> Path | None:
+    for folder in os.environ.get("PIP_FIND_LINKS", "").split():
+        if (Path(folder) / TORCH_WHEEL).is_file():
+            return Path(folder)
+    return None
+
+
+def _start_local(tmp_path_factory) -> dict:
+    from buildkit import engine
+    from tests.local import prepare
+
+    wheelhouse = _wheelhouse()
+    if wheelhouse is None:
+        return {"skip": f"no {TORCH_WHEEL} in $PIP_FIND_LINKS: the local matrix takes torch from that wheel"}
+    try:
+        engine.ensure_engine()
+    except engine.EngineError as exc:
+        return {"skip": f"no docker engine can run here: {exc}"}
+    prepare.prepare(prepare.LOCAL_MATRIX)
+    # The tests' own packages on a port of their own: a walkthrough's server on the matrix's fixed port
+    # (make build leaves one for an hour) never answers for them. A fixed one where it is free: the package
+    # URL is a build arg of the DJL step, so a URL that stays the same from run to run lets BuildKit's cache
+    # answer that step and the DeepSpeed step after it (~1 min per build on 2 cores); the server is a thread
+    # of this test run, so no earlier run can hold the port.
+    packages = tmp_path_factory.mktemp("packages")
+    for version in ("0.32.0", "0.31.0"):  # 0.31.0: the DJL-bump test
+        prepare.standin_deb(version, packages)
+    port = TEST_PACKAGES_PORT if prepare.port_free(TEST_PACKAGES_PORT) else 0
+    server = prepare.PackageServer(packages, port, lifetime_s=3600).__enter__()
+    SERVED["base"] = f"http://127.0.0.1:{server.port}/"
+    return {"server": server, "info": {"wheelhouse": wheelhouse, "port": server.port,
+                                       "dir": tmp_path_factory.mktemp("local"),
+                                       "djl_url": SERVED["base"] + "djl-serving_0.32.0-1_all.deb"}}
+
+
+@pytest.fixture(scope="session")
+def local(tmp_path_factory):
+    """Engine up, Debian base made, stand-in DJL packages built and served on loopback (once a session)."""
+    owner = "local" not in _SESSION
+    if owner:
+        _SESSION["local"] = _start_local(tmp_path_factory)
+    state = _SESSION["local"]
+    if "skip" in state:
+        pytest.skip(state["skip"])
+    yield state["info"]
+    if owner:
+        state["server"].__exit__()
+
+
+def local_matrix(directory: Path, repo: str, extra_lines: str = "", rerun_djl_step: bool = False,
+                 **changes: str) -> Path:
+    """The local matrix under another repository name (so tests do not see each other's tags).
+    rerun_djl_step adds a nonce to the DJL package URL, so BuildKit's cache cannot answer that step."""
+    from buildkit import lock
+    from tests.local import prepare
+
+    text = prepare.LOCAL_MATRIX.read_text().replace("http://127.0.0.1:38771/", SERVED["base"])
+    if rerun_djl_step:
+        text = text.replace('_all.deb"', f'_all.deb?run={uuid.uuid4().hex}"')
+    text = text.replace("repository: lmi-local", f"repository: {repo}")
+    text = text.replace("templates: ../templates", f"templates: {ROOT / 'templates'}")
+    text = text.replace("output: .lmi/images-local", f"output: {directory / 'images'}")
+    for old, new in changes.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    path = directory / f"{repo}.yaml"
+    path.write_text(text + extra_lines)
+    shutil.copyfile(lock.lock_path(prepare.LOCAL_MATRIX), lock.lock_path(path))  # its locks, beside it
+    return path
+
+
+def build(matrix: Path, local, *args: str, **kw) -> subprocess.CompletedProcess:
+    return lmi("--matrix", str(matrix), "build", "--plain", "--wheelhouse", str(local["wheelhouse"]), *args, **kw)
+
+
+def docker(*args: str) -> subprocess.CompletedProcess:
+    from buildkit import engine
+
+    return subprocess.run([engine.detect_client().path, *args], capture_output=True, text=True, timeout=900)
+
+
+def tags_of(repo: str) -> set[str]:
+    return set(docker("images", repo, "--format", "{{.Tag}}").stdout.split())
+
+
+def remove_repo(repo: str) -> None:
+    for tag in tags_of(repo):
+        docker("rmi", "-f", f"{repo}:{tag}")
+
+
+@pytest.fixture
+def repo():
+    name = f"lmi-test-{uuid.uuid4().hex[:8]}"
+    yield name
+    remove_repo(name)
+
+
+@pytest.fixture(scope="session")
+def local_image(local, tmp_path_factory):
+    """The local matrix's image, built once a session under a repository of its own and shared by every test
+    that only reads or runs it (each build under another name costs an export of 2 GB, even from the cache).
+    `result` is that first build's (test_build checks its tags and labels)."""
+    owner = "image" not in _SESSION
+    if owner:
+        name = f"lmi-shared-{uuid.uuid4().hex[:8]}"
+        matrix = local_matrix(tmp_path_factory.mktemp("shared"), name)
+        result = build(matrix, local)
+        plan = json.loads(lmi("--matrix", str(matrix), "plan", "--json").stdout)[0] if result.returncode == 0 else {}
+        _SESSION["image"] = {"repo": name, "matrix": matrix, "result": result, "plan": plan,
+                             "ref": f"{name}:{plan.get('tag')}", "alias": f"{name}:djl0.32-cpu"}
+    image = _SESSION["image"]
+    assert image["result"].returncode == 0, image["result"].stdout[-3000:] + image["result"].stderr[-3000:]
+    yield image
+    if owner:
+        remove_repo(image["repo"])

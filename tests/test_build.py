@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import tarfile
@@ -22,98 +21,19 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import LMI, ROOT, lmi
+from conftest import LMI, ROOT, build, docker, lmi, local_matrix, tags_of
 
-from buildkit import engine, lock
+from buildkit import lock
 from tests.local import prepare
 
 pytestmark = pytest.mark.engine
-TORCH_WHEEL = "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
 
 
-def _wheelhouse() -> Path | None:
-    for folder in os.environ.get("PIP_FIND_LINKS", "").split():
-        if (Path(folder) / TORCH_WHEEL).is_file():
-            return Path(folder)
-    return None
-
-
-@pytest.fixture(scope="session")
-def local(tmp_path_factory):
-    """Engine up, Debian base made, stand-in DJL packages built and served on loopback."""
-    wheelhouse = _wheelhouse()
-    if wheelhouse is None:
-        pytest.skip(f"no {TORCH_WHEEL} in $PIP_FIND_LINKS: the local matrix takes torch from that wheel")
-    try:
-        engine.ensure_engine()
-    except engine.EngineError as exc:
-        pytest.skip(f"no docker engine can run here: {exc}")
-    prepare.prepare(prepare.LOCAL_MATRIX)
-    # The tests' own packages on a port of their own: a walkthrough's server on the matrix's fixed port
-    # (make build leaves one for an hour) never answers for them. A fixed one where it is free: the package
-    # URL is a build arg of the DJL step, so a URL that stays the same from run to run lets BuildKit's cache
-    # answer that step and the DeepSpeed step after it (~1 min per build on 2 cores); the server is a thread
-    # of this test run, so no earlier run can hold the port.
-    packages = tmp_path_factory.mktemp("packages")
-    for version in ("0.32.0", "0.31.0"):  # 0.31.0: the DJL-bump test
-        prepare.standin_deb(version, packages)
-    port = TEST_PACKAGES_PORT if prepare.port_free(TEST_PACKAGES_PORT) else 0
-    server = prepare.PackageServer(packages, port, lifetime_s=3600).__enter__()
-    SERVED["base"] = f"http://127.0.0.1:{server.port}/"
-    yield {"wheelhouse": wheelhouse, "port": server.port, "dir": tmp_path_factory.mktemp("local"),
-           "djl_url": SERVED["base"] + "djl-serving_0.32.0-1_all.deb"}
-    server.__exit__()
-
-
-SERVED: dict[str, str] = {}  # where the `local` fixture serves the stand-in packages
-TEST_PACKAGES_PORT = 38779  # not the local matrix's 38771, which `make build` serves
-
-
-def local_matrix(directory: Path, repo: str, extra_lines: str = "", rerun_djl_step: bool = False,
-                 **changes: str) -> Path:
-    """The local matrix under another repository name (so tests do not see each other's tags).
-    rerun_djl_step adds a nonce to the DJL package URL, so BuildKit's cache cannot answer that step."""
-    text = prepare.LOCAL_MATRIX.read_text().replace("http://127.0.0.1:38771/", SERVED["base"])
-    if rerun_djl_step:
-        text = text.replace('_all.deb"', f'_all.deb?run={uuid.uuid4().hex}"')
-    text = text.replace("repository: lmi-local", f"repository: {repo}")
-    text = text.replace("templates: ../templates", f"templates: {ROOT / 'templates'}")
-    text = text.replace("output: .lmi/images-local", f"output: {directory / 'images'}")
-    for old, new in changes.items():
-        assert old in text, old
-        text = text.replace(old, new)
-    path = directory / f"{repo}.yaml"
-    path.write_text(text + extra_lines)
-    shutil.copyfile(lock.lock_path(prepare.LOCAL_MATRIX), lock.lock_path(path))  # its locks, beside it
-    return path
-
-
-def build(matrix: Path, local, *args: str, **kw) -> subprocess.CompletedProcess:
-    return lmi("--matrix", str(matrix), "build", "--plain", "--wheelhouse", str(local["wheelhouse"]), *args, **kw)
-
-
-def docker(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([engine.detect_client().path, *args], capture_output=True, text=True, timeout=900)
-
-
-def tags_of(repo: str) -> set[str]:
-    out = docker("images", repo, "--format", "{{.Tag}}").stdout.split()
-    return set(out)
-
-
-@pytest.fixture
-def repo():
-    name = f"lmi-test-{uuid.uuid4().hex[:8]}"
-    yield name
-    for tag in tags_of(name):
-        docker("rmi", "-f", f"{name}:{tag}")
-
-
-def test_build_tags_labels_then_skip_then_force(local, repo) -> None:
-    matrix = local_matrix(local["dir"], repo)
-    first = build(matrix, local)
-    assert first.returncode == 0, first.stdout + first.stderr
-    plan = json.loads(lmi("--matrix", str(matrix), "plan", "--json").stdout)[0]
+def test_build_tags_labels_then_skip_then_force(local, local_image) -> None:
+    # The session's shared image: its first build, in a repository of its own, is this test's.
+    repo, matrix, first = local_image["repo"], local_image["matrix"], local_image["result"]
+    assert "1 built" in first.stdout, first.stdout
+    plan = local_image["plan"]
     tags = tags_of(repo)
     assert {"0.32.0-deepspeed0.18.9-torch2.13.0-cpu-py311-debian12-cpu", "deepspeed0.18-cpu", "djl0.32-cpu",
             "cpu-latest"} <= tags
@@ -141,16 +61,36 @@ def test_build_tags_labels_then_skip_then_force(local, repo) -> None:
 
     forced = build(matrix, local, "--force")
     assert forced.returncode == 0 and "1 built" in forced.stdout
+    # The same content under the same tags (a new creation time): the tests sharing the image find what they
+    # were given.
+    assert _hash_tag_of(repo, "djl0.32-cpu", full=True) == plan["content_hash"] and tags_of(repo) == tags
 
 
-def test_djl_bump_reuses_torch_and_library_layers(local, repo) -> None:
-    base = local_matrix(local["dir"], repo)
-    assert build(base, local).returncode == 0
+@pytest.fixture(scope="module")
+def bumped(local, local_image, tmp_path_factory):
+    """A DJL-only bump (0.32.0 -> 0.31.0) of the shared image, its DJL step run for real (nonce) with a CA
+    bundle secret holding a marker and the package's sha256 as a build arg: one forced run of that step
+    proves the layer reuse of a bump, the checksum verification and that the secret reaches no layer."""
+    directory = tmp_path_factory.mktemp("bumped")
+    marker = f"lmi-ca-marker-{uuid.uuid4().hex}"
+    bundle = directory / "ca.crt"
+    bundle.write_text(Path("/etc/ssl/certs/ca-certificates.crt").read_text() + f"# {marker}\n")
+    digest = hashlib.sha256(prepare.standin_deb("0.31.0", directory).read_bytes()).hexdigest()
+    repo = f"lmi-bump-{uuid.uuid4().hex[:8]}"
     bump = {'djl: "0.32.0"': 'djl: "0.31.0"', "djl-serving_0.32.0-1_all.deb": "djl-serving_0.31.0-1_all.deb"}
-    bumped = local_matrix(local["dir"], repo, rerun_djl_step=True, **bump)
-    result = build(bumped, local)
+    matrix = local_matrix(directory, repo, rerun_djl_step=True, **bump)
+    arg = ("--build-arg", f"DJL_SERVING_SHA256={digest}")
+    result = build(matrix, local, "--ca-bundle", str(bundle), *arg)
+    log = (ROOT / ".lmi" / "logs" / "local-cpu.log").read_text()  # read now: every build of local-cpu writes it
+    yield {"repo": repo, "matrix": matrix, "result": result, "log": log, "marker": marker, "arg": arg,
+           "directory": directory}
+    for tag in tags_of(repo):
+        docker("rmi", "-f", f"{repo}:{tag}")
+
+
+def test_djl_bump_reuses_torch_and_library_layers(bumped) -> None:
+    result, log = bumped["result"], bumped["log"]
     assert result.returncode == 0, result.stdout + result.stderr
-    log = (ROOT / ".lmi" / "logs" / "local-cpu.log").read_text()
     steps = {}
     for match in re.finditer(r"^#(\d+) \[runtime\s+\d+/\d+\] (RUN .*)$", log, re.M):
         steps[match.group(1)] = match.group(2)
@@ -163,7 +103,7 @@ def test_djl_bump_reuses_torch_and_library_layers(local, repo) -> None:
         assert set(by_kind[kind]) <= cached, (kind, log[-2000:])
     # Only the DJL step and what follows ran again: DeepSpeed, the one family-specific layer, comes last.
     assert not set(by_kind["djl"]) & cached and not set(by_kind["deepspeed"]) & cached
-    assert "0.31.0-deepspeed0.18.9" in " ".join(tags_of(repo))
+    assert "0.31.0-deepspeed0.18.9" in " ".join(tags_of(bumped["repo"]))
 
 
 def test_broken_image_fails_alone_with_its_log(local, repo) -> None:
@@ -208,28 +148,21 @@ def _hash_tag_of(repo: str, tag: str, full: bool = False) -> str:
     return label.stdout.strip() if full else f"hash-{label.stdout.strip()[:16]}"
 
 
-def test_ca_bundle_never_reaches_a_layer(local, repo, tmp_path) -> None:
-    marker = f"lmi-ca-marker-{uuid.uuid4().hex}"
-    bundle = tmp_path / "ca.crt"
-    bundle.write_text(Path("/etc/ssl/certs/ca-certificates.crt").read_text() + f"# {marker}\n")
-    deb = prepare.standin_deb("0.32.0")
-    digest = hashlib.sha256(deb.read_bytes()).hexdigest()
-    # The DJL step runs for real (nonce), mounts the CA secret and downloads with it.
-    matrix = local_matrix(local["dir"], repo, rerun_djl_step=True)
-    result = build(matrix, local, "--ca-bundle", str(bundle), "--build-arg", f"DJL_SERVING_SHA256={digest}")
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_ca_bundle_never_reaches_a_layer(bumped) -> None:
+    # The DJL step ran for real (nonce), mounted the CA secret and downloaded with it.
+    repo, matrix, arg, marker = bumped["repo"], bumped["matrix"], bumped["arg"], bumped["marker"]
+    assert bumped["result"].returncode == 0, bumped["result"].stdout + bumped["result"].stderr
     # A build arg is content: plan and ci-matrix given the same one name the hash the image is labelled with.
-    arg = ("--build-arg", f"DJL_SERVING_SHA256={digest}")
     plan = json.loads(lmi("--matrix", str(matrix), "plan", "--json", *arg).stdout)[0]["content_hash"]
     ci = json.loads(lmi("--matrix", str(matrix), "ci-matrix", *arg).stdout)["include"][0]["content_hash"]
-    assert plan == ci == _hash_tag_of(repo, "djl0.32-cpu", full=True)
+    assert plan == ci == _hash_tag_of(repo, "djl0.31-cpu", full=True)
     assert plan != json.loads(lmi("--matrix", str(matrix), "plan", "--json").stdout)[0]["content_hash"]
-    log = (ROOT / ".lmi" / "logs" / "local-cpu.log").read_text()
-    assert "/tmp/djl-serving.deb: OK" in log  # verified against the checksum this time
-    assert marker not in docker("history", "--no-trunc", f"{repo}:djl0.32-cpu").stdout
-    assert marker not in docker("inspect", f"{repo}:djl0.32-cpu").stdout
-    saved = tmp_path / "image.tar"
-    assert docker("save", "-o", str(saved), f"{repo}:djl0.32-cpu").returncode == 0
+    assert "/tmp/djl-serving.deb: OK" in bumped["log"]  # verified against the checksum this time
+    assert re.search(r"^#\d+ \[runtime\s+\d+/\d+\] RUN --mount=type=secret,id=ca", bumped["log"], re.M)
+    assert marker not in docker("history", "--no-trunc", f"{repo}:djl0.31-cpu").stdout
+    assert marker not in docker("inspect", f"{repo}:djl0.31-cpu").stdout
+    saved = bumped["directory"] / "image.tar"
+    assert docker("save", "-o", str(saved), f"{repo}:djl0.31-cpu").returncode == 0
     needle = marker.encode()
     with tarfile.open(saved) as outer:
         for member in outer.getmembers():
@@ -241,6 +174,7 @@ def test_ca_bundle_never_reaches_a_layer(local, repo, tmp_path) -> None:
                         for f in layer.getmembers():
                             if f.isfile():
                                 assert needle not in layer.extractfile(f).read(), (member.name, f.name)
+    saved.unlink()
 
 
 def test_wrong_checksum_fails_the_build(local, repo) -> None:
@@ -328,3 +262,12 @@ def test_client_without_buildkit_is_passed_over(local, tmp_path) -> None:
     assert f"{fake} (client 99.0.0): no buildx, and DOCKER_BUILDKIT=1 build failed: ERROR: BuildKit is enabled" \
         in forced.stderr
     assert "Install the buildx plugin" in forced.stderr
+
+
+def __getattr__(name: str):
+    """test_publish.py and test_ci.py import the `local` fixture from here; it lives in tests/conftest.py."""
+    if name == "local":
+        import conftest
+
+        return conftest.local
+    raise AttributeError(name)

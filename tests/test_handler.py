@@ -22,8 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from test_build import build, docker, local, local_matrix, repo  # noqa: F401 - shared fixtures
+from conftest import ROOT, docker
 
 from buildkit import engine, incheck
 from buildkit import facts as facts_mod
@@ -312,25 +311,49 @@ class Standin:
                 os.killpg(self.proc.pid, 9)
 
 
-@pytest.fixture
-def mpirun():
+def _need_mpirun() -> None:
     if not shutil.which("mpirun"):
         pytest.skip("mpirun is missing: `make test` installs Debian's openmpi-bin (make mpi)")
     pytest.importorskip("mpi4py")
 
 
-def test_two_passive_ranks_answer_batches_as_transformers_does(tiny, mpirun, tmp_path) -> None:
+@pytest.fixture
+def mpirun():
+    _need_mpirun()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny, tmp_path_factory):
+    """The two-rank stand-ins of the routing tests below, DJL 0.32 (passive workers) and DJL 0.27 (every
+    rank), started together: most of a load is start-up (mpirun, imports, the ranks' rendezvous), so the
+    two take little longer than one. Each test waits for its own and stops it."""
+    _need_mpirun()
+    servers = {
+        "passive": Standin(tiny["dir"], """
+            engine=Python
+            option.mpi_mode=true
+            option.entryPoint=lmi_deepspeed
+            option.tensor_parallel_degree=2
+            option.max_new_tokens=64
+            batch_size=2
+            max_batch_delay=1000
+            """, tmp_path_factory.mktemp("passive"), DJL_STANDIN_GPUS="2"),
+        "every-rank": Standin(tiny["dir"], """
+            engine=MPI
+            option.entryPoint=lmi_deepspeed
+            option.tensor_parallel_degree=2
+            option.max_new_tokens=64
+            """, tmp_path_factory.mktemp("every-rank"), version="0.27.0", DJL_STANDIN_GPUS="2"),
+    }
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+def test_two_passive_ranks_answer_batches_as_transformers_does(tiny, two_ranks) -> None:
     """DJL 0.32 (passive workers: only rank 0 gets requests) with MPI mode on pretended GPUs (gloo ranks):
     rank 0 broadcasts each batch, both ranks generate, and each request of a batch gets its own answer."""
-    server = Standin(tiny["dir"], """
-        engine=Python
-        option.mpi_mode=true
-        option.entryPoint=lmi_deepspeed
-        option.tensor_parallel_degree=2
-        option.max_new_tokens=64
-        batch_size=2
-        max_batch_delay=1000
-        """, tmp_path, DJL_STANDIN_GPUS="2")
+    server = two_ranks["passive"]
     try:
         assert server.wait_ready(), server.log.read_text()[-3000:]
         params = {"max_new_tokens": TOKENS}
@@ -369,14 +392,9 @@ def test_two_passive_ranks_answer_batches_as_transformers_does(tiny, mpirun, tmp
         server.stop()
 
 
-def test_every_rank_routing_returns_the_last_ranks_answer_which_is_right_too(tiny, mpirun, tmp_path) -> None:
+def test_every_rank_routing_returns_the_last_ranks_answer_which_is_right_too(tiny, two_ranks) -> None:
     """DJL 0.27 sends each request to every rank and returns the last rank's answer."""
-    server = Standin(tiny["dir"], """
-        engine=MPI
-        option.entryPoint=lmi_deepspeed
-        option.tensor_parallel_degree=2
-        option.max_new_tokens=64
-        """, tmp_path, version="0.27.0", DJL_STANDIN_GPUS="2")
+    server = two_ranks["every-rank"]
     try:
         assert server.wait_ready(), server.log.read_text()[-3000:]
         for prompt, reference in zip(PROMPTS[:2], tiny["reference"][:2], strict=True):
@@ -431,8 +449,6 @@ def test_each_family_is_partitioned_over_two_ranks_and_answers_as_transformers_d
     from transformers import AutoModelForCausalLM
 
     models = {f: make_family_model(str(tmp_path / f), f) for f in FAMILIES}
-    reference = {f: incheck.reference_generate(d, PROMPTS[:2], 8) for f, d in models.items()}
-    assert all(len(set(r)) == 2 for r in reference.values()), reference  # not degenerate
     script = tmp_path / "rank.py"
     script.write_text(textwrap.dedent(f"""
         import json, os, sys
@@ -448,16 +464,27 @@ def test_each_family_is_partitioned_over_two_ranks_and_answers_as_transformers_d
         with open(os.path.join({str(tmp_path)!r}, "rank" + os.environ["RANK"] + ".json"), "w") as fh:
             json.dump(out, fh)
     """))
-    result = subprocess.run(["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
-                             sys.executable, str(script)], capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    log = tmp_path / "ranks.log"
+    with log.open("wb") as sink:
+        ranks_job = subprocess.Popen(["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe", "--bind-to",
+                                      "none", sys.executable, str(script)], stdout=sink, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:  # plain Transformers' answers and sizes, while the ranks start
+        reference = {f: incheck.reference_generate(d, PROMPTS[:2], 8) for f, d in models.items()}
+        full = {f: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).parameters())
+                for f, d in models.items()}
+        ranks_job.wait(timeout=900)
+    finally:
+        if ranks_job.poll() is None:
+            ranks_job.kill()
+            ranks_job.wait()
+    assert all(len(set(r)) == 2 for r in reference.values()), reference  # not degenerate
+    assert ranks_job.returncode == 0, log.read_text(errors="replace")[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]  # one file a rank
-    for family, path in models.items():
-        full = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).parameters())
+    for family in models:
         for rank in ranks:
             assert rank[family]["answers"] == reference[family], family
-            assert rank[family]["params"] < 0.9 * full, (family, rank[family]["params"], full)  # not replicated
+            assert rank[family]["params"] < 0.9 * full[family], (family, rank[family]["params"], full[family])
 
 
 # --- through the local image's own entrypoint (engine tests: they build the local image) --------------------
@@ -467,11 +494,11 @@ def test_each_family_is_partitioned_over_two_ranks_and_answers_as_transformers_d
 # (test_two_passive_ranks_answer_batches_as_transformers_does) and one process in the image (test_smoke).
 @pytest.mark.engine
 @pytest.mark.e2e
-def test_the_image_serves_passive_ranks_and_one_process_without_a_gpu(local, repo, tiny, tmp_path) -> None:  # noqa: F811
+def test_the_image_serves_passive_ranks_and_one_process_without_a_gpu(local_image, tiny, tmp_path) -> None:
     """The local image (DJL 0.32 stand-in, CPU) started as SageMaker does (`serve`): without a GPU the
     entrypoint leaves MPI mode off and one process answers; with GPUs pretended to the stand-in (test-only)
     and option.mpi_mode=true, two passive ranks answer a batch as plain Transformers does."""
-    assert build(local_matrix(local["dir"], repo), local).returncode == 0
+    repo = local_image["repo"]
     model = tmp_path / "model"
     shutil.copytree(tiny["dir"], model)
     model.chmod(0o755)

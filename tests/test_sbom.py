@@ -10,8 +10,7 @@ import secrets
 import time
 
 import pytest
-from conftest import ROOT, lmi
-from test_build import build, docker, local, local_matrix  # noqa: F401 - shared engine fixtures
+from conftest import ROOT, docker, lmi, local_matrix
 
 from buildkit import provenance, registry, sbom, smoke
 
@@ -99,20 +98,12 @@ def test_provenance_keeps_secrets_out() -> None:
 
 
 @pytest.fixture(scope="module")
-def built(local, tmp_path_factory):  # noqa: F811
-    """The local image under a repository of its own (with BuildKit's cache: the engine tests' image plus
-    its own labels)."""
-    repo = f"lmi-sbom-{secrets.token_hex(4)}"
-    matrix = local_matrix(tmp_path_factory.mktemp("m"), repo)
-    result = build(matrix, local)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    plan = json.loads(lmi("--matrix", str(matrix), "plan", "--json").stdout)[0]
-    ref = f"{repo}:{plan['tag']}"
-    image_id = docker("inspect", ref, "--format", "{{.Id}}").stdout.strip()
-    yield {"repo": repo, "matrix": matrix, "ref": ref, "image_id": image_id, "id": plan["id"],
-           "content_hash": plan["content_hash"], "context": matrix.parent / "images" / plan["id"]}
-    for tag in docker("images", repo, "--format", "{{.Tag}}").stdout.split():
-        docker("rmi", "-f", f"{repo}:{tag}")
+def built(local_image):
+    """The local image as `lmi build` made it: the session's shared one (tests/conftest.py)."""
+    matrix, plan = local_image["matrix"], local_image["plan"]
+    image_id = docker("inspect", local_image["ref"], "--format", "{{.Id}}").stdout.strip()
+    return {"repo": local_image["repo"], "matrix": matrix, "ref": local_image["ref"], "image_id": image_id,
+            "id": plan["id"], "content_hash": plan["content_hash"], "context": matrix.parent / "images" / plan["id"]}
 
 
 def spec_of(matrix):
@@ -171,7 +162,7 @@ def test_sbom_and_provenance_of_the_local_image(built, tmp_path) -> None:
 
 
 @pytest.fixture
-def small(local, tmp_path):  # noqa: F811
+def small(local, tmp_path):
     """A few-KB image under the local matrix's tag in a repository of its own, labelled like an `lmi build`
     image, with a passing smoke record: pushing and promoting need no 2 GB image (the SBOM of the real
     one is tested above). It has no venv: its SBOM says its Python inventory was not taken."""

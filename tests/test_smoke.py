@@ -12,8 +12,7 @@ import xml.etree.ElementTree as ET
 from importlib import metadata
 
 import pytest
-from conftest import LINE_027, ROOT, lmi
-from test_build import build, docker, local, local_matrix, repo  # noqa: F401 - shared fixtures
+from conftest import LINE_027, ROOT, docker, lmi, local_matrix
 
 from buildkit import matrix, smoke
 from buildkit.spec import resolve
@@ -170,14 +169,16 @@ def test_junit(tmp_path) -> None:
 # --- lmi test against real images -----------------------------------------------------------------------
 
 
-def smoke_containers() -> str:
-    return docker("ps", "-a", "--filter", f"label={smoke.RUN_LABEL}", "--format", "{{.Names}}").stdout.strip()
+def smoke_containers(image: str) -> str:
+    """The smoke containers left of `image` (or of an image on top of it): other runs on this engine are
+    not this test's."""
+    return docker("ps", "-a", "--filter", f"label={smoke.RUN_LABEL}", "--filter", f"ancestor={image}", "--format",
+                  "{{.Names}}").stdout.strip()
 
 
 @pytest.mark.engine
-def test_lmi_test_passes_a_good_image(local, repo, tmp_path) -> None:  # noqa: F811
-    matrix_path = local_matrix(local["dir"], repo)
-    assert build(matrix_path, local).returncode == 0
+def test_lmi_test_passes_a_good_image(local_image, tmp_path) -> None:
+    repo, matrix_path = local_image["repo"], local_image["matrix"]
     junit = tmp_path / "smoke.xml"
     result = lmi("--matrix", str(matrix_path), "test", "--junit", str(junit))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -189,7 +190,7 @@ def test_lmi_test_passes_a_good_image(local, repo, tmp_path) -> None:  # noqa: F
     assert {"torch-version", "djl-serving-version", "tiny-forward", "serving-invocations", "serving-accelerate",
             "serving-diffusion", "size-budget"} <= names
     assert ET.parse(junit).getroot().find("testsuite").get("failures") == "0"
-    assert smoke_containers() == ""
+    assert smoke_containers(f"{repo}:djl0.32-cpu") == ""
     # The checks ran from outside the image: it ships none, and the record names the checker that ran.
     listing = docker("run", "--rm", "--network=none", "--entrypoint", "ls", f"{repo}:djl0.32-cpu", "-A", "/opt/lmi")
     assert listing.returncode == 0 and "image.json" in listing.stdout.split(), listing.stderr
@@ -199,10 +200,9 @@ def test_lmi_test_passes_a_good_image(local, repo, tmp_path) -> None:  # noqa: F
 
 
 @pytest.mark.engine
-def test_serving_tier_fails_with_a_broken_handler(local, repo, tmp_path) -> None:  # noqa: F811
+def test_serving_tier_fails_with_a_broken_handler(local_image, tmp_path) -> None:
     """Each serving check's answer comes from the image's handler: break it, and every way fails."""
-    matrix_path = local_matrix(local["dir"], repo)
-    assert build(matrix_path, local).returncode == 0
+    repo, matrix_path = local_image["repo"], local_image["matrix"]
     context = tmp_path / "broken"
     context.mkdir()
     # Off by one token (the DeepSpeed and Accelerate ways generate alike), and off by one seed (diffusion):
@@ -222,52 +222,44 @@ def test_serving_tier_fails_with_a_broken_handler(local, repo, tmp_path) -> None
     assert docker("build", "-q", "-t", tag, str(context)).returncode == 0
     try:
         result = lmi("--matrix", str(matrix_path), "test", "--tier", "serving", "--image", tag)
+        assert smoke_containers(tag) == ""
     finally:
-        docker("rmi", "-f", tag)  # not under `repo`: its fixture would leave it behind
+        docker("rmi", "-f", tag)
     assert result.returncode == 1, result.stdout
     assert "FAIL serving/serving-invocations: HTTP 200" in result.stdout and "plain Transformers gives" in result.stdout
     assert "FAIL serving/serving-accelerate: HTTP 200" in result.stdout
     assert "FAIL serving/serving-diffusion: the PNG's pixels are not plain Diffusers' image" in result.stdout
-    assert smoke_containers() == ""
 
 
 @pytest.mark.engine
-def test_lmi_test_wrong_claim_fails_naming_both_versions(local, repo) -> None:  # noqa: F811
-    good = local_matrix(local["dir"], repo)
-    assert build(good, local).returncode == 0
-    # The same image, tested against a matrix entry that says torch 2.12.0.
-    wrong = local_matrix(local["dir"], repo + "-wrong", **{'torch: "2.13.0"': 'torch: "2.12.0"'})
-    result = lmi("--matrix", str(wrong), "test", "--tier", "cpu", "--image", f"{repo}:djl0.32-cpu")
+def test_lmi_test_wrong_claim_and_hanging_check_fail_and_the_rest_run(local, local_image) -> None:
+    """One cpu-tier run of the shared image against a matrix entry that says torch 2.12.0 and adds a check
+    that hangs: both fail, each naming why, and the checks after the hang still run."""
+    repo = local_image["repo"]
+    checks = ("    checks:\n      - {name: hangs, command: \"sleep 600\"}\n"
+              "      - {name: java, command: \"java -version\", expect: \"17\"}\n")
+    wrong = local_matrix(local["dir"], repo + "-wrong", extra_lines=checks, **{'torch: "2.13.0"': 'torch: "2.12.0"'})
+    result = lmi("--matrix", str(wrong), "test", "--tier", "cpu", "--image", f"{repo}:djl0.32-cpu",
+                 "--check-timeout", "5", "-v")
     assert result.returncode == 1
     assert "FAIL cpu/torch-version: torch: the matrix says 2.12.0, the image has 2.13.0" in result.stdout
+    assert "FAIL cpu/hangs: timed out after 5 s" in result.stdout
+    assert "pass cpu/java:" in result.stdout  # the checks after it still ran
     image_id = docker("inspect", f"{repo}:djl0.32-cpu", "--format", "{{.Id}}").stdout.strip()
     record = smoke.load_record(image_id, ROOT / smoke.RECORD_DIR)
     assert record and not record.passed and smoke.passing_record(image_id, ROOT / smoke.RECORD_DIR) is None
-    assert smoke_containers() == ""
+    assert smoke_containers(f"{repo}:djl0.32-cpu") == ""
 
 
 @pytest.mark.engine
-def test_lmi_test_hanging_check_is_stopped(local, repo) -> None:  # noqa: F811
-    checks = ("    checks:\n      - {name: hangs, command: \"sleep 600\"}\n"
-              "      - {name: java, command: \"java -version\", expect: \"17\"}\n")
-    matrix_path = local_matrix(local["dir"], repo, extra_lines=checks)
-    assert build(matrix_path, local).returncode == 0
-    result = lmi("--matrix", str(matrix_path), "test", "--tier", "cpu", "--check-timeout", "5", "-v")
-    assert result.returncode == 1
-    assert "FAIL cpu/hangs: timed out after 5 s" in result.stdout
-    assert "pass cpu/java:" in result.stdout  # the checks after it still ran
-    assert smoke_containers() == ""
-
-
-@pytest.mark.engine
-def test_serving_failure_is_reported_with_no_container_left(local, repo) -> None:  # noqa: F811
+def test_serving_failure_is_reported_with_no_container_left(local, repo) -> None:
     matrix_path = local_matrix(local["dir"], repo)
     base = "lmi-local/library/debian:12"  # no entrypoint, no server: `serve` cannot start
     result = lmi("--matrix", str(matrix_path), "test", "--tier", "serving", "--image", base,
                  "--serving-timeout", "5")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "FAIL serving/serving-ping:" in result.stdout
-    assert smoke_containers() == ""
+    assert smoke_containers(base) == ""
 
 
 def test_gpu_required_without_gpu_is_bad_input(tmp_path) -> None:
