@@ -262,12 +262,3 @@ def test_client_without_buildkit_is_passed_over(local, tmp_path) -> None:
     assert f"{fake} (client 99.0.0): no buildx, and DOCKER_BUILDKIT=1 build failed: ERROR: BuildKit is enabled" \
         in forced.stderr
     assert "Install the buildx plugin" in forced.stderr
-
-
-def __getattr__(name: str):
-    """test_publish.py and test_ci.py import the `local` fixture from here; it lives in tests/conftest.py."""
-    if name == "local":
-        import conftest
-
-        return conftest.local
-    raise AttributeError(name)

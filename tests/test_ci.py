@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, lmi
-from test_build import build, docker, local, local_matrix  # noqa: F401 - shared fixtures
+from conftest import ROOT, docker, lmi, local_matrix
 
 from buildkit import registry
 

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, lmi, local_registry
-from test_build import build, docker, local, local_matrix  # noqa: F401 - shared fixtures
+from conftest import ROOT, docker, free_port, lmi, local_matrix, local_registry
 
 from buildkit import engine, index, registry, smoke
 from buildkit import facts as facts_mod
@@ -122,7 +121,7 @@ def test_push_uri_pull_and_rerun(tested, auth_registry, client_env, tmp_path) ->
     assert pushed[:2] == [f"{tag}-r1", f"hash-{small_hash('v1')[:16]}"]  # immutable first: revision 1, content
     assert set(pushed[2:]) == {tag, "cpu-latest", "deepspeed0.18-cpu", "djl0.32-cpu"}  # then the aliases
     data = json.loads(idx.read_text())
-    assert data["schema"] == 1 and len(data["images"]) == 1
+    assert data["schema"] == index.SCHEMA and len(data["images"]) == 1
     entry = data["images"][0]
     assert entry["family"] == "cpu" and entry["smoke"]["passed"] and entry["components"]["torch"] == "2.13.0"
     assert entry["revision"] == 1 and entry["tag"] == f"{tag}-r1" and tag in entry["aliases"]
