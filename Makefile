@@ -92,7 +92,7 @@ lint: venv ## ruff, the render and lock gates, and hadolint on every rendered Do
 	$(BIN)/actionlint
 
 test: lint engine mpi ## lint, then the test suite (engine tests build real images)
-	$(BIN)/python -m pytest -q --durations=15 -m "not e2e"
+	$(BIN)/python -m pytest -q --durations=15 -m "not e2e" -n 2 --dist loadgroup
 
 # The publish.yml sequence and the weekly rebuild end to end with the 2 GB local image, and the image serving
 # two passive DJL ranks through its entrypoint (~20 min on 2 cores); last result in bench/results.md.
