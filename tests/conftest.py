@@ -45,12 +45,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Under pytest-xdist (`make test`: -n 2 --dist loadgroup) every test of the Docker engine runs on one worker,
-    # in order: they share one session's built image, package server and BuildKit cache; the rest (unit tests,
-    # the handler's ranks) runs beside them on the other worker.
-    for item in items:
-        if "engine" in item.keywords:
-            item.add_marker(pytest.mark.xdist_group("engine"))
     why = os.environ.get(OPT_OUT, "").strip()
     if why:
         skip = pytest.mark.skip(reason=f"{OPT_OUT}={why}: the engine tier is skipped on request")
