@@ -34,6 +34,7 @@ from . import (
     versions,
 )
 from .errors import LmiError, UserError
+from .facts import sm_name
 from .progress import progress_for
 from .rules import Combo, evaluate
 from .spec import ImageSpec, resolve
@@ -103,7 +104,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([s.claims() for s in specs], indent=2, sort_keys=True))
         return EXIT_OK
-    rows = [[s.id, s.family.name, f"{s.family.gpu} sm_{s.family.sm.replace('.', '')}" if s.family.is_gpu else "-",
+    rows = [[s.id, s.family.name, f"{s.family.gpu} {sm_name(s.family.sm)}" if s.family.is_gpu else "-",
              s.cuda_patch or "-", f"{s.torch}+{s.wheel_variant}", s.engine.name,
              ",".join(f"{k}={v}" for k, v in s.versions.items()), s.python, s.os.name,
              "yes" if s.needs_compat else "no"] for s in specs]

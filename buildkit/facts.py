@@ -78,13 +78,18 @@ class Coverage:
         return self.via.startswith("PTX")
 
 
+def sm_name(sm: str) -> str:
+    """'8.6' -> 'sm_86', as nvcc and torch name an SM."""
+    return "sm_" + sm.replace(".", "")
+
+
 def coverage(entries: tuple[ArchEntry, ...], sm: str) -> Coverage:
     """Does a build for `entries` run on `sm`? A cubin X.y runs on X.z for z >= y; PTX of a lower CC JITs."""
     want = versions.key(sm)
     cubins = [e for e in entries if versions.key(e.sm)[0] == want[0] and versions.key(e.sm) <= want]
     if cubins:
         best = max(cubins, key=lambda e: versions.key(e.sm))
-        return Coverage(True, f"cubin sm_{best.sm.replace('.', '')}")
+        return Coverage(True, f"cubin {sm_name(best.sm)}")
     ptx = [e for e in entries if e.ptx and versions.key(e.sm) <= want]
     if ptx:
         return Coverage(True, f"PTX compute_{ptx[-1].sm.replace('.', '')}")

@@ -53,10 +53,6 @@ _URL = re.compile(r"https?://[^\s\x00-\x1f\x7f]+")
 _LAYER = re.compile(r"[a-z][a-z0-9_]{0,30}")
 
 
-def _layer_order(layer: str) -> tuple:
-    """Install order of a set read back (JSON sorts keys): torch, build, runtime, then the rest."""
-    return ({"torch": 0, "build": 1, "runtime": 2}.get(layer, 3), layer)
-
 
 def lock_path(matrix_path: Path) -> Path:
     """Where a matrix's locks live: beside it, same stem (matrix.yaml -> matrix.lock)."""
@@ -217,7 +213,7 @@ def _set(key: str, raw: dict) -> LockSet:
     if not isinstance(raw["layers"], dict) or not all(isinstance(n, str) and _LAYER.fullmatch(n)
                                                       for n in raw["layers"]):
         raise ValueError(f"set {key}: layer names")
-    for layer in sorted(raw["layers"], key=_layer_order):
+    for layer in raw["layers"]:
         pins = []
         for name, version, hashes in raw["layers"][layer]:
             if not _NAME.fullmatch(name) or not _VERSION.fullmatch(version):

@@ -298,14 +298,21 @@ def _families(doc: LocDict, facts: Facts, p: _Problems) -> _Fleet:
             elif drv:
                 fleet.driver[name] = (drv, settings.line_of("driver"))
         elif "inference_ami" in settings:
-            ami = _string(settings, "inference_ami", f"family '{name}'", p, False)
-            if ami and ami not in facts.amis:
-                p.add(settings.line_of("inference_ami"), f"family '{name}': unknown inference_ami '{ami}'; "
-                      f"{versions.did_you_mean(ami, facts.amis)}")
-            elif ami:
+            ami = _ami(settings, f"family '{name}'", facts.amis, p)
+            if ami:
                 fleet.ami[name] = ami
                 fleet.driver[name] = (facts.amis[ami], settings.line_of("inference_ami"))
     return _Fleet(tuple(names), fleet.line, fleet.driver, fleet.ami)
+
+
+def _ami(node: LocDict, what: str, amis: dict[str, str], p: _Problems) -> str | None:
+    """node's inference_ami when the facts know it (else a problem, and None)."""
+    ami = _string(node, "inference_ami", what, p, version=False)
+    if ami and ami not in amis:
+        p.add(node.line_of("inference_ami"), f"{what}: unknown inference_ami '{ami}'; "
+                                             f"{versions.did_you_mean(ami, amis)}")
+        return None
+    return ami
 
 
 def _budget(node: LocDict, what: str, p: _Problems) -> float | None:
@@ -434,10 +441,7 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: 
     bases = _bases(body, profile.BASES, what, p)
     # The InferenceAmiVersion this line's endpoints use where the family pins none (a family's own pin, which
     # its hardware needs, wins): e.g. a line on a CUDA whose driver no family's default runs.
-    line_ami = _string(body, "inference_ami", what, p, version=False) if "inference_ami" in body else None
-    if line_ami and line_ami not in amis:
-        p.add(body.line_of("inference_ami"), f"{what}: unknown inference_ami '{line_ami}'; "
-                                             f"{versions.did_you_mean(line_ami, amis)}")
+    line_ami = _ami(body, what, amis, p) if "inference_ami" in body else None
     options = {}
     for key, allowed in profile.OPTIONS.items():
         value = _string(body, key, what, p, version=False) if key in body else None

@@ -14,9 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import profiles, versions
-from .facts import Facts, Family, Toolkit, TorchRelease, WheelVariant, coverage, variant_name
-
-COMPONENTS = ("torch", "cuda", "python", "os")  # the core's; each profile adds its own (profile.COMPONENTS)
+from .facts import Facts, Family, Toolkit, TorchRelease, WheelVariant, coverage, sm_name, variant_name
 
 
 @dataclass(frozen=True)
@@ -95,10 +93,6 @@ class Ctx:
         self.verdict.errors.append(Finding(rule, fld, message, source, fix))
 
 
-def _sm(sm: str) -> str:
-    return "sm_" + sm.replace(".", "")
-
-
 # --- rule 6: every component is known --------------------------------------------------------------
 
 
@@ -151,7 +145,7 @@ def _wheel(ctx: Ctx) -> None:
     source = f.source("torch", variant.source)
     if entries is None:
         ctx.error("arch-in-wheel", "torch",
-                  f"no {fam.arch} {wanted} wheel of torch {c.torch} is known to carry {_sm(fam.sm)} kernels",
+                  f"no {fam.arch} {wanted} wheel of torch {c.torch} is known to carry {sm_name(fam.sm)} kernels",
                   source, f"a source build of torch for {fam.arch}, or exclude {fam.name} from this line")
         return
     cov = coverage(entries, fam.sm)
@@ -159,11 +153,11 @@ def _wheel(ctx: Ctx) -> None:
         listed = ";".join(e.sm + ("+PTX" if e.ptx else "") for e in entries)
         ctx.error("arch-in-wheel", "torch",
                   f"torch {c.torch}+{wanted} ({fam.arch}) is built for {listed}, which has no kernels for "
-                  f"{fam.name}'s {fam.gpu} ({_sm(fam.sm)})", source, _wheel_fix(ctx))
+                  f"{fam.name}'s {fam.gpu} ({sm_name(fam.sm)})", source, _wheel_fix(ctx))
         return
     if cov.ptx_only:
         ctx.verdict.ptx_only = True
-        ctx.verdict.notes.append(f"torch runs on {_sm(fam.sm)} only through {cov.via} JIT (slow first start)")
+        ctx.verdict.notes.append(f"torch runs on {sm_name(fam.sm)} only through {cov.via} JIT (slow first start)")
     if variant.source == "unverified":
         ctx.verdict.notes.append(f"the arch list of torch {c.torch}+{wanted} is unverified")
 
@@ -200,7 +194,7 @@ def _nvcc(ctx: Ctx) -> None:
         able = [v for v, t in f.toolkits.items() if fam.sm in t.nvcc_archs]
         fix = " or ".join(f"cuda {v}" for v in versions.nearest(c.cuda, able, 2)) if able else \
             f"excluding {fam.name} from this line"
-        ctx.error("arch-in-nvcc", "cuda", f"nvcc {tk.version} cannot compile for {fam.name}'s {_sm(fam.sm)}",
+        ctx.error("arch-in-nvcc", "cuda", f"nvcc {tk.version} cannot compile for {fam.name}'s {sm_name(fam.sm)}",
                   f.source("cuda", "nvcc-archs"), fix)
         return
     ctx.verdict.arch_list = fam.sm

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from . import profiles, versions
 from .errors import UserError, where
-from .facts import Facts, Family, OperatingSystem
+from .facts import Facts, Family, OperatingSystem, sm_name
 from .matrix import Image, Matrix
 from .rules import evaluate
 
@@ -110,7 +110,7 @@ class ImageSpec:
     @property
     def labels(self) -> dict[str, str]:
         fam = self.family
-        what = f"{fam.name} ({fam.gpu}, sm_{fam.sm.replace('.', '')})" if fam.is_gpu else "CPU instances"
+        what = f"{fam.name} ({fam.gpu}, {sm_name(fam.sm)})" if fam.is_gpu else "CPU instances"
         components = {
             "id": self.id, "line": self.line, "family": fam.name, "arch": fam.arch,
             "sm": fam.sm or "none", "cuda": self.cuda_patch or "none", "cuda-compat": str(self.needs_compat).lower(),

@@ -51,14 +51,12 @@ def test_every_profile_is_complete(name) -> None:
     assert name == p.NAME and p.COMPONENTS and set(p.TITLES) == set(p.COMPONENTS)
     assert p.BASES[-1] == "runtime" and "runtime" in p.LAYERS
     for template in (p.DOCKERFILE, *p.TEMPLATES.values()):
-        text = (ROOT / "templates" / template).read_text()
-        assert template.startswith(f"profiles/{name}/"), template
+        assert template.startswith(f"profiles/{name}/") and (ROOT / "templates" / template).is_file(), template
     assert (ROOT / "templates" / p.DOCKERFILE).read_text().startswith('{% extends "Dockerfile.j2" %}')
     assert all(source.is_file() for source in p.VERBATIM.values())
     assert set(p.ALONE) <= set(p.LAYERS) and set(p.EXECUTABLE) <= {*p.TEMPLATES, *p.VERBATIM}
     for stem in p.DATA:
         assert (ROOT / "buildkit" / "data" / f"{stem}.yaml").is_file()
-    assert text is not None
 
 
 def test_a_line_names_a_registered_engine(write_matrix, facts) -> None:

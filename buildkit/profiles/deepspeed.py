@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import versions
+from ..facts import sm_name
 from ..smoke import Ask, Client, ServingWay, Setup, tiny_model_command
 
 NAME = "deepspeed"
@@ -154,9 +155,6 @@ class Facts:
     def deepspeed_versions(self) -> list[str]:
         return [v for r in self.deepspeed.values() for v in r.versions]
 
-    def known(self, component: str) -> list[str]:
-        """The releases of a component the facts know."""
-        return list(self.djl) if component == "djl" else self.deepspeed_versions
 
 
 def load_facts(docs: dict[str, dict]) -> Facts:
@@ -193,10 +191,6 @@ def load_facts(docs: dict[str, dict]) -> Facts:
 
 
 # --- rules (run after the core's, on the same context; see buildkit/rules.py) --------------------------------
-
-
-def _sm(sm: str) -> str:
-    return "sm_" + sm.replace(".", "")
 
 
 def _known(ctx) -> None:
@@ -253,13 +247,13 @@ def _deepspeed_cuda(ctx) -> None:
     for op in e.ops_of(version):
         if op.sm and versions.key(fam.sm) < versions.key(op.sm):
             ops["skipped"].append(op.name)
-            ops["off"][op.name] = f"{op.what} needs sm_{op.sm.replace('.', '')}+; {fam.name} is {_sm(fam.sm)}"
+            ops["off"][op.name] = f"{op.what} needs {sm_name(op.sm)}+; {fam.name} is {sm_name(fam.sm)}"
         elif op.needs:
             ops["off"][op.name] = f"needs {op.needs}"
         else:
             ops["built"].append(op.name)
     if ops["skipped"]:
-        ctx.verdict.notes.append(f"DeepSpeed ops not built for {_sm(fam.sm)}: {', '.join(ops['skipped'])}")
+        ctx.verdict.notes.append(f"DeepSpeed ops not built for {sm_name(fam.sm)}: {', '.join(ops['skipped'])}")
 
 
 def default_handler(djl: str, facts: Facts) -> str:

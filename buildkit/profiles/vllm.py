@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import versions
-from ..facts import ArchEntry, coverage
+from ..facts import ArchEntry, coverage, sm_name
 from ..smoke import Ask, Client, ServingWay, Setup, tiny_model_command
 
 NAME = "vllm"
@@ -66,8 +66,6 @@ class Facts:
     def source(self, key: str) -> str:
         return f"vllm.yaml: {self.sources[key].split(' (')[0][:160]}"
 
-    def known(self, component: str) -> list[str]:
-        return list(self.releases)
 
 
 def load_facts(docs: dict[str, dict]) -> Facts:
@@ -83,10 +81,6 @@ def load_facts(docs: dict[str, dict]) -> Facts:
 
 
 CPU_SOURCE = "vllm.yaml: the wheel's kernels link libcudart.so.13 (source: linked)"
-
-
-def _sm(sm: str) -> str:
-    return "sm_" + sm.replace(".", "")
 
 
 def _rules(ctx) -> None:
@@ -119,12 +113,12 @@ def _rules(ctx) -> None:
     if not cov.covered:
         listed = ";".join(e_.sm + ("+PTX" if e_.ptx else "") for e_ in release.archs)
         ctx.error("arch-in-engine", "vllm", f"vLLM {version}'s kernels are built for {listed}, which has no "
-                  f"code for {fam.name}'s {fam.gpu} ({_sm(fam.sm)})", e.source("kernels"),
+                  f"code for {fam.name}'s {fam.gpu} ({sm_name(fam.sm)})", e.source("kernels"),
                   f"excluding {fam.name} from this line")
         return
     if versions.key(fam.sm) < versions.key(release.bf16_min_sm):
-        ctx.verdict.notes.append(f"vLLM on {_sm(fam.sm)}: no bfloat16 (below {_sm(release.bf16_min_sm)}; serve with "
-                                 "SM_VLLM_DTYPE=half) and no FlashAttention kernels")
+        ctx.verdict.notes.append(f"vLLM on {sm_name(fam.sm)}: no bfloat16 (below {sm_name(release.bf16_min_sm)}; "
+                                 "serve with SM_VLLM_DTYPE=half) and no FlashAttention kernels")
 
 
 RULES = (_rules,)
