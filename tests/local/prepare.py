@@ -67,7 +67,7 @@ def ensure_base(image: str, mirror: str) -> str:
                        check=True, stdout=subprocess.DEVNULL, env={**os.environ, "DOCKER_BUILDKIT": "1"})
         return f"{ref} (CUDA 12.4 from Debian packages)"
     suite = SUITES.get(image)
-    if suite is None:
+    if not has_recipe(image):
         sys.exit(f"error: no recipe for a local {image}; known: {', '.join([*SUITES, *CUDA_BASES])}")
     ensure_tool("mmdebstrap", "mmdebstrap")
     with tempfile.TemporaryDirectory(prefix="lmi-base-") as tmp:
@@ -152,14 +152,23 @@ def port_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+def bases_wanted(m, f) -> list[str]:
+    """The base images a local matrix's images are built on, each once: a line's `bases` maps a profile's base
+    name (runtime, builder, ...) to the image to make; without it the OS's own image."""
+    return list(dict.fromkeys(ref for image in m.images
+                              for ref in (tuple((image.bases or {}).values()) or (f.systems[image.combo.os].image,))))
+
+
+def has_recipe(ref: str) -> bool:
+    return ref in SUITES or ref in CUDA_BASES
+
+
 def prepare(matrix_path: Path) -> dict:
     """Everything the given local matrix needs; returns where the stand-in is served from."""
     f = facts.load()
     m = matrix.load(matrix_path, f)
     engine.ensure_engine()
-    wanted = dict.fromkeys(ref for image in m.images
-                           for ref in (image.bases or (f.systems[image.combo.os].image,)))
-    made = [ensure_base(ref, m.base_mirror or "lmi-local") for ref in wanted]
+    made = [ensure_base(ref, m.base_mirror or "lmi-local") for ref in bases_wanted(m, f)]
     url = urlparse(m.build_args.get("DJL_SERVING_URL", ""))
     versions = sorted({image.combo.part("djl") for image in m.images} - {None})
     debs = [standin_deb(v) for v in versions]
