@@ -66,6 +66,7 @@ def _load(args: argparse.Namespace) -> tuple[matrix.Matrix, list[ImageSpec]]:
 def select(specs: list[ImageSpec], instances: Sequence[str], patterns: Sequence[str]) -> list[ImageSpec]:
     """Images whose family is one of `instances` (if any) and whose id matches a glob (if any)."""
     families = {s.family.name for s in specs}
+    instances = [_instance(i).family for i in instances]  # ml.g5.12xlarge selects the g5 images
     for name in instances:
         if name not in families:
             raise UserError(f"--instance {name}: no image of the matrix is for that family; "
@@ -135,8 +136,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         driver = f.amis[args.inference_ami]
     profile = profiles.get(args.engine)
     parts = _engine_parts(args, profile)
-    cpu = args.instance == "cpu"
-    combo = Combo.of(profile.NAME, args.instance, args.torch, None if cpu else args.cuda, args.python, args.os,
+    family = _instance(args.instance).family  # ml.g5.12xlarge checks g5
+    cpu = family == "cpu"
+    combo = Combo.of(profile.NAME, family, args.torch, None if cpu else args.cuda, args.python, args.os,
                      torch_cuda=None if cpu else args.torch_cuda, driver=driver, **parts)
     verdict = evaluate(combo, f)
     if args.json:
@@ -510,27 +512,41 @@ def _revision(text: str) -> int:
     return int(digits)
 
 
+def _instance(text: str) -> facts.InstanceType:
+    """--instance as a family (g5) or an instance type (ml.g5.12xlarge, g5.12xlarge): facts.instance_type."""
+    try:
+        return facts.instance_type(text, facts.load())
+    except ValueError as exc:
+        raise UserError(f"--instance: {exc}") from None
+
+
 def cmd_uri(args: argparse.Namespace) -> int:
     wanted = {k: getattr(args, k) for k in (*profiles.component_keys(), *index.FILTERS)}
+    instance = _instance(args.instance)
+    family = instance.family
     data = index.load(args.index)
-    entry, reg = index.lookup(data, args.instance, region=args.region, registry=args.registry,
-                              revision=args.revision, engine=args.engine, **wanted)
+    entry, reg = index.lookup(data, family, region=args.region, registry=args.registry,
+                              revision=args.revision, engine=args.engine, asked=instance.name, **wanted)
     chose = args.engine or any(wanted[k] for k in profiles.component_keys())
-    others = [e for e in index.engines([i for i in data["images"] if i["family"] == args.instance])
+    others = [e for e in index.engines([i for i in data["images"] if i["family"] == family])
               if e != entry["engine"]]
     if others and not chose:
-        print(f"note: {args.instance} also has images of engine {', '.join(others)} (choose with --engine)",
+        print(f"note: {family} also has images of engine {', '.join(others)} (choose with --engine)",
               file=sys.stderr)
+    size = index.instance_facts(instance)
     if args.json:
         print(json.dumps({"uri": reg["uri"], "registry": reg["url"], "region": reg.get("region"), "id": entry["id"],
                           "engine": entry["engine"], "tag": entry["tag"], "revision": entry.get("revision"),
                           "host": entry.get("host"),
                           "digest": entry["digest"], "components": entry["components"],
-                          "sbom": entry.get("sbom"), "provenance": entry.get("provenance"), "gate": entry.get("gate")},
+                          "sbom": entry.get("sbom"), "provenance": entry.get("provenance"), "gate": entry.get("gate"),
+                          **({"instance": size} if size else {})},
                          indent=2))
     else:
         if entry.get("host"):
             print(f"{entry['tag']}: {entry['host']['summary']}", file=sys.stderr)
+        if size:
+            print(f"{instance.name}: {instance.summary()}", file=sys.stderr)
         print(reg["uri"])
     return EXIT_OK
 
@@ -598,7 +614,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks on errors")
     selectors = argparse.ArgumentParser(add_help=False)
-    selectors.add_argument("--instance", action="append", metavar="FAMILY", help="select a family (repeatable)")
+    selectors.add_argument("--instance", action="append", metavar="FAMILY",
+                           help="select a family (repeatable; an instance type, ml.g5.12xlarge, selects its family)")
     selectors.add_argument("patterns", nargs="*", metavar="PATTERN", help="glob patterns on image ids")
 
     parser = argparse.ArgumentParser(prog="lmi", parents=[common],
@@ -722,7 +739,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("uri", parents=[common], help="the digest-pinned URI to pull for an instance family")
-    p.add_argument("--instance", required=True, metavar="FAMILY")
+    p.add_argument("--instance", required=True, metavar="TYPE",
+                   help="an instance type (ml.g5.12xlarge, g5.12xlarge: also prints its GPUs and the "
+                        "tensor_parallel_degree that uses them) or a family (g5)")
     p.add_argument("--region", metavar="REGION")
     p.add_argument("--registry", metavar="URL", help="only URIs in this registry")
     p.add_argument("--engine", choices=sorted(profiles.PROFILES),

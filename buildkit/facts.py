@@ -7,6 +7,7 @@ cites the source recorded next to the fact.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,10 +32,73 @@ class Family:
     sources: dict[str, str]
     default_driver_note: str | None = None  # the default driver is weakly sourced: said in a note
     gpu_memory_mib: int | None = None  # memory of one GPU (the Accelerate way plans device maps from it)
+    gpu_model: str | None = None  # "A10G": the GPU's name without its memory
+    gpu_memory_gb: int | None = None  # one GPU's memory as AWS sells it (24 for the A10G's 22888 MiB)
+    sizes: dict[str, int] = field(default_factory=dict)  # instance size -> GPUs ("12xlarge" -> 4)
 
     @property
     def is_gpu(self) -> bool:
         return self.sm is not None
+
+
+@dataclass(frozen=True)
+class InstanceType:
+    """An instance as `lmi uri --instance` takes it: a family (g5) or one of its sizes (ml.g5.12xlarge)."""
+
+    family: str  # "g5"
+    size: str | None = None  # "12xlarge"; None for a bare family
+    facts: Family | None = None  # the family's facts (always there for a size)
+
+    @property
+    def name(self) -> str:
+        """ml.g5.12xlarge (SageMaker's spelling), or the bare family."""
+        return f"ml.{self.family}.{self.size}" if self.size else self.family
+
+    @property
+    def gpus(self) -> int | None:
+        return self.facts.sizes[self.size] if self.size and self.facts else None
+
+    @property
+    def tensor_parallel_degree(self) -> int | None:
+        """Every GPU of the instance (LMI's `max`); the largest degree dividing a model's heads may be lower."""
+        return self.gpus
+
+    def summary(self) -> str:
+        """'8 x A100 40 GB, tensor_parallel_degree=8' (a size only)."""
+        fam = self.facts
+        return (f"{self.gpus} x {fam.gpu_model or fam.gpu} {fam.gpu_memory_gb} GB, "
+                f"tensor_parallel_degree={self.tensor_parallel_degree}")
+
+
+_INSTANCE = re.compile(r"(?P<ml>ml\.)?(?P<family>[a-z][a-z0-9-]*)(?:\.(?P<size>[a-z0-9]+))?")
+
+
+def instance_type(text: str, facts: Facts) -> InstanceType:
+    """Parse `g5`, `g5.12xlarge` or `ml.g5.12xlarge` against the family facts: the one place instance types are
+    read. A bare family passes as it is (a matrix may name its own); a size must be a known size of a family
+    with sizes. Raises ValueError with a one-line message (what was wrong, what to give instead)."""
+    raw = text.strip()
+    match = _INSTANCE.fullmatch(raw.lower())
+    if not match or (match["ml"] and not match["size"]):
+        raise ValueError(f"{raw[:60]!r} is not an instance type or family; give one like ml.g5.12xlarge, "
+                         "g5.12xlarge or g5")
+    name, size = match["family"], match["size"]
+    family = facts.families.get(name)
+    if size is None:
+        return InstanceType(name, None, family)
+    with_sizes = sorted(n for n, f in facts.families.items() if f.sizes)
+    if family is None or not family.sizes:
+        if re.fullmatch(r"[cmrt]\d.*", name):
+            hint = "; CPU instances take --instance cpu"
+        else:
+            near = versions.nearest(name, with_sizes)
+            hint = f"; did you mean {' or '.join(near)}?" if near else ""
+        raise ValueError(f"unknown instance family '{name}' in {raw[:60]!r}: the GPU families with known sizes are "
+                         f"{', '.join(with_sizes)}{hint}")
+    if size not in family.sizes:
+        raise ValueError(f"unknown size '{size}' of {name} in {raw[:60]!r}: {name} comes as "
+                         f"{', '.join(f'{name}.{s}' for s in family.sizes)}")
+    return InstanceType(name, size, family)
 
 
 @dataclass(frozen=True)
@@ -198,6 +262,9 @@ def load() -> Facts:
             arch=f["arch"],
             max_gpus=f["max_gpus"],
             gpu_memory_mib=f.get("gpu_memory_mib"),
+            gpu_model=f.get("gpu_model"),
+            gpu_memory_gb=f.get("gpu_memory_gb"),
+            sizes={str(k): int(v) for k, v in (f.get("sizes") or {}).items()},
             default_driver=f.get("default_driver"),
             min_driver=f.get("min_driver"),
             legacy=f.get("legacy"),

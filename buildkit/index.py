@@ -189,11 +189,13 @@ FILTERS = ("torch", "cuda")  # the core's components `lmi uri` filters on, besid
 
 
 def lookup(index: dict, instance: str, region: str | None = None, registry: str | None = None,
-           revision: int | None = None, engine: str | None = None, **wanted: str | None) -> tuple[dict, dict]:
+           revision: int | None = None, engine: str | None = None, asked: str | None = None,
+           **wanted: str | None) -> tuple[dict, dict]:
     """The newest image for `instance` of `engine` (any, if None) matching every version given (components by
     their matrix keys, torch, cuda; and the revision, if given: the component tuple's N-th publish, its
     <tag>-r<N>), and its registry entry. Where images of several engines fit and no engine was asked for,
-    the default profile's answer (as every image was its before there were profiles)."""
+    the default profile's answer (as every image was its before there were profiles). `asked` is what the
+    user named, for messages (ml.g5.12xlarge for the family g5)."""
     known_keys = (*profiles.component_keys(), *FILTERS)
     for key in wanted:
         if key not in known_keys:
@@ -203,8 +205,8 @@ def lookup(index: dict, instance: str, region: str | None = None, registry: str 
     family = [e for e in index.get("images", []) if e["family"] == instance]
     if not family:
         known = sorted({e["family"] for e in index.get("images", [])})
-        raise UserError(f"no image for instance family '{instance}' in the index; it has: "
-                        f"{', '.join(known) or 'nothing yet'}")
+        what = f"'{asked}' (family {instance})" if asked and asked != instance else f"instance family '{instance}'"
+        raise UserError(f"no image for {what} in the index; it has: {', '.join(known) or 'nothing yet'}")
     fits = [e for e in family if all(_matches(e["components"].get(k), v) for k, v in wanted.items())
             and (engine is None or e.get("engine") == engine) and (revision is None or e.get("revision") == revision)]
     if not fits:
@@ -224,6 +226,17 @@ def lookup(index: dict, instance: str, region: str | None = None, registry: str 
     where = sorted({r.get("region") or r["url"] for e in fits for r in e["registries"]})
     raise UserError(f"{instance} image {fits and _describe(max(fits, key=_newness))} is not published "
                     f"{'in region ' + region if region else 'to ' + str(registry)}; it is in: {', '.join(where)}")
+
+
+def instance_facts(instance) -> dict | None:
+    """What `lmi uri` says of an instance size (a facts.InstanceType): its GPUs and the tensor_parallel_degree
+    that uses them all (LMI's `max`), or None for a bare family or a CPU one."""
+    fam = instance.facts
+    if not instance.size or fam is None or not fam.is_gpu:
+        return None
+    return {"type": instance.name, "family": instance.family, "gpus": instance.gpus, "gpu": fam.gpu_model or fam.gpu,
+            "gpu_memory_gb": fam.gpu_memory_gb, "gpu_memory_mib": fam.gpu_memory_mib,
+            "tensor_parallel_degree": instance.tensor_parallel_degree}
 
 
 def engines(entries: list[dict]) -> list[str]:

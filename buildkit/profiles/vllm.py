@@ -50,7 +50,7 @@ class Release:
     ptx: tuple[str, ...]
     bf16_min_sm: str
     min_glibc: str
-    extra_roots: tuple[str, ...] = ()  # lock roots beside vllm itself (a clash its own metadata lets through)
+    extra_roots: tuple[str, ...] = ()  # lock roots beside vllm itself (a clash its metadata lets through, the streamer)
 
     @property
     def archs(self) -> tuple[ArchEntry, ...]:
@@ -209,7 +209,7 @@ def index_versions(engine) -> dict[str, tuple[list[str], str]]:
 
 CHECKS = {
     "cpu": ("python-version", "torch-version", "torch-cuda", "vllm-version", "pip-check", "installed-files-distinct",
-            "vllm-import", "vllm-routes", "sm-vllm-mapping", "vllm-serve-help", "cuda-compat-files"),
+            "vllm-import", "vllm-routes", "sm-vllm-mapping", "vllm-serve-help", "cuda-compat-files", "runai-streamer"),
     "gpu": ("nvidia-smi", "cuda-available", "compute-capability", "arch-list", "bf16", "vllm-kernels",
             "nccl-allreduce", "cuda-compat-active"),
 }

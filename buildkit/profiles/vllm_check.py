@@ -182,6 +182,35 @@ def vllm_serve_help(claims):
     return f"vllm serve --help (VLLM_TARGET_DEVICE=cpu): {len(out.stdout.splitlines())} lines"
 
 
+@builtin("runai-streamer", "cpu")
+def runai_streamer(claims):
+    """The Run:ai model streamer (what `--load-format runai_streamer` reads s3:// models with) and its S3 backend
+    are installed, vLLM finds it (not its placeholder), and its native reader streams a safetensors file written
+    here back to the same tensors."""
+    import tempfile
+
+    import torch
+    from runai_model_streamer import SafetensorsStreamer
+    from safetensors.torch import save_file
+    from vllm.transformers_utils import runai_utils
+
+    versions = {d: metadata.version(d) for d in ("runai-model-streamer", "runai-model-streamer-s3")}
+    import runai_model_streamer
+
+    expect(runai_utils.runai_list_safetensors is runai_model_streamer.list_safetensors,
+           "vLLM does not see runai_model_streamer (vllm/transformers_utils/runai_utils.py uses its placeholder)")
+    want = {"a": torch.arange(12, dtype=torch.float16).reshape(3, 4), "b": torch.ones(5, dtype=torch.int32)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.safetensors")
+        save_file(want, path)
+        with SafetensorsStreamer() as streamer:
+            streamer.stream_file(path)
+            got = {name: tensor.clone() for name, tensor in streamer.get_tensors()}
+    expect(set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want),
+           f"the streamer read {sorted(got)} unequal to the file's {sorted(want)}")
+    return ", ".join(f"{d} {v}" for d, v in versions.items()) + f"; streamed {len(got)} tensors equal to the file's"
+
+
 # --- gpu tier -------------------------------------------------------------------------------------------------
 
 

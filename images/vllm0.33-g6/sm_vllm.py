@@ -18,7 +18,16 @@ Where this refuses what AWS's helper passes on (one line, exit 2; each is a deli
 - no model at all: vLLM would serve its default model, fetched from the Hugging Face Hub;
 - SM_VLLM_API_KEY, or SM_VLLM_HF_TOKEN with a token: a secret on argv is readable in every process's
   /proc/<pid>/cmdline and in the startup log; vLLM reads VLLM_API_KEY and huggingface_hub HF_TOKEN instead;
-- an empty SM_VLLM_MODEL, and a name that cannot be a flag (e.g. SM_VLLM_, SM_VLLM_MAX-LEN).
+- an empty SM_VLLM_MODEL, and a name that cannot be a flag (e.g. SM_VLLM_, SM_VLLM_MAX-LEN);
+- an s3:// model without SM_VLLM_LOAD_FORMAT=runai_streamer (or runai_streamer_sharded): vLLM 0.33.0's other
+  loaders have no object-store path (model_loader/default_loader.py would take s3://… for a Hub id), and a
+  gs:// or az:// model: the image carries the Run:ai streamer's S3 backend only.
+
+The model may be a Hugging Face Hub id (vLLM downloads it itself; a gated one reads HF_TOKEN from the
+environment), a directory, or s3://bucket/prefix/ read by the Run:ai model streamer, as AWS's containers take
+it (SM_VLLM_MODEL=s3://… with SM_VLLM_LOAD_FORMAT=runai_streamer). The streamer reads the endpoint and
+credentials from the environment (AWS_ENDPOINT_URL or RUNAI_STREAMER_S3_ENDPOINT, AWS_REGION, the instance
+role); none of it goes on argv.
 """
 
 from __future__ import annotations
@@ -38,6 +47,13 @@ COMMAND = ("vllm", "serve")
 # vLLM 0.33.0 vllm/entrypoints/common/cli_args.py (FrontendArgs._customize_cli_kwargs) strips nargs from
 # these: the first three are typed json.loads (the array is the value), --middleware is action="append".
 SINGLE_TOKEN_FLAGS = frozenset({"--allowed-origins", "--allowed-methods", "--allowed-headers", "--middleware"})
+
+# Object stores vLLM 0.33.0 hands to the Run:ai streamer (vllm/transformers_utils/runai_utils.py
+# SUPPORTED_SCHEMES), the backend this image installs for them, and the load formats that read them
+# (vllm/model_executor/model_loader/__init__.py: runai_streamer, runai_streamer_sharded).
+OBJECT_STORES = ("s3://", "gs://", "az://")
+STREAMED = ("s3://",)
+STREAMER_FORMATS = ("runai_streamer", "runai_streamer_sharded")
 
 # Never on argv: SM_VLLM_<name> -> the variable its reader takes instead.
 SECRETS = {"API_KEY": "VLLM_API_KEY", "HF_TOKEN": "HF_TOKEN"}
@@ -121,9 +137,29 @@ def model_args(env: Mapping[str, str], model_dir: str = MODEL_DIR) -> list[str]:
                    f"is set (vLLM would fetch its default model); mount the model at {model_dir} or set {PREFIX}MODEL")
 
 
+def check_object_store(model: str, source: str, env: Mapping[str, str]) -> None:
+    """An s3:// model needs the Run:ai streamer's load format; gs:// and az:// have no backend here."""
+    lowered = model.strip().lower()
+    if not lowered.startswith(OBJECT_STORES):
+        return
+    scheme = lowered.split("://")[0] + "://"
+    if scheme not in STREAMED:
+        raise BadValue(f"{source}={model[:120]}: this image streams models from s3:// only (the Run:ai streamer's S3 "
+                       f"backend); copy the model to S3 or mount it at {MODEL_DIR}")
+    fmt = env.get(f"{PREFIX}LOAD_FORMAT", "").strip().lower()
+    if fmt not in STREAMER_FORMATS:
+        raise BadValue(f"{source}={model[:120]}: vLLM reads an s3:// model only with the Run:ai model streamer; set "
+                       f"{PREFIX}LOAD_FORMAT=runai_streamer" + (f" (not {fmt!r})" if fmt else ""))
+
+
 def build_args(env: Mapping[str, str], model_dir: str = MODEL_DIR) -> list[str]:
     """The argv after `vllm serve` for this environment. Raises BadValue."""
-    args = ["--port", PORT, *model_args(env, model_dir)]
+    model = model_args(env, model_dir)
+    if model:
+        check_object_store(model[1], "HF_MODEL_ID", env)
+    else:
+        check_object_store(env[f"{PREFIX}MODEL"], f"{PREFIX}MODEL", env)
+    args = ["--port", PORT, *model]
     for key in sorted(k for k in env if k.startswith(PREFIX)):
         flag, value = flag_for(key), env[key]
         lowered = value.strip().lower()
