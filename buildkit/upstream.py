@@ -44,7 +44,6 @@ DERIVED_MARK = "# --- derived records"
 READER = "buildkit/wheelfacts.py (pyelftools for ELF, the .nv_fatbin entry headers parsed in Python)"
 # vLLM's general kernels (what any model runs): the release's sm/ptx are theirs; the rest are per feature.
 VLLM_GENERAL = re.compile(r"_(moe_)?C(_stable_libtorch)?")
-VLLM_BF16 = re.compile(r"Bfloat16 is only supported on GPUs with compute capability of at least (\d+)\.(\d+)")
 TORCH_ARCH_FLAGS = rb"(?<![\w.])(?:sm|compute)_\d{2,3}[af]?(?: (?:sm|compute)_\d{2,3}[af]?){2,}(?![\w.])"
 
 
@@ -222,11 +221,12 @@ def derive_vllm(path: Path, file: IndexFile, today: str) -> tuple[dict, list[str
         record["ptx"] = sorted({sm for lib in general for sm in lib.ptx if not sm.endswith("a")}, key=key)
     else:
         unread.append("sm/ptx: no general kernel library (vllm/_C*.so, vllm/_moe_C*.so) with device code")
-    found = {f"{a}.{b}" for a, b in VLLM_BF16.findall(wheel.texts.get("vllm/platforms/cuda.py", ""))}
+    found = wheelfacts.bf16_floors(wheel.texts.get("vllm/platforms/cuda.py", ""))
     if len(found) == 1:
         record["bf16_min_sm"] = found.pop()
     else:
-        unread.append("bf16_min_sm: vllm/platforms/cuda.py states no single bfloat16 capability floor")
+        unread.append("bf16_min_sm: vllm/platforms/cuda.py states no single bfloat16 capability floor "
+                      f"({', '.join(sorted(found)) or 'none'})")
     if unread:
         record["unread"] = unread
     return record, unread
@@ -300,8 +300,9 @@ def derive(component: str, version: str, *, base: str | None = None, cache: Path
 # --- writing the data files ----------------------------------------------------------------------------------
 
 DERIVED_HEADER = f"""{DERIVED_MARK} (written by `lmi facts add`, re-derived by `lmi facts verify --wheels`; edit nothing
-# below by hand). Each is read from one wheel of the package index, named with its sha256, size and read date,
-# by {READER.replace(" (", chr(10) + "# (", 1)}; `unread` says what the files did not state.
+# below by hand). Each is read from one wheel of the package index, named with its sha256, size and read date, by
+# {READER};
+# `unread` says what the files did not state.
 """
 
 
@@ -516,18 +517,15 @@ def run(*, base: str | None = None, data_dir: Path | None = None, matrix_path: P
     the rules' reasons). Returns one line per thing done or not done; locking and rendering come after."""
     report: list[str] = []
     news = {component: new_releases(component, base=base, data_dir=data_dir) for component in ("torch", "vllm")}
-    torch_done: set[str] = set()
-    torch_records = derived_records(data_path("torch", data_dir).read_text(encoding="utf-8"))
-    for version in news["vllm"]:  # the torch each new vLLM pins, even if older than the newest torch known
-        pin = derive_pin(version, base)
-        if pin and pin not in torch_records and pin not in news["torch"]:
-            news["torch"].append(pin)
     for version in sorted(news["torch"], key=Version):
-        added = add("torch", version, base=base, cache=cache, data_dir=data_dir, today=today)
-        torch_done.add(version)
-        report.append(_said(added))
+        report.append(_said(add("torch", version, base=base, cache=cache, data_dir=data_dir, today=today)))
     for version in news["vllm"]:
         added = add("vllm", version, base=base, cache=cache, data_dir=data_dir, today=today)
+        pin = added.record.get("pins", {}).get("torch")
+        if not added.release_written and pin and any(f"facts add torch {pin}" in m for m in added.release_missing):
+            # the torch it pins is older than the newest known and not in the data yet: read it, then again
+            report.append(_said(add("torch", pin, base=base, cache=cache, data_dir=data_dir, today=today)))
+            added = add("vllm", version, base=base, cache=cache, data_dir=data_dir, today=today)
         report.append(_said(added))
         if not added.release_written or matrix_path is None:
             continue
@@ -542,21 +540,6 @@ def run(*, base: str | None = None, data_dir: Path | None = None, matrix_path: P
     if not any(news.values()):
         report.append("nothing new on the index for " + " and ".join(COMPONENTS))
     return report
-
-
-def derive_pin(vllm_version: str, base: str | None) -> str | None:
-    """The torch a vLLM release pins, from its METADATA alone (the index's PEP 658 file when it has one)."""
-    file = pick_wheel(listing("vllm", base), "vllm", vllm_version)
-    try:
-        with _open(file.url + ".metadata") as response:
-            from packaging.metadata import Metadata
-
-            meta = Metadata.from_email(response.read(), validate=False)
-        pins = wheelfacts.Wheel(file.filename, "vllm", vllm_version, None,
-                                tuple(str(r) for r in meta.requires_dist or ()), (), {}, {}).pins
-        return pins.get("torch")
-    except UpstreamError:
-        return None  # no PEP 658 metadata: the vLLM add then names the torch to add first
 
 
 def _said(added: Added) -> str:

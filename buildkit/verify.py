@@ -157,9 +157,11 @@ def _hand_torch(doc: dict, vllm_doc: dict, version: str, record: dict) -> list[t
     seen = (vllm_doc.get("torch_wheels") or {}).get(record.get("local_version"))
     if seen:
         for key, derived in (("python", record.get("python")), ("cuda_major", record.get("cuda_major")),
-                             ("requires", record.get("requires")), ("arch_list", record.get("arch_list")),
+                             ("requires", sorted(record.get("requires") or ())),
+                             ("arch_list", record.get("arch_list")),
                              ("extra_cubins", record.get("extra_cubins"))):
-            pairs.append((f"vllm.yaml torch_wheels.{record.get('local_version')}.{key}", seen.get(key), derived))
+            hand = sorted(seen.get(key) or ()) if key == "requires" else seen.get(key)  # METADATA's order aside
+            pairs.append((f"vllm.yaml torch_wheels.{record.get('local_version')}.{key}", hand, derived))
     return pairs
 
 

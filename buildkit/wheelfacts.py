@@ -275,6 +275,19 @@ def module_constants(source: str) -> dict[str, str]:
     return out
 
 
+def bf16_floors(source: str) -> set[str]:
+    """The SMs a Python file requires for bfloat16: `has_device_capability(N)` under an `if` that tests bfloat16
+    (vllm/platforms/cuda.py: `if dtype == torch.bfloat16: if not cls.has_device_capability(80): raise ...`)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.If) and "bfloat16" in ast.unparse(node.test):
+            for sub in ast.walk(node):
+                if (isinstance(sub, ast.Call) and getattr(sub.func, "attr", "") == "has_device_capability"
+                        and sub.args and isinstance(sub.args[0], ast.Constant) and type(sub.args[0].value) is int):
+                    found.add(f"{sub.args[0].value // 10}.{sub.args[0].value % 10}")
+    return found
+
+
 def arch_list_text(flags: str) -> str:
     """torch.cuda.get_arch_list()'s words ('sm_75 sm_80 compute_120') in the data's form ('7.5;8.0;12.0+PTX')."""
     cubins, ptx = [], []
