@@ -28,7 +28,15 @@ from buildkit.facts import coverage
 
 FATBIN = ROOT / "tests" / "data" / "fatbin"
 TODAY = "2026-12-07"
-BF16 = 'raise ValueError("Bfloat16 is only supported on GPUs with compute capability of at least 8.0. ")\n'
+BF16 = """class CudaPlatform:
+    @classmethod
+    def check_if_supports_dtype(cls, dtype):
+        if dtype == torch.bfloat16:
+            if not cls.has_device_capability(80):
+                raise ValueError("Bfloat16 is only supported on GPUs with compute capability of at least 8.0.")
+        if cls.has_device_capability(89):
+            pass
+"""
 
 
 # --- the reader, against NVIDIA's cuobjdump ------------------------------------------------------------------
