@@ -297,7 +297,7 @@ def cmd_facts_add(args: argparse.Namespace) -> int:
 
     added = upstream.add(args.component, args.version)
     print(upstream._said(added))
-    return EXIT_OK
+    return EXIT_FAIL if added.release_missing else EXIT_OK  # a release entry it could not write: said above
 
 
 def cmd_facts_upstream(args: argparse.Namespace) -> int:

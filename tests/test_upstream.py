@@ -95,12 +95,12 @@ def _wheel(folder: Path, name: str, version: str, tag: str, meta: list[str], fil
     return path
 
 
-def _vllm(folder: Path, version: str, *, bf16: bool = True) -> Path:
+def _vllm(folder: Path, version: str, *, bf16: bool = True, torch: str = "2.90.0") -> Path:
     files = {"vllm/_C.abi3.so": (FATBIN / "libplain.so").read_bytes(),
              "vllm/_moe_C.abi3.so": (FATBIN / "libzstd.so").read_bytes(),
              "vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so": (FATBIN / "libzstd.so").read_bytes(),
              "vllm/platforms/cuda.py": (BF16 if bf16 else "pass\n").encode()}
-    meta = ["Requires-Python: <3.15,>=3.11", "Requires-Dist: torch==2.90.0", "Requires-Dist: numpy",
+    meta = ["Requires-Python: <3.15,>=3.11", f"Requires-Dist: torch=={torch}", "Requires-Dist: numpy",
             'Requires-Dist: tensorizer==2.10.1; extra == "tensorizer"']
     return _wheel(folder, "vllm", version, "cp38-abi3-manylinux_2_28_x86_64", meta, files)
 
@@ -263,6 +263,20 @@ def test_upstream_finds_the_newer_release_and_adds_a_line(world) -> None:
     assert "g5" not in line["exclude"]
     assert upstream.run(base=world["index"].url, data_dir=world["data"], cache=world["cache"]) == [
         "nothing new on the index for vllm and torch"]
+
+
+def test_upstream_reads_the_older_torch_a_new_vllm_pins(world) -> None:
+    """vLLM 0.95.0 pins torch 2.14.1: in the data's 2.14 minor, so not new, but without a derived record."""
+    _vllm(world["files"], "0.95.0", torch="2.14.1")
+    _torch(world["files"], "2.14.1", "cp312")
+    world["index"].publish()
+    _add(world, "torch", "2.90.0")
+    _add(world, "vllm", "0.91.0")
+    report = upstream.run(base=world["index"].url, data_dir=world["data"], cache=world["cache"], today=TODAY)
+    assert any(r.startswith("torch 2.14.1: derived record written") for r in report), report
+    assert report[-1].startswith("vllm 0.95.0: derived record written to vllm.yaml; release entry written"), report
+    doc = yaml.safe_load((world["data"] / "vllm.yaml").read_text())
+    assert doc["releases"]["0.95.0"]["torch"] == "2.14.1" and doc["releases"]["0.95.0"]["torch_variant"] == "cu130"
 
 
 def test_facts_add_refuses_components_it_cannot_read() -> None:
