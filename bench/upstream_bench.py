@@ -148,7 +148,7 @@ def earlier_line(work: Path, matrix_path: Path, version: str = "0.32.0", torch: 
                                  version, cache=cache, data_dir=work / "data"))]
     release = yaml.safe_load(upstream.data_path("vllm", work / "data").read_text())["releases"][version]
     start = time.perf_counter()
-    text, line = upstream.matrix_line(matrix_path.read_text(), version, release)
+    text, line = upstream.matrix_line(matrix_path.read_text(), "vllm", version, release)
     matrix_path.write_text(text)
     refused = upstream.refused_families(matrix_path, line)
     matrix_path.write_text(upstream.with_excludes(text, line, refused))

@@ -300,6 +300,12 @@ def cmd_facts_add(args: argparse.Namespace) -> int:
     return EXIT_FAIL if added.release_missing else EXIT_OK  # a release entry it could not write: said above
 
 
+def _wheel_components() -> tuple[str, ...]:
+    from . import upstream
+
+    return upstream.components()
+
+
 def cmd_facts_upstream(args: argparse.Namespace) -> int:
     from . import upstream
 
@@ -639,14 +645,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--wheels", action="store_true", help="also re-derive the derived records from their wheels "
                    "(fetched by sha256 into .lmi/upstream/)")
     q.set_defaults(func=cmd_facts_verify)
-    q = facts_sub.add_parser("add", parents=[common], help="read a vllm or torch release's facts from its wheel on "
-                             "the package index into buildkit/data")
-    q.add_argument("component", choices=("vllm", "torch"))
+    q = facts_sub.add_parser("add", parents=[common], help="read a release's facts from its wheel on the package "
+                             "index into buildkit/data")
+    q.add_argument("component", choices=_wheel_components())
     q.add_argument("version")
     q.set_defaults(func=cmd_facts_add)
-    q = facts_sub.add_parser("upstream", parents=[common], help="add the facts of every torch and vllm release "
-                             "newer than the data's (and, with --add-line, a matrix line per new vLLM)")
-    q.add_argument("--add-line", action="store_true", help="append a line per new vLLM release to the matrix")
+    q = facts_sub.add_parser("upstream", parents=[common], help="add the facts of every release newer than the "
+                             "data's (and, with --add-line, a matrix line per new engine release)")
+    q.add_argument("--add-line", action="store_true", help="append a line per new engine release to the matrix")
     q.add_argument("--data-dir", type=Path, default=None, help=argparse.SUPPRESS)
     q.set_defaults(func=cmd_facts_upstream)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -38,12 +39,9 @@ DEFAULT_INDEX = "https://pypi.org/simple"
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".lmi" / "upstream"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 TIMEOUT_S = 60
-COMPONENTS = ("vllm", "torch")
 PYTHON = "3.12"  # the interpreter whose wheel is read when a release has one per CPython (torch)
 DERIVED_MARK = "# --- derived records"
 READER = "buildkit/wheelfacts.py (pyelftools for ELF, the .nv_fatbin entry headers parsed in Python)"
-# vLLM's general kernels (what any model runs): the release's sm/ptx are theirs; the rest are per feature.
-VLLM_GENERAL = re.compile(r"_(moe_)?C(_stable_libtorch)?")
 TORCH_ARCH_FLAGS = rb"(?<![\w.])(?:sm|compute)_\d{2,3}[af]?(?: (?:sm|compute)_\d{2,3}[af]?){2,}(?![\w.])"
 
 
@@ -193,53 +191,14 @@ def _source(file: IndexFile, path: Path, today: str) -> dict:
     return {"file": file.filename, "sha256": file.sha256, "bytes": path.stat().st_size, "read": today}
 
 
-def derive_vllm(path: Path, file: IndexFile, today: str) -> tuple[dict, list[str]]:
-    """A vLLM wheel's record, and what could not be read."""
-    wheel = wheelfacts.read_wheel(path, texts=("vllm/platforms/cuda.py",), libraries=r"^vllm/.*\.so$")
-    unread: list[str] = []
-    record: dict = {"source": _source(file, path, today), "requires_python": wheel.requires_python}
-    try:
-        record["python"] = wheelfacts.python_range(wheel.requires_python)
-    except wheelfacts.Unreadable as exc:
-        unread.append(f"python: {exc}")
-    record["wheel_tag"] = wheel.tags[0] if len(wheel.tags) == 1 else list(wheel.tags)
-    record["glibc"] = wheel.glibc
-    record["pins"] = wheel.pins
-    if "torch" not in wheel.pins:
-        unread.append("torch: METADATA pins no torch==X")
-    majors = wheel.cuda_majors()
-    if len(majors) == 1:
-        record["cuda_major"] = majors.pop()
-    else:
-        unread.append(f"cuda_major: the libraries link {sorted(majors) or 'no'} libcudart.so.N")
-    kernels = {wheelfacts.library_key(m, "vllm"): lib for m, lib in sorted(wheel.libraries.items())}
-    record["kernels"] = {key: lib.summary() for key, lib in kernels.items() if lib.has_device_code}
-    general = [lib for key, lib in kernels.items() if VLLM_GENERAL.fullmatch(key)]
-    if general and any(lib.has_device_code for lib in general):
-        key = wheelfacts.sm_key  # arch-specific images (9.0a) run on their own SM only: not the release's SMs
-        record["sm"] = sorted({sm for lib in general for sm in lib.cubins if not sm.endswith("a")}, key=key)
-        record["ptx"] = sorted({sm for lib in general for sm in lib.ptx if not sm.endswith("a")}, key=key)
-    else:
-        unread.append("sm/ptx: no general kernel library (vllm/_C*.so, vllm/_moe_C*.so) with device code")
-    found = wheelfacts.bf16_floors(wheel.texts.get("vllm/platforms/cuda.py", ""))
-    if len(found) == 1:
-        record["bf16_min_sm"] = found.pop()
-    else:
-        unread.append("bf16_min_sm: vllm/platforms/cuda.py states no single bfloat16 capability floor "
-                      f"({', '.join(sorted(found)) or 'none'})")
-    if unread:
-        record["unread"] = unread
-    return record, unread
-
-
-def derive_torch(path: Path, file: IndexFile, today: str) -> tuple[dict, list[str]]:
+def derive_torch(path: Path, source: dict) -> tuple[dict, list[str]]:
     """A torch wheel's record, and what could not be read."""
     flags_lib = "torch/lib/libtorch_python.so"
     wheel = wheelfacts.read_wheel(path, texts=("torch/version.py",), libraries=r"^torch/lib/[^/]+\.so(\.\d+)*$",
                                   pattern={flags_lib: TORCH_ARCH_FLAGS})
     unread: list[str] = []
     constants = wheelfacts.module_constants(wheel.texts.get("torch/version.py", ""))
-    record: dict = {"source": _source(file, path, today), "local_version": constants.get("__version__")}
+    record: dict = {"source": source, "local_version": constants.get("__version__")}
     cuda = constants.get("cuda")
     if constants.get("__version__") is None:
         unread.append("local_version: torch/version.py has no __version__")
@@ -280,21 +239,42 @@ def derive_torch(path: Path, file: IndexFile, today: str) -> tuple[dict, list[st
     return record, unread
 
 
-DERIVERS = {"vllm": derive_vllm, "torch": derive_torch}
+def readers() -> dict[str, object]:
+    """component -> the module that reads its wheels: an engine profile's <profile>_facts module, if it has one
+    (buildkit/profiles); torch is read here."""
+    from . import profiles
+
+    found = {}
+    for name in profiles.PROFILES:
+        try:
+            module = importlib.import_module(f"{profiles.__name__}.{name}_facts")
+        except ModuleNotFoundError:
+            continue
+        found[module.COMPONENT] = module
+    return found
+
+
+def components() -> tuple[str, ...]:
+    return ("torch", *readers())
+
+
+def rederive(component: str, path: Path, file: IndexFile, today: str) -> tuple[dict, list[str]]:
+    source = _source(file, path, today)
+    return derive_torch(path, source) if component == "torch" else readers()[component].derive(path, source)
 
 
 def derive(component: str, version: str, *, base: str | None = None, cache: Path | None = None,
            today: str | None = None) -> tuple[dict, list[str]]:
-    if component not in DERIVERS:
-        raise UpstreamError(f"`lmi facts add` reads {' and '.join(DERIVERS)} wheels, not '{component}' "
-                            "(DeepSpeed ships an sdist only: its facts are read from its sources, docs/matrix.md)")
+    if component not in components():
+        raise UpstreamError(f"`lmi facts add` reads the wheels of {', '.join(components())}, not '{component}' "
+                            "(a component shipped as an sdist has its facts read from its sources: docs/matrix.md)")
     try:
         Version(version)
     except InvalidVersion as exc:
         raise UpstreamError(f"'{version}' is not a version (e.g. 0.32.0)") from exc
     file = pick_wheel(listing(component, base), component, version)
     path = fetch(file, cache)
-    return DERIVERS[component](path, file, today or datetime.date.today().isoformat())
+    return rederive(component, path, file, today or datetime.date.today().isoformat())
 
 
 # --- writing the data files ----------------------------------------------------------------------------------
@@ -363,27 +343,6 @@ def insert_entry(text: str, section: str, key: str, entry: dict, comment: str) -
     return "".join(lines[:end] + [block] + lines[end:])
 
 
-def vllm_release(version: str, record: dict, torch_records: dict) -> tuple[dict | None, list[str]]:
-    """The `releases:` entry the vLLM profile reads, from the derived record; None and why when a field is
-    not read (or the pinned torch has no derived record: `lmi facts add torch X` first)."""
-    missing = [k for k in ("python", "cuda_major", "sm", "ptx", "bf16_min_sm") if k not in record]
-    torch = record.get("pins", {}).get("torch")
-    variant = (torch_records.get(torch) or {}).get("variant")
-    if not torch:
-        missing.append("torch (no torch==X in METADATA)")
-    elif not variant:
-        missing.append(f"torch_variant (no derived record of torch {torch}: `lmi facts add torch {torch}` first)")
-    if missing:
-        return None, missing
-    return {
-        "python": record["python"], "wheel_tag": record["wheel_tag"], "torch": torch, "torch_variant": variant,
-        "cuda_major": record["cuda_major"], "sm": record["sm"], "ptx": record["ptx"], "kernels": record["kernels"],
-        "bf16_min_sm": record["bf16_min_sm"],
-        # the vllm wheel's own glibc floor: a lower bound of its lock's (measured by `make lock`, not read here)
-        "lock": {"min_glibc_for_wheels": record["glibc"]},
-    }, []
-
-
 def torch_release(version: str, record: dict, pythons: set[tuple[int, int]]) -> tuple[dict | None, list[str]]:
     missing = [k for k in ("variant", "arch_list") if not record.get(k)]
     if not pythons:
@@ -417,13 +376,13 @@ def add(component: str, version: str, *, base: str | None = None, cache: Path | 
     records[version] = record
     doc = yaml.safe_load(text)
     written, missing = False, []
-    if component == "vllm":
+    if component != "torch":
         torch_records = derived_records(data_path("torch", data_dir).read_text(encoding="utf-8"))
         if version not in doc.get("releases", {}):
-            entry, missing = vllm_release(version, record, torch_records)
+            entry, missing = readers()[component].release_entry(version, record, torch_records)
             if entry:
                 text = insert_entry(text, "releases", version, entry,
-                                    f"vLLM {version}: written by `lmi facts add` from the derived record below")
+                                    f"{component} {version}: written by `lmi facts add` from the derived record below")
                 written = True
     else:
         minor = versions.minor(version)
@@ -458,26 +417,28 @@ def new_releases(component: str, *, base: str | None = None, data_dir: Path | No
     return [str(v) for v in released(listing(component, base)) if v > newest]
 
 
-def matrix_line(matrix_text: str, vllm_version: str, release: dict) -> tuple[str, str]:
-    """The matrix with a new vLLM line, a copy of its last vLLM line with the versions changed."""
+def matrix_line(matrix_text: str, component: str, version: str, entry: dict) -> tuple[str, str]:
+    """The matrix with a new line for an engine release: a copy of the engine's last line with the versions
+    the release sets (its reader's line_versions), the copy's excludes dropped (the rules decide again)."""
+    reader = readers()[component]
     doc = yaml.safe_load(matrix_text)
     lines = doc.get("lines") or {}
-    model = next((n for n in reversed(list(lines)) if lines[n].get("engine") == "vllm"), None)
+    model = next((n for n in reversed(list(lines)) if lines[n].get("engine") == reader.ENGINE), None)
     if model is None:
-        raise UpstreamError("the matrix has no vLLM line to model a new one on")
-    name = "vllm" + ".".join(vllm_version.split(".")[:2])
+        raise UpstreamError(f"the matrix has no {reader.ENGINE} line to model a new one on")
+    name = reader.ENGINE + ".".join(version.split(".")[:2])
     if name in lines:
-        name = "vllm" + vllm_version
+        name = reader.ENGINE + version
     if name in lines:
         raise UpstreamError(f"the matrix has a line '{name}' already")
     line = dict(lines[model])
-    line.update(vllm=vllm_version, torch=release["torch"], cuda=f"{release['cuda_major']}.0")
-    lo, hi = release["python"]
+    line.update(reader.line_versions(version, entry))
+    lo, hi = entry["python"]
     if not versions.in_range(line["python"], (lo, hi)):
         line["python"] = lo
-    line.pop("exclude", None)  # the rules say which families the release cannot serve
+    line.pop("exclude", None)
     block = _dump({name: line})
-    text = matrix_text.rstrip("\n") + "\n\n" + f"  # vLLM {vllm_version}, added by `lmi facts upstream` " \
+    text = matrix_text.rstrip("\n") + "\n\n" + f"  # {component} {version}, added by `lmi facts upstream` " \
         f"(a copy of {model} with the versions the release pins)\n" + \
         "".join("  " + row for row in block.splitlines(keepends=True))
     return text, name
@@ -512,33 +473,34 @@ def with_excludes(matrix_text: str, line: str, refused: dict[str, str]) -> str:
 
 def run(*, base: str | None = None, data_dir: Path | None = None, matrix_path: Path | None = None,
         cache: Path | None = None, today: str | None = None) -> list[str]:
-    """The scheduled job: new torch and vLLM releases on the index become derived records and release entries;
-    each vLLM release whose entry could be written becomes a matrix line (its refused families excluded with
+    """The scheduled job: new torch and engine releases on the index become derived records and release entries;
+    each engine release whose entry could be written becomes a matrix line (its refused families excluded with
     the rules' reasons). Returns one line per thing done or not done; locking and rendering come after."""
     report: list[str] = []
-    news = {component: new_releases(component, base=base, data_dir=data_dir) for component in ("torch", "vllm")}
+    news = {component: new_releases(component, base=base, data_dir=data_dir) for component in components()}
     for version in sorted(news["torch"], key=Version):
         report.append(_said(add("torch", version, base=base, cache=cache, data_dir=data_dir, today=today)))
-    for version in news["vllm"]:
-        added = add("vllm", version, base=base, cache=cache, data_dir=data_dir, today=today)
-        pin = added.record.get("pins", {}).get("torch")
-        if not added.release_written and pin and any(f"facts add torch {pin}" in m for m in added.release_missing):
-            # the torch it pins is older than the newest known and not in the data yet: read it, then again
-            report.append(_said(add("torch", pin, base=base, cache=cache, data_dir=data_dir, today=today)))
-            added = add("vllm", version, base=base, cache=cache, data_dir=data_dir, today=today)
-        report.append(_said(added))
-        if not added.release_written or matrix_path is None:
-            continue
-        release = yaml.safe_load(added.path.read_text(encoding="utf-8"))["releases"][version]
-        text, line = matrix_line(matrix_path.read_text(encoding="utf-8"), version, release)
-        matrix_path.write_text(text, encoding="utf-8")
-        refused = refused_families(matrix_path, line)
-        matrix_path.write_text(with_excludes(text, line, refused), encoding="utf-8")
-        report.append(f"matrix: line {line} added to {matrix_path.name}"
-                      + (f"; the rules refuse {', '.join(sorted(refused))} (excluded with the reasons)"
-                         if refused else ""))
+    for component in components()[1:]:
+        for version in news[component]:
+            added = add(component, version, base=base, cache=cache, data_dir=data_dir, today=today)
+            pin = added.record.get("pins", {}).get("torch")
+            if not added.release_written and pin and any(f"facts add torch {pin}" in m for m in added.release_missing):
+                # the torch it pins is older than the newest known and not in the data yet: read it, then again
+                report.append(_said(add("torch", pin, base=base, cache=cache, data_dir=data_dir, today=today)))
+                added = add(component, version, base=base, cache=cache, data_dir=data_dir, today=today)
+            report.append(_said(added))
+            if not added.release_written or matrix_path is None:
+                continue
+            entry = yaml.safe_load(added.path.read_text(encoding="utf-8"))["releases"][version]
+            text, line = matrix_line(matrix_path.read_text(encoding="utf-8"), component, version, entry)
+            matrix_path.write_text(text, encoding="utf-8")
+            refused = refused_families(matrix_path, line)
+            matrix_path.write_text(with_excludes(text, line, refused), encoding="utf-8")
+            report.append(f"matrix: line {line} added to {matrix_path.name}"
+                          + (f"; the rules refuse {', '.join(sorted(refused))} (excluded with the reasons)"
+                             if refused else ""))
     if not any(news.values()):
-        report.append("nothing new on the index for " + " and ".join(COMPONENTS))
+        report.append("nothing new on the index for " + " and ".join(components()))
     return report
 
 

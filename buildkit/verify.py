@@ -129,23 +129,8 @@ def verify(facts: Facts, requirements: list[str], base: str | None = None) -> tu
 # --- records derived from release files (`lmi facts add`): checked against the hand-read entries, against the
 # index's sha256 and, with --wheels, re-derived from the files themselves ------------------------------------
 
-def _hand_vllm(doc: dict, version: str, record: dict) -> list[tuple[str, object, object]]:
-    """(fact, the data's value, the derived value) for one vLLM release."""
-    entry = doc.get("releases", {}).get(version)
-    if entry is None:
-        return []
-    pairs = [("python", entry.get("python"), record.get("python")),
-             ("wheel_tag", entry.get("wheel_tag"), record.get("wheel_tag")),
-             ("torch", entry.get("torch"), record.get("pins", {}).get("torch")),
-             ("cuda_major", str(entry.get("cuda_major")), record.get("cuda_major")),
-             ("sm", entry.get("sm"), record.get("sm")), ("ptx", entry.get("ptx"), record.get("ptx")),
-             ("bf16_min_sm", entry.get("bf16_min_sm"), record.get("bf16_min_sm"))]
-    if "kernels" in entry:
-        pairs.append(("kernels", entry["kernels"], record.get("kernels")))
-    return pairs
-
-
-def _hand_torch(doc: dict, vllm_doc: dict, version: str, record: dict) -> list[tuple[str, object, object]]:
+def _hand_torch(doc: dict, version: str, record: dict) -> list[tuple[str, object, object]]:
+    """(fact, the data's value, the derived value) for torch.yaml's entry of one derived torch record."""
     pairs = []
     release = doc.get("releases", {}).get(version.rsplit(".", 1)[0])
     variant = record.get("variant")
@@ -154,14 +139,6 @@ def _hand_torch(doc: dict, vllm_doc: dict, version: str, record: dict) -> list[t
         listed = (release.get("variants") or {}).get(variant) or {}
         if listed.get("source") in ("archs-wheel", "derived"):
             pairs.append((f"variants.{variant}.x86_64", listed.get("x86_64"), record.get("arch_list")))
-    seen = (vllm_doc.get("torch_wheels") or {}).get(record.get("local_version"))
-    if seen:
-        for key, derived in (("python", record.get("python")), ("cuda_major", record.get("cuda_major")),
-                             ("requires", sorted(record.get("requires") or ())),
-                             ("arch_list", record.get("arch_list")),
-                             ("extra_cubins", record.get("extra_cubins"))):
-            hand = sorted(seen.get(key) or ()) if key == "requires" else seen.get(key)  # METADATA's order aside
-            pairs.append((f"vllm.yaml torch_wheels.{record.get('local_version')}.{key}", hand, derived))
     return pairs
 
 
@@ -175,20 +152,26 @@ def _same(a: object, b: object) -> bool:
 
 def verify_derived(*, wheels: bool = False, base: str | None = None, data_dir=None, cache=None,
                    today: str | None = None) -> tuple[list[str], int]:
-    """(drift lines, facts checked) for the derived records of vllm.yaml and torch.yaml: each agrees with the
+    """(drift lines, facts checked) for the derived records of torch.yaml and the engines' files: each agrees with the
     hand-read entries it backs; its file is on the index with the recorded sha256; with `wheels`, the record
     re-derived from that file (fetched by hash, cached) is the committed one."""
     from . import upstream
 
-    docs = {c: yaml.safe_load(upstream.data_path(c, data_dir).read_text(encoding="utf-8")) for c in ("vllm", "torch")}
+    readers = upstream.readers()
+    docs = {c: yaml.safe_load(upstream.data_path(c, data_dir).read_text(encoding="utf-8"))
+            for c in upstream.components()}
     drift, checked = [], 0
-    for component in ("vllm", "torch"):
+    for component in upstream.components():
         records = docs[component].get("derived") or {}
         files = {f.filename: f for f in upstream.listing(component, base)} if records else {}
         for version, record in records.items():
             where = f"buildkit/data/{component}.yaml derived {version}"
-            pairs = (_hand_vllm(docs["vllm"], version, record) if component == "vllm"
-                     else _hand_torch(docs["torch"], docs["vllm"], version, record))
+            if component == "torch":
+                pairs = _hand_torch(docs["torch"], version, record)
+                for name, reader in readers.items():  # an engine's data may hold its own reading of a torch build
+                    pairs += reader.torch_pairs(docs[name], record)
+            else:
+                pairs = readers[component].hand_pairs(docs[component], version, record)
             for fact, hand, derived in pairs:
                 checked += 1
                 if not _same(hand, derived):
@@ -204,7 +187,7 @@ def verify_derived(*, wheels: bool = False, base: str | None = None, data_dir=No
             if not wheels:
                 continue
             path = upstream.fetch(listed, cache)
-            again, _ = upstream.DERIVERS[component](path, listed, source.get("read") or today or "")
+            again, _ = upstream.rederive(component, path, listed, source.get("read") or today or "")
             for key in sorted(set(record) | set(again)):
                 if key == "source":
                     continue

@@ -277,7 +277,7 @@ def module_constants(source: str) -> dict[str, str]:
 
 def bf16_floors(source: str) -> set[str]:
     """The SMs a Python file requires for bfloat16: `has_device_capability(N)` under an `if` that tests bfloat16
-    (vllm/platforms/cuda.py: `if dtype == torch.bfloat16: if not cls.has_device_capability(80): raise ...`)."""
+    (an engine's platform module: `if dtype == torch.bfloat16: if not cls.has_device_capability(80): raise`)."""
     found = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.If) and "bfloat16" in ast.unparse(node.test):
@@ -300,7 +300,7 @@ def arch_list_text(flags: str) -> str:
 
 
 def library_key(member: str, package: str) -> str:
-    """'vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so' -> 'vllm_flash_attn/_vllm_fa2_C' (as the data names them)."""
+    """'pkg/attn/_fa2_C.abi3.so' -> 'attn/_fa2_C' (as the data names them), for package 'pkg'."""
     path = PurePosixPath(member)
     rel = path.relative_to(package) if path.parts[0] == package else path
     stem = rel.name.split(".")[0]

@@ -262,7 +262,7 @@ def test_upstream_finds_the_newer_release_and_adds_a_line(world) -> None:
     assert "cpu" in line["exclude"]
     assert "g5" not in line["exclude"]
     assert upstream.run(base=world["index"].url, data_dir=world["data"], cache=world["cache"]) == [
-        "nothing new on the index for vllm and torch"]
+        "nothing new on the index for torch and vllm"]
 
 
 def test_upstream_reads_the_older_torch_a_new_vllm_pins(world) -> None:
