@@ -130,9 +130,14 @@ def forget(work: Path, vllm_version: str, torch_version: str) -> None:
         text = path.read_text()
         records = upstream.derived_records(text)
         records.pop(version, None)
-        if component == "vllm":  # the release entry `lmi facts add` wrote, up to the next blank line
-            start = text.index(f"  # vLLM {version}: written by")
-            text = text[:start] + text[text.index("\n\n", start) + 1:]
+        if component == "vllm":  # the release entry `lmi facts add` wrote: its comment, its key, its body
+            lines = text.splitlines(keepends=True)
+            start = next(i for i, row in enumerate(lines) if re.match(rf"  # vllm {re.escape(version)}: written", row,
+                                                                        re.IGNORECASE))
+            end = start + 2
+            while end < len(lines) and lines[end].startswith("    "):
+                end += 1
+            text = "".join(lines[:start] + lines[end:])
         path.write_text(upstream.with_derived(text, records))
     facts.load.cache_clear()
 
