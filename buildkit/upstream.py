@@ -156,6 +156,8 @@ def _linux_x86_64(tag: Tag) -> bool:
 
 def fetch(file: IndexFile, cache: Path | None = None) -> Path:
     """The file, from the cache when its sha256 matches, else downloaded and checked; never a partial one."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", file.filename):
+        raise UpstreamError(f"the index names a file {file.filename!r}: not a plain file name; refusing it")
     if not file.sha256 or not re.fullmatch(r"[0-9a-f]{64}", file.sha256):
         raise UpstreamError(f"{file.filename}: the index lists no sha256 for it; refusing a file it cannot check")
     folder = (cache or CACHE_DIR) / file.sha256[:2] / file.sha256

@@ -227,6 +227,16 @@ def test_a_file_whose_hash_differs_from_the_index_is_not_kept(world) -> None:
     assert "0.93.0" not in (world["data"] / "vllm.yaml").read_text()
 
 
+def test_hostile_index_entries_are_refused_before_anything_is_written(tmp_path) -> None:
+    good = "a" * 64
+    for name, digest, why in (("../../evil-1.0-py3-none-any.whl", good, "plain file name"),
+                              ("vllm-1.0-py3-none-any.whl", None, "no sha256"),
+                              ("vllm-1.0-py3-none-any.whl", "zz", "no sha256")):
+        with pytest.raises(upstream.UpstreamError, match=why):
+            upstream.fetch(upstream.IndexFile(name, "http://127.0.0.1:9/x", digest), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_verify_rederives_and_catches_a_hand_edit(world) -> None:
     _add(world, "torch", "2.90.0")
     _add(world, "vllm", "0.91.0")
