@@ -24,7 +24,7 @@ REGISTRY ?= oci://127.0.0.1:5000
 LOCAL := $(findstring local,$(notdir $(MATRIX)))
 WHEELHOUSE ?= $(if $(findstring matrix.local,$(MATRIX)),$(firstword $(PIP_FIND_LINKS)))
 
-.PHONY: help venv mpi engine registry build test-images push lock render validate plan lint test test-e2e test-gpu-stack test-vllm bench clean
+.PHONY: help venv mpi engine registry build test-images push lock render validate plan lint test test-e2e test-gpu-stack test-vllm facts-upstream bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -125,6 +125,12 @@ test-vllm: engine ## build the vLLM image of tests/matrix.vllm-local.yaml and ru
 	$(BIN)/python -m tests.local.prepare --matrix $(VLLM_MATRIX)
 	set -o pipefail; $(BIN)/lmi --matrix $(VLLM_MATRIX) build --plain $(BUILD_FLAGS) | tee .lmi/vllm-build.txt
 	$(BIN)/lmi --matrix $(VLLM_MATRIX) test --tier cpu --junit .lmi/vllm-junit.xml
+
+# Real releases through `lmi facts add`: cuobjdump against the .nv_fatbin reader, every derived record re-read from
+# its wheel, and the index's newest vLLM to a locked, rendered line in a scratch copy (.lmi/upstream-bench/);
+# ~2 GB of wheels from the package index on a cold cache. Results: bench/results.md.
+facts-upstream: venv ## re-derive the wheel facts from real releases and time a release to a locked line
+	$(BIN)/python bench/upstream_bench.py
 
 bench: engine ## measure render and build speed into bench/results.md
 	$(BIN)/python bench/render_bench.py

@@ -281,6 +281,8 @@ def cmd_facts_verify(args: argparse.Namespace) -> int:
                   | {pin for image in m.images for pin in image.pip})
     print(f"reading {verify.index_url()} ...")
     drift, checked = verify.verify(f, pins)
+    more, counted = verify.verify_derived(wheels=getattr(args, "wheels", False))
+    drift, checked = drift + more, checked + counted
     for line in drift:
         print(f"drift: {line}")
     if drift:
@@ -289,6 +291,28 @@ def cmd_facts_verify(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     print(f"ok: {checked} facts match the index (torch wheels and Python ranges, the engines' releases, "
           f"{len(pins)} pins of {m.path})")
+    return EXIT_OK
+
+
+def cmd_facts_add(args: argparse.Namespace) -> int:
+    from . import upstream
+
+    added = upstream.add(args.component, args.version)
+    print(upstream._said(added))
+    return EXIT_FAIL if added.release_missing else EXIT_OK  # a release entry it could not write: said above
+
+
+def _wheel_components() -> tuple[str, ...]:
+    from . import upstream
+
+    return upstream.components()
+
+
+def cmd_facts_upstream(args: argparse.Namespace) -> int:
+    from . import upstream
+
+    for line in upstream.run(data_dir=args.data_dir, matrix_path=_matrix_path(args) if args.add_line else None):
+        print(line)
     return EXIT_OK
 
 
@@ -635,7 +659,19 @@ def _parser() -> argparse.ArgumentParser:
     facts_sub = p.add_subparsers(dest="facts_command", required=True, metavar="ACTION")
     q = facts_sub.add_parser("verify", parents=[common], help="re-derive torch wheels/Pythons, the engines' "
                              "releases and library versions from the package index; report drift")
+    q.add_argument("--wheels", action="store_true", help="also re-derive the derived records from their wheels "
+                   "(fetched by sha256 into .lmi/upstream/)")
     q.set_defaults(func=cmd_facts_verify)
+    q = facts_sub.add_parser("add", parents=[common], help="read a release's facts from its wheel on the package "
+                             "index into buildkit/data")
+    q.add_argument("component", choices=_wheel_components())
+    q.add_argument("version")
+    q.set_defaults(func=cmd_facts_add)
+    q = facts_sub.add_parser("upstream", parents=[common], help="add the facts of every release newer than the "
+                             "data's (and, with --add-line, a matrix line per new engine release)")
+    q.add_argument("--add-line", action="store_true", help="append a line per new engine release to the matrix")
+    q.add_argument("--data-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    q.set_defaults(func=cmd_facts_upstream)
 
     p = sub.add_parser("check", parents=[common], help="can I build this combination? (no matrix needed)")
     p.add_argument("--engine", choices=sorted(profiles.PROFILES), default=profiles.DEFAULT,

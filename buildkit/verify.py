@@ -15,6 +15,7 @@ import urllib.request
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
+import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
 from packaging.version import Version
@@ -122,4 +123,76 @@ def verify(facts: Facts, requirements: list[str], base: str | None = None) -> tu
         checked += 1
         if Version(pinned) not in _released(listing[parsed.name]):
             drift.append(f"{parsed.name} {pinned}: not on the index (the matrix pins it)")
+    return drift, checked
+
+
+# --- records derived from release files (`lmi facts add`): checked against the hand-read entries, against the
+# index's sha256 and, with --wheels, re-derived from the files themselves ------------------------------------
+
+def _hand_torch(doc: dict, version: str, record: dict) -> list[tuple[str, object, object]]:
+    """(fact, the data's value, the derived value) for torch.yaml's entry of one derived torch record."""
+    pairs = []
+    release = doc.get("releases", {}).get(version.rsplit(".", 1)[0])
+    variant = record.get("variant")
+    if release is not None and version in release.get("versions", ()):
+        pairs.append(("pypi_variant", release.get("pypi_variant"), variant))
+        listed = (release.get("variants") or {}).get(variant) or {}
+        if listed.get("source") in ("archs-wheel", "derived"):
+            pairs.append((f"variants.{variant}.x86_64", listed.get("x86_64"), record.get("arch_list")))
+    return pairs
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, list) and isinstance(b, list):
+        return [str(x) if x is not None else None for x in a] == [str(x) if x is not None else None for x in b]
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return (str(a) if a is not None else None) == (str(b) if b is not None else None)
+
+
+def verify_derived(*, wheels: bool = False, base: str | None = None, data_dir=None, cache=None,
+                   today: str | None = None) -> tuple[list[str], int]:
+    """(drift lines, facts checked) for the derived records of torch.yaml and the engines' files: each agrees with the
+    hand-read entries it backs; its file is on the index with the recorded sha256; with `wheels`, the record
+    re-derived from that file (fetched by hash, cached) is the committed one."""
+    from . import upstream
+
+    readers = upstream.readers()
+    docs = {c: yaml.safe_load(upstream.data_path(c, data_dir).read_text(encoding="utf-8"))
+            for c in upstream.components()}
+    drift, checked = [], 0
+    for component in upstream.components():
+        records = docs[component].get("derived") or {}
+        files = {f.filename: f for f in upstream.listing(component, base)} if records else {}
+        for version, record in records.items():
+            where = f"buildkit/data/{component}.yaml derived {version}"
+            if component == "torch":
+                pairs = _hand_torch(docs["torch"], version, record)
+                for name, reader in readers.items():  # an engine's data may hold its own reading of a torch build
+                    pairs += reader.torch_pairs(docs[name], record)
+            else:
+                pairs = readers[component].hand_pairs(docs[component], version, record)
+            for fact, hand, derived in pairs:
+                checked += 1
+                if not _same(hand, derived):
+                    drift.append(f"{component} {version} {fact}: the data says {hand}, its wheel {derived} ({where})")
+            source = record.get("source") or {}
+            listed = files.get(source.get("file"))
+            checked += 1
+            if listed is None or listed.sha256 != source.get("sha256"):
+                drift.append(f"{component} {version}: {source.get('file')} with sha256 {source.get('sha256')} is not "
+                             f"on the index ({'its sha256 there is ' + str(listed.sha256) if listed else 'absent'}) "
+                             f"({where})")
+                continue
+            if not wheels:
+                continue
+            path = upstream.fetch(listed, cache)
+            again, _ = upstream.rederive(component, path, listed, source.get("read") or today or "")
+            for key in sorted(set(record) | set(again)):
+                if key == "source":
+                    continue
+                checked += 1
+                if not _same(record.get(key), again.get(key)):
+                    drift.append(f"{component} {version} {key}: the record says {record.get(key)}, re-derived from "
+                                 f"{listed.filename}: {again.get(key)} ({where})")
     return drift, checked

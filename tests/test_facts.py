@@ -102,7 +102,7 @@ def test_facts_verify_finds_drift_on_a_local_index(facts, tmp_path) -> None:
     from buildkit import verify
 
     files = {"torch": [], "deepspeed": [], "numpy": ["numpy-1.26.4.tar.gz"],
-             "vllm": ["vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl"]}
+             "vllm": [f"vllm-{v}-cp38-abi3-manylinux_2_28_x86_64.whl" for v in facts.engines["vllm"].releases]}
     for release in facts.torch.values():
         for version in release.versions:
             lo, hi = release.python

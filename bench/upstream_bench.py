@@ -1,0 +1,228 @@
+"""`make facts-upstream`: the wheel-facts reader on real releases, and a release from the index to a locked line.
+
+1. Cross-check: NVIDIA's cuobjdump (from the index's nvidia-cuda-cuobjdump wheel, fetched by sha256) against
+   buildkit/wheelfacts.py's reading of the `.nv_fatbin` headers, on every library of the vLLM 0.33.0 wheel
+   that has device code: the same (kind, SM) entries with the same counts.
+2. Re-derivation: `lmi facts verify --wheels`' check of every derived record in buildkit/data against the
+   record re-read from its wheel (cached by sha256 in .lmi/upstream/), and of the hand-read entries against them.
+3. Release to line: in a scratch copy (.lmi/upstream-bench/: the data, the matrix with its lock, cold wheel
+   caches), `lmi facts upstream --add-line`'s work for the vLLM releases newer than the data's (the index's
+   newest), then `lmi lock` of the new line (which re-renders its contexts) and `lmi validate`; and an earlier
+   release nobody has read (vLLM 0.32.0 and the torch 2.13.0 it pins, taken out of the scratch data first):
+   `lmi facts add` of both, its line, `lmi lock`, `lmi validate`. Each step timed, wall clock.
+
+Writes its section of bench/results.md. Needs the package index (PyPI or LMI_PIP_INDEX_URL) and ~2 GB of disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import platform
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+
+from bench.results_md import write_section  # noqa: E402
+from buildkit import cli, facts, matrix, rules, upstream, verify, wheelfacts  # noqa: E402
+
+SCRATCH = ROOT / ".lmi" / "upstream-bench"
+MARKER = "## Upstream releases to locked lines (issue #27)"
+
+
+def cuobjdump() -> Path:
+    files = upstream.listing("nvidia-cuda-cuobjdump")
+    newest = max(upstream.released(files))
+    wheel = upstream.fetch(upstream.pick_wheel(files, "nvidia-cuda-cuobjdump", str(newest)))
+    target = SCRATCH / "cuobjdump" / wheel.name
+    if not target.exists():
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(m for m in zf.namelist() if m.endswith("/bin/cuobjdump"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(zf.read(member))
+        target.chmod(target.stat().st_mode | stat.S_IXUSR)
+    return target
+
+
+def cross_check(tool: Path, version: str = "0.33.0") -> list[str]:
+    wheel = upstream.fetch(upstream.pick_wheel(upstream.listing("vllm"), "vllm", version))
+    rows = []
+    with zipfile.ZipFile(wheel) as zf, tempfile.TemporaryDirectory() as tmp:
+        for member in sorted(m for m in zf.namelist() if m.endswith(".so")):
+            path = Path(tmp) / Path(member).name
+            path.write_bytes(zf.read(member))
+            lib = wheelfacts.read_library(path, member)
+            mine = Counter({("cubin", k): n for k, n in lib.cubins.items()}) + \
+                Counter({("ptx", k): n for k, n in lib.ptx.items()})
+            out = subprocess.run([str(tool), "--list-elf", "--list-ptx", str(path)], capture_output=True, text=True,
+                                 timeout=600, check=False)
+            theirs = wheelfacts.cuobjdump_counts(out.stdout)
+            path.unlink()
+            if not mine and not theirs:
+                continue
+            same = "same" if mine == theirs else f"DIFFERENT (cuobjdump {dict(theirs)})"
+            rows.append(f"| {member} | {sum(mine.values())} | {lib.summary()} | {same} |")
+    return rows
+
+
+def timed(what: str, steps: list, fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    steps.append((what, time.perf_counter() - start))
+    return result
+
+
+def lmi(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = cli.main(list(argv))
+    return code, out.getvalue()
+
+
+def scratch() -> tuple[Path, Path]:
+    shutil.rmtree(SCRATCH / "work", ignore_errors=True)
+    work = SCRATCH / "work"
+    shutil.copytree(facts.DATA_DIR, work / "data")
+    text = (ROOT / "matrix.yaml").read_text()
+    text = text.replace("\nrepository: lmi-inference\n",
+                        "\nrepository: lmi-inference\ntemplates: ../../../templates\noutput: images\n", 1)
+    (work / "matrix.yaml").write_text(text)
+    shutil.copy(ROOT / "matrix.lock", work / "matrix.lock")
+    facts.DATA_DIR = work / "data"  # every reader of the facts in this process reads the scratch copy
+    facts.load.cache_clear()
+    return work, work / "matrix.yaml"
+
+
+def release_to_line(work: Path, matrix_path: Path) -> tuple[list, list[str], list[str]]:
+    steps: list = []
+    cache = work / "cache"  # cold: the wheels come from the index
+    report = timed("find new releases, fetch and read their wheels, write facts and the line", steps,
+                   upstream.run, data_dir=work / "data", matrix_path=matrix_path, cache=cache)
+    lines = re.findall(r"matrix: line (\S+) added", "\n".join(report))
+    outputs = []
+    for line in lines:
+        code, out = timed(f"lmi lock {line}-* (uv, then render)", steps, lmi, "--matrix", str(matrix_path), "lock",
+                          f"{line}-*")
+        outputs.append(f"lock {line}: exit {code}: " + " ".join(out.split())[-600:])
+    code, out = timed("lmi validate", steps, lmi, "--matrix", str(matrix_path), "validate")
+    outputs.append(f"validate: exit {code}: " + " ".join(out.split())[-300:])
+    return steps, report, outputs
+
+
+def forget(work: Path, vllm_version: str, torch_version: str) -> None:
+    """Take an earlier release (and the torch it pins) out of the scratch data, as if nobody had read it."""
+    for component, version in (("vllm", vllm_version), ("torch", torch_version)):
+        path = upstream.data_path(component, work / "data")
+        text = path.read_text()
+        records = upstream.derived_records(text)
+        records.pop(version, None)
+        if component == "vllm":  # the release entry `lmi facts add` wrote: its comment, its key, its body
+            lines = text.splitlines(keepends=True)
+            start = next(i for i, row in enumerate(lines) if re.match(rf"  # vllm {re.escape(version)}: written", row,
+                                                                        re.IGNORECASE))
+            end = start + 2
+            while end < len(lines) and lines[end].startswith("    "):
+                end += 1
+            text = "".join(lines[:start] + lines[end:])
+        path.write_text(upstream.with_derived(text, records))
+    facts.load.cache_clear()
+
+
+def earlier_line(work: Path, matrix_path: Path, version: str = "0.32.0", torch: str = "2.13.0") -> tuple:
+    """An earlier vLLM release nobody has read, to a locked line: its torch's facts, its own, the line, the lock."""
+    forget(work, version, torch)
+    steps: list = []
+    cache = work / "cache-earlier"  # cold
+    said = [upstream._said(timed(f"lmi facts add torch {torch} (fetch + read)", steps, upstream.add, "torch", torch,
+                                 cache=cache, data_dir=work / "data")),
+            upstream._said(timed(f"lmi facts add vllm {version} (fetch + read)", steps, upstream.add, "vllm",
+                                 version, cache=cache, data_dir=work / "data"))]
+    release = yaml.safe_load(upstream.data_path("vllm", work / "data").read_text())["releases"][version]
+    start = time.perf_counter()
+    text, line = upstream.matrix_line(matrix_path.read_text(), "vllm", version, release)
+    matrix_path.write_text(text)
+    refused = upstream.refused_families(matrix_path, line)
+    matrix_path.write_text(upstream.with_excludes(text, line, refused))
+    steps.append(("the matrix line, the rules' refusals as its excludes", time.perf_counter() - start))
+    outputs = []
+    code, out = timed(f"lmi lock {line}-* (uv, then render)", steps, lmi, "--matrix", str(matrix_path), "lock",
+                      f"{line}-*")
+    outputs.append(f"lock {line}: exit {code}: " + " ".join(out.split())[-600:])
+    code, out = timed("lmi validate", steps, lmi, "--matrix", str(matrix_path), "validate")
+    outputs.append(f"validate: exit {code}: " + " ".join(out.split())[-300:])
+    return steps, said + outputs, refused
+
+
+def verdicts(matrix_path: Path, line: str) -> list[str]:
+    f = facts.load()
+    rows = []
+    for image in matrix.load(matrix_path, f).images:
+        if image.line == line:
+            v = rules.evaluate(image.combo, f)
+            rows.append(f"{image.family}: ok" + (f" ({'; '.join(v.notes[:1])})" if v.notes else ""))
+    return rows
+
+
+def main() -> int:
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    tool = cuobjdump()
+    version = subprocess.run([str(tool), "--version"], capture_output=True, text=True, check=False).stdout
+    tool_version = (re.findall(r"V(\d+\.\d+\.\d+)", version) or ["?"])[-1]
+    t0 = time.perf_counter()
+    rows = cross_check(tool)
+    cross_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    drift, checked = verify.verify_derived(wheels=True)
+    verify_s = time.perf_counter() - t0
+    work, matrix_path = scratch()
+    steps, report, outputs = release_to_line(work, matrix_path)
+    new_lines = re.findall(r"matrix: line (\S+) added", "\n".join(report))
+    new_verdicts = {line: verdicts(matrix_path, line) for line in new_lines}
+    steps2, outputs2, refused2 = earlier_line(work, matrix_path)
+    early = verdicts(matrix_path, "vllm0.32")
+    total = sum(s for _, s in steps)
+
+    text = [MARKER, "",
+            f"{started}, {platform.node() or 'this machine'}, {os.cpu_count()} cores shared with other sessions; "
+            f"`make facts-upstream` (bench/upstream_bench.py). Index: {upstream._public(upstream.index_url())}.", "",
+            f"**cuobjdump {tool_version} (nvidia-cuda-cuobjdump wheel) vs the `.nv_fatbin` reader**, every library "
+            f"of vllm 0.33.0's wheel with device code ({cross_s:.1f} s):", "",
+            "| library | images | reader's summary | cuobjdump --list-elf --list-ptx |", "|---|---|---|---|", *rows, "",
+            f"**Re-derivation** (`lmi facts verify --wheels`' part, wheels cached): {checked} facts checked, "
+            f"{len(drift)} differ, {verify_s:.1f} s" + ("" if not drift else ": " + "; ".join(drift)), "",
+            f"**A new release on the index to a locked, rendered line** (cold wheel cache; wall clock "
+            f"{total:.1f} s):", "",
+            "| step | s |", "|---|---|", *[f"| {what} | {s:.1f} |" for what, s in steps], "",
+            *[f"- {line}" for line in report], *[f"- {o}" for o in outputs], ""]
+    for line, rows_ in new_verdicts.items():
+        text += [f"Families of {line} the rules accept: " + "; ".join(rows_), ""]
+    text += [f"**An earlier release (vLLM 0.32.0, pinning torch 2.13.0), read by nobody, to a locked, rendered "
+             f"line** (both taken out of the scratch data first; cold wheel cache; wall clock "
+             f"{sum(s for _, s in steps2):.1f} s):", "",
+             "| step | s |", "|---|---|", *[f"| {what} | {s:.1f} |" for what, s in steps2], "",
+             *[f"- {o}" for o in outputs2],
+             "- refused by the rules (excluded with the reason): "
+             + "; ".join(f"{k}: {v}" for k, v in refused2.items()),
+             "- accepted: " + "; ".join(early), ""]
+    write_section(MARKER, "\n".join(text))
+    print("\n".join(text))
+    return 1 if drift or any("DIFFERENT" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
