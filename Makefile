@@ -136,5 +136,12 @@ bench: engine ## measure render and build speed into bench/results.md
 	$(BIN)/python bench/render_bench.py
 	$(BIN)/python bench/build_bench.py
 
+# Time to first answer of a ~1 GB random model through the local CPU image's entrypoint, beside plain Transformers
+# in the same image (needs the image: make build INSTANCE=cpu MATRIX=tests/matrix.local.yaml); results in
+# bench/results.md.
+.PHONY: bench-cold-start
+bench-cold-start: engine ## time to first answer of a ~1 GB model: the image's entrypoint vs plain Transformers
+	$(BIN)/python bench/cold_start_bench.py
+
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

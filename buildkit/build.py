@@ -226,6 +226,7 @@ class Builder:
         self.ca = ca if ca and ca.is_file() else None
         if options.ca_bundle is not None and self.ca is None:
             raise UserError(f"{options.ca_bundle}: CA bundle not found; pass an existing file to --ca-bundle")
+        self.present: set[str] = set()  # content-hash tags the engine holds (asked once, in build_all)
         self.index_secret: Path | None = None
         if has_credentials(options.pip_index_url):
             # The URL with its credentials, readable by this user only, for the builds' secret mount.
@@ -237,6 +238,8 @@ class Builder:
 
     def build_all(self, work: list[tuple[PlannedImage, Path]]) -> list[Result]:
         results: dict[str, Result] = {}
+        if not self.options.force:  # one engine query for every image, not one per image
+            self.present = engine.present(self.sdk, [self._hash_ref(p) for p, _ in work])
         pool = ThreadPoolExecutor(max_workers=max(1, self.options.jobs), thread_name_prefix="lmi-build")
         futures: dict[Future, str] = {pool.submit(self._one, p, ctx): p.spec.id for p, ctx in work}
         try:
@@ -278,7 +281,7 @@ class Builder:
         repo = repository(spec, self.options.registry)
         if self.stopping.is_set():
             return Result(spec.id, "interrupted", reason="not started")
-        if not self.options.force and engine.image_exists(self.sdk, f"{repo}:{planned.hash_tag}"):
+        if not self.options.force and self._hash_ref(planned) in self.present:
             self.progress.finish(spec.id, "skipped", f"{repo}:{planned.hash_tag} exists")
             return Result(spec.id, "skipped", tags=tuple(f"{repo}:{t}" for t in planned.tags),
                           reason="content hash unchanged")
@@ -303,6 +306,9 @@ class Builder:
         tags = self._tag(image_id, repo, planned)
         self.progress.finish(spec.id, "built", f"{repo}:{spec.tag}")
         return Result(spec.id, "built", seconds, log, image_id, tags)
+
+    def _hash_ref(self, planned: PlannedImage) -> str:
+        return f"{repository(planned.spec, self.options.registry)}:{planned.hash_tag}"
 
     def _run(self, image_id: str, cmd: list[str], log: Path) -> int:
         with log.open("w", encoding="utf-8") as out:

@@ -171,6 +171,17 @@ def image_exists(client, ref: str) -> bool:
         return False
 
 
+def present(client, refs: list[str]) -> set[str]:
+    """Which of `refs` (name:tag) the engine holds, asked in one query (`docker images` with one reference
+    filter per ref) instead of one per ref. A ref the list does not name as written (e.g. spelled with
+    docker.io/) is asked alone, so the answer is image_exists' for every ref."""
+    wanted = sorted(set(refs))
+    if not wanted:
+        return set()
+    listed = {tag for image in client.api.images(filters={"reference": wanted}) for tag in image.get("RepoTags") or ()}
+    return {ref for ref in wanted if ref in listed or image_exists(client, ref)}
+
+
 def normalize(ref: str) -> str:
     """'ubuntu:24.04' -> 'library/ubuntu:24.04' (how registries and pull-through caches name them)."""
     name = ref.split("@")[0].rsplit(":", 1)[0]

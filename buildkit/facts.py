@@ -16,6 +16,9 @@ import yaml
 from . import versions
 
 DATA_DIR = Path(__file__).parent / "data"
+# libyaml's parser where PyYAML was built with it (the wheels are): the same safe constructor and resolver,
+# so the same values, parsed ~10x faster; the pure-Python parser otherwise.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -246,7 +249,7 @@ class Facts:
 
 def _read(name: str) -> dict:
     with (DATA_DIR / f"{name}.yaml").open(encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
+        return yaml.load(fh, Loader=_SAFE_LOADER)
 
 
 @functools.cache

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import jinja2
+from typing import TYPE_CHECKING
 
 from . import lock, profiles
 from .errors import UserError
 from .matrix import Matrix
 from .spec import ImageSpec, PlannedImage, content_hash
+
+if TYPE_CHECKING:
+    import jinja2
 
 # What a context holds comes from the image's profile (buildkit/profiles): its Dockerfile template (which
 # extends the core templates/Dockerfile.j2), further templates, and files copied verbatim (a handler, an
@@ -50,10 +53,13 @@ def shell_word(value: object) -> str:
     return shlex.quote(str(value))
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def label_value(value: object) -> str:
     """A double-quoted Dockerfile LABEL value: quotes, backslashes and $ escaped; no line breaks."""
     text = str(value)
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+    if _CONTROL.search(text):
         raise UserError(f"label value {text[:60]!r} holds a control character; fix the matrix or the facts")
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
 
@@ -66,8 +72,11 @@ class Renderer:
                  build_args: dict[str, str] | None = None) -> None:
         self.locks = locks
         self.build_args = dict(build_args or {})
+        self._verbatim: dict[Path, bytes] = {}
         if not templates_dir.is_dir():
             raise UserError(f"{templates_dir}: templates directory not found; set 'templates' in the matrix")
+        import jinja2  # here: commands that render nothing (validate, check, matrix) need no template engine
+
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(templates_dir)),
             undefined=jinja2.StrictUndefined,
@@ -81,6 +90,8 @@ class Renderer:
         self.env.filters["label"] = label_value
 
     def render(self, spec: ImageSpec) -> Context:
+        import jinja2
+
         profile = profiles.of(spec)
         files = {}
         for name, template in sorted({"Dockerfile": profile.DOCKERFILE, **profile.TEMPLATES}.items()):
@@ -93,7 +104,9 @@ class Renderer:
             files[name] = text.encode()
         files["image.json"] = (json.dumps(spec.claims(), indent=2, sort_keys=True) + "\n").encode()
         for name, source in profile.VERBATIM.items():
-            files[name] = source.read_bytes()
+            if source not in self._verbatim:  # read once per renderer, not once per image
+                self._verbatim[source] = source.read_bytes()
+            files[name] = self._verbatim[source]
         found = self.locks.current(spec, self.build_args) if self.locks else None
         if found:
             files.update(lock.context_files(found))

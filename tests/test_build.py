@@ -262,3 +262,33 @@ def test_client_without_buildkit_is_passed_over(local, tmp_path) -> None:
     assert f"{fake} (client 99.0.0): no buildx, and DOCKER_BUILDKIT=1 build failed: ERROR: BuildKit is enabled" \
         in forced.stderr
     assert "Install the buildx plugin" in forced.stderr
+
+
+def test_one_engine_query_tells_which_hash_tags_exist(repo) -> None:
+    """A no-op `lmi build` asks the engine once for every image's content-hash tag (engine.present), and its
+    answer is image_exists' for each ref, a ref spelled with docker.io/ included."""
+    from buildkit import engine
+
+    try:
+        engine.ensure_engine()
+    except engine.EngineError as exc:
+        pytest.skip(f"no docker engine can run here: {exc}")
+    sdk = engine.sdk()
+    image = sdk.images.build(fileobj=io.BytesIO(b"FROM scratch\nLABEL io.lmi.test=present\n"), rm=True)[0]
+    for tag in ("hash-a", "hash-b"):
+        image.tag(repo, tag)
+    other = f"{repo}-other"
+    image.tag(other, "hash-c")
+    try:
+        asked = [f"{repo}:hash-a", f"{repo}:hash-b", f"{repo}:hash-missing", f"docker.io/library/{other}:hash-c",
+                 f"{other}:hash-a"]
+        lists = []
+        listing = sdk.api.images
+        sdk.api.images = lambda **kw: lists.append(kw) or listing(**kw)
+        found = engine.present(sdk, asked)
+        assert len(lists) == 1, lists  # one listing for all of them
+        assert found == {f"{repo}:hash-a", f"{repo}:hash-b", f"docker.io/library/{other}:hash-c"}
+        assert found == {ref for ref in asked if engine.image_exists(sdk, ref)}
+        assert engine.present(sdk, []) == set()
+    finally:
+        docker("rmi", f"{other}:hash-c")

@@ -418,3 +418,18 @@ def test_hadolint_would_catch_a_bad_dockerfile(tmp_path) -> None:
     result = subprocess.run([str(HADOLINT), "--config", str(ROOT / ".hadolint.yaml"), str(bad)],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "DL3013" in result.stdout
+
+
+def test_validate_and_render_load_only_what_they_use() -> None:
+    """Start-up is most of `lmi validate` and `lmi render`: neither imports the docker SDK (nor requests),
+    and validate no template engine either. Each command runs in a fresh interpreter, as a user runs it."""
+    probe = ("import sys; from buildkit import cli; code = cli.main(sys.argv[1:]); "
+             "print('LOADED', ' '.join(m for m in ('docker', 'requests', 'jinja2') if m in sys.modules)); "
+             "sys.exit(code)")
+    loaded = {}
+    for command in (["validate"], ["render", "--check"]):
+        run = subprocess.run([sys.executable, "-c", probe, *command], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+        loaded[command[0]] = set(run.stdout.split("LOADED", 1)[1].split())
+    assert loaded == {"validate": set(), "render": {"jinja2"}}

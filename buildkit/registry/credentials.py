@@ -4,13 +4,13 @@
 
 from __future__ import annotations
 
-import docker.auth
-import docker.errors
-
 
 def stored_credentials(host: str) -> tuple[str, str] | None:
     """(user, password) stored for `host` (e.g. 127.0.0.1:5000), or None. An identity token (an OAuth
     refresh token some helpers store) is not a password for Basic auth or a token service: None."""
+    import docker.auth  # here: the docker SDK costs ~0.1 s to import, and most commands never ask
+    import docker.errors
+
     try:
         found = docker.auth.resolve_authconfig(docker.auth.load_config(), registry=host)
     except (docker.errors.DockerException, OSError, ValueError):
