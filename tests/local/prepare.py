@@ -158,7 +158,7 @@ def prepare(matrix_path: Path) -> dict:
     m = matrix.load(matrix_path, f)
     engine.ensure_engine()
     wanted = dict.fromkeys(ref for image in m.images
-                           for ref in ((image.bases or {}).values() or (f.systems[image.combo.os].image,)))
+                           for ref in (image.bases or (f.systems[image.combo.os].image,)))
     made = [ensure_base(ref, m.base_mirror or "lmi-local") for ref in wanted]
     url = urlparse(m.build_args.get("DJL_SERVING_URL", ""))
     versions = sorted({image.combo.part("djl") for image in m.images} - {None})
