@@ -113,7 +113,7 @@ GPU_MATRIX := tests/matrix.gpu-local.yaml
 test-gpu-stack: engine ## build and smoke-test the GPU images of tests/matrix.gpu-local.yaml; results in bench/results.md
 	$(BIN)/lmi --matrix $(GPU_MATRIX) validate
 	$(BIN)/python -m tests.local.prepare --matrix $(GPU_MATRIX) --serve 7200
-	set -o pipefail; $(BIN)/lmi --matrix $(GPU_MATRIX) build -j 1 --plain $(BUILD_FLAGS) | tee .lmi/gpu-stack-build.txt
+	mkdir -p .lmi; set -o pipefail; $(BIN)/lmi --matrix $(GPU_MATRIX) build -j 1 --plain $(BUILD_FLAGS) | tee .lmi/gpu-stack-build.txt
 	$(BIN)/lmi --matrix $(GPU_MATRIX) test --tier cpu,serving --junit .lmi/gpu-stack-junit.xml
 	$(BIN)/python bench/gpu_stack.py
 
@@ -123,7 +123,7 @@ VLLM_MATRIX := tests/matrix.vllm-local.yaml
 test-vllm: engine ## build the vLLM image of tests/matrix.vllm-local.yaml and run its CPU tier
 	$(BIN)/lmi --matrix $(VLLM_MATRIX) validate
 	$(BIN)/python -m tests.local.prepare --matrix $(VLLM_MATRIX)
-	set -o pipefail; $(BIN)/lmi --matrix $(VLLM_MATRIX) build --plain $(BUILD_FLAGS) | tee .lmi/vllm-build.txt
+	mkdir -p .lmi; set -o pipefail; $(BIN)/lmi --matrix $(VLLM_MATRIX) build --plain $(BUILD_FLAGS) | tee .lmi/vllm-build.txt
 	$(BIN)/lmi --matrix $(VLLM_MATRIX) test --tier cpu --junit .lmi/vllm-junit.xml
 
 # Real releases through `lmi facts add`: cuobjdump against the .nv_fatbin reader, every derived record re-read from
