@@ -50,8 +50,8 @@ vLLM, 0.34.0, is read and gets its line, but cannot be locked from PyPI: it pins
 PyPI does not have (recorded as not locked, with uv's reason). The newest torch, 2.15.0, is in the data (its
 PyPI wheel is cu132, Python 3.11-3.15); no vLLM pins it, and a line with it needs CUDA 13.2, which
 buildkit/data/cuda.yaml does not have (`lmi check` on a DeepSpeed line: "torch 2.15.0 has no cu130 wheel
-(published: cu132)", then "unknown cuda '13.2'"). Wall times include waiting on 2 cores shared with other
-sessions' builds."""
+(published: cu132)", then "unknown cuda '13.2'"). Wall times were measured while other sessions' jobs shared the
+2 cores."""
 
 
 def cuobjdump() -> Path:
