@@ -42,6 +42,16 @@ from buildkit import cli, facts, matrix, rules, upstream, verify, wheelfacts  # 
 
 SCRATCH = ROOT / ".lmi" / "upstream-bench"
 MARKER = "## Upstream releases to locked lines (issue #27)"
+READING = """Reading (of the 2026-12-07 runs): the reader and cuobjdump list the same images in every library; every
+derived record (vLLM 0.32.0 and 0.33.0, torch 2.13.0, 2.14.0 and 2.15.0) re-reads to itself and agrees with
+the hand-read entries it backs, after one correction the re-derivation found: torch 2.13's PyPI wheel is the
+cu130 build, without PTX (the data said pypi_variant null and "12.0+PTX", from RELEASE.md). The index's newest
+vLLM, 0.34.0, is read and gets its line, but cannot be locked from PyPI: it pins flashinfer-python==0.7.3, which
+PyPI does not have (recorded as not locked, with uv's reason). The newest torch, 2.15.0, is in the data (its
+PyPI wheel is cu132, Python 3.11-3.15); no vLLM pins it, and a line with it needs CUDA 13.2, which
+buildkit/data/cuda.yaml does not have (`lmi check` on a DeepSpeed line: "torch 2.15.0 has no cu130 wheel
+(published: cu132)", then "unknown cuda '13.2'"). Wall times were measured while other sessions' jobs shared the
+2 cores."""
 
 
 def cuobjdump() -> Path:
@@ -90,7 +100,7 @@ def lmi(*argv: str) -> tuple[int, str]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         code = cli.main(list(argv))
-    return code, out.getvalue()
+    return code, out.getvalue().replace(str(ROOT) + "/", "")  # no paths of this machine in bench/results.md
 
 
 def scratch() -> tuple[Path, Path]:
@@ -219,6 +229,7 @@ def main() -> int:
              "- refused by the rules (excluded with the reason): "
              + "; ".join(f"{k}: {v}" for k, v in refused2.items()),
              "- accepted: " + "; ".join(early), ""]
+    text += [READING, ""]
     write_section(MARKER, "\n".join(text))
     print("\n".join(text))
     return 1 if drift or any("DIFFERENT" in r for r in rows) else 0
