@@ -571,8 +571,10 @@ class Service:
         import torch
 
         device = self.engine.module.device if hasattr(self.engine.module, "device") else "cpu"
-        encoded = self.tokenizer.pad({"input_ids": [list(i) for i in ids]}, return_tensors="pt")
-        batch = {k: encoded[k].to(device) for k in ("input_ids", "attention_mask")}
+        longest, pad = max(len(i) for i in ids), self.tokenizer.pad_token_id
+        batch = {"input_ids": torch.tensor([[pad] * (longest - len(i)) + list(i) for i in ids], device=device),
+                 "attention_mask": torch.tensor([[0] * (longest - len(i)) + [1] * len(i) for i in ids],
+                                                device=device)}
         kwargs = {"max_new_tokens": params["max_new_tokens"], "pad_token_id": self.tokenizer.pad_token_id,
                   "do_sample": params.get("do_sample", False)}
         for key in ("temperature", "top_k", "top_p", "repetition_penalty"):
