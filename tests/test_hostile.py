@@ -268,6 +268,7 @@ def test_two_ranks_answer_a_batch_mixing_good_and_hostile_requests_and_stay_in_s
         assert results[1][1] == {"error": "the body is nested deeper than option.max_body_depth=16", "code": 400}
         assert results[2][1]["code"] == 400 and "over the model's 128 positions" in results[2][1]["error"]
         log = server.log.read_text()
+        assert "a batch of 4 requests" in log, log[-3000:]
         assert "batch_size" not in log or "Batch output size mismatch" not in log
         assert "RecursionError" not in log and "Traceback" not in log, log[-3000:]
         start = time.monotonic()

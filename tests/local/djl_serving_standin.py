@@ -231,6 +231,7 @@ class Batcher:
     def _call(self, items):
         if len(items) == 1:
             return [self.ranks.call(items[0][0], items[0][1])]
+        log(f"a batch of {len(items)} requests")
         properties, content = {"batch_size": str(len(items))}, []
         for i, (props, pairs, _) in enumerate(items):
             properties.update({f"batch_{i:03d}.{k}": v for k, v in props.items()})
