@@ -10,6 +10,7 @@ import json
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 from test_handler import PROMPTS, STANDIN_LIB, TOKENS, Standin, _need_mpirun, _post
@@ -282,24 +283,39 @@ def test_two_ranks_answer_a_batch_mixing_good_and_hostile_requests_and_stay_in_s
         status, answer = _post(server.port, DEEP)
         assert status == 400 and "nested deeper" in answer["error"]
         assert time.monotonic() - start < 20
-        status, answer = _post(server.port, {"inputs": PROMPTS[2], "parameters": params})
-        assert (status, answer) == (200, {"generated_text": tiny["reference"][2]})
+        # A batch_size header (a property, as DJL makes headers; here through SageMaker's custom attributes
+        # too) does not make a single request a batch of millions.
+        for header in ({"batch_size": "5000000"}, {"X-Amzn-SageMaker-Custom-Attributes": "batch_size=5000000"}):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{server.port}/invocations", method="POST",
+                data=json.dumps({"inputs": PROMPTS[2], "parameters": params}).encode(),
+                headers={"Content-Type": "application/json", **header})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                assert json.loads(response.read()) == {"generated_text": tiny["reference"][2]}
     finally:
         server.stop()
 
 
-def test_a_model_directory_with_code_fails_the_load_in_one_line(tiny, tmp_path) -> None:
+@pytest.mark.parametrize("version", ["0.27.0", "0.36.0"])
+def test_a_model_directory_with_code_fails_the_load_in_one_line(tiny, tmp_path, version) -> None:
+    """A transformers.py in the model directory would run instead of Transformers (DJL puts the directory on
+    PYTHONPATH): refused before the handler imports it. model.py is refused too, but DJL 0.29+ imports it at
+    the worker's start, before the handler's first call: there the handler can refuse to serve, not stop
+    it running (docs/handler.md)."""
     import shutil
 
     model = tmp_path / "src"
     shutil.copytree(tiny["dir"], model)
     (model / "transformers.py").write_text("raise SystemExit('shadowed')\n")
-    server = Standin(str(model), "engine=Python\noption.entryPoint=lmi_deepspeed\n", tmp_path, version="0.36.0",
+    marker = tmp_path / "model-py-ran"
+    (model / "model.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    server = Standin(str(model), "engine=Python\noption.entryPoint=lmi_deepspeed\n", tmp_path, version=version,
                      DJL_STANDIN_GPUS="0")
     try:
         log = server.failed_load()
         assert "Failed to initialize model: lmi_deepspeed: the model directory holds Python that would run in " \
-               "the server" in log and "transformers.py" in log, log[-3000:]
+               "the server" in log and "model.py" in log and "transformers.py" in log, log[-3000:]
         assert "shadowed" not in log
+        assert marker.exists() is (version == "0.36.0")
     finally:
         server.stop()
