@@ -73,7 +73,8 @@ class Conn:
         return None if n < 0 else self._read(n).decode("utf-8")
 
     def send(self, properties: dict, content: list) -> None:
-        self.sock.sendall(encode(properties, content))
+        # PyProcess.sendRequest names the handler function on every Input (PyEnv: "handle").
+        self.sock.sendall(encode({**properties, "handler": properties.get("handler", "handle")}, content))
 
     def receive(self, timeout: float) -> dict:
         self.sock.settimeout(timeout)
