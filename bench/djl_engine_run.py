@@ -4,12 +4,13 @@ tag into a directory of your own; DJL's code is never committed here), driving i
 (Connection.java, PyProcess.java, PyPredictor.java at v0.27.0 and v0.36.0): the engine started under `mpirun`
 with MASTER_ADDR/MASTER_PORT and PYTHONPATH = the handler, DJL's engine directory, the model directory; unix
 sockets `<name>.<rank>`; the load (an empty Input with the options) sent to every rank; requests to rank 0
-only (passive workers); a batch encoded as PyPredictor.batchPredict encodes it; HTTP requests as
-RequestParser.parseRequest makes Inputs of them (query parameters, then the body as "data"; headers as
-properties). The wire format is the one Connection.java's InputEncoder/OutputDecoder and djl_python's
-inputs.py/outputs.py speak: big-endian shorts and ints, UTF-8 strings with an int length.
+only (passive workers, 0.30+) or to every rank with the last rank's answer returned (older DJL); a batch
+encoded as PyPredictor.batchPredict encodes it; HTTP requests as RequestParser.parseRequest makes Inputs of
+them (query parameters, then the body as "data"; headers as properties). The wire format is the one
+Connection.java's InputEncoder/OutputDecoder and djl_python's inputs.py/outputs.py speak: big-endian shorts
+and ints, UTF-8 strings with an int length.
 
-    python bench/djl_engine_run.py DJL_SETUP_DIR [--ranks 2]
+    python bench/djl_engine_run.py DJL_SETUP_DIR [--ranks 2] [--routing rank-0|every-rank]
 
 where DJL_SETUP_DIR holds `djl_python_engine.py` and `djl_python/` (e.g. `git archive v0.36.0
 engines/python/setup`, with the `__version__ = "0.36.0"` line DJL's setup.py appends to djl_python/__init__.py
@@ -116,6 +117,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("setup")
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--routing", choices=("rank-0", "every-rank"), default="rank-0",
+                        help="rank-0: passive workers (DJL >= 0.30); every-rank: older DJL, the last rank's answer")
     args = parser.parse_args()
     from buildkit import incheck
 
@@ -147,11 +150,14 @@ def main() -> None:
         assert all(r["code"] < 300 for r in loaded), loaded
         good = [lm(p, max_new_tokens=12) for p in prompts]
 
+        targets = conns[:1] if args.routing == "rank-0" else conns
+
         def ask(properties, content, timeout=120.0):
             start = time.monotonic()
-            conns[0].send(properties, content)  # passive workers: rank 0 only
-            reply = conns[0].receive(timeout)
-            return reply, time.monotonic() - start
+            for conn in targets:  # passive workers: rank 0 only; else every rank (PyProcess.predictStandard)
+                conn.send(properties, content)
+            replies = [conn.receive(timeout) for conn in targets]
+            return replies[-1], time.monotonic() - start  # the last rank's answer counts
 
         def answer(reply, i=None):
             pairs = reply["content"] if i is None else [(k, v) for k, v in reply["content"]
@@ -211,7 +217,8 @@ def main() -> None:
         os.killpg(proc.pid, 15)
         proc.wait(30)
     passed = sum(ok for _, ok in results)
-    print(f"{args.setup}: {passed} of {len(results)} cases handled as promised, {args.ranks} rank(s)")
+    print(f"{args.setup}: {passed} of {len(results)} cases handled as promised, {args.ranks} rank(s), "
+          f"routing {args.routing}")
 
 
 if __name__ == "__main__":
