@@ -43,8 +43,9 @@ Bounds, each checked on rank 0 before any work (a request over one is a 400 nami
                                     and a request over it alone is refused (default 8 x the positions)
     option.max_body_bytes           bytes of a body (default: what max_prompts x max_prompt_chars can need)
     option.max_body_depth           nesting of a JSON body (default 16)
-    option.max_batch_size           requests in a DJL batch (default: DJL's batch_size where it passes it, else
-                                    32); an Input claiming more, or a batch_size header, is not a batch
+    option.max_batch_size           requests in a DJL batch (default 999, DJL's own limit; DJL does not pass
+                                    its batch_size to the handler); an Input claiming more is refused, and a
+                                    batch_size header without DJL's batch keys is one request
 Requests, in the LMI shape: {"inputs": "text" | ["text", ...], "parameters": {...}} -> {"generated_text":
 "..."} or a list of them; a text/* body is the prompt itself; the body is DJL's "data" entry that came from the
 HTTP body (never a query parameter of the same name). Parameters: max_new_tokens, do_sample,
@@ -827,7 +828,10 @@ _load_error: str | None = None
 
 
 _BATCH_KEY = re.compile(r"batch_(\d{3,})\.")
-_max_batch_size = 32  # set at the load from option.max_batch_size or DJL's batch_size
+# DJL's batch prefixes have three digits (PyPredictor.batchPredict: "max 999 batch size"), and DJL passes the
+# handler only option.* keys (ModelInfo), not batch_size: option.max_batch_size bounds it lower.
+MAX_BATCH_SIZE = 999
+_max_batch_size = MAX_BATCH_SIZE  # set at the load from option.max_batch_size
 
 
 def _batch_size(inputs) -> int:
@@ -917,7 +921,7 @@ def handle(inputs):
         try:
             props = inputs.get_properties()
             check_model_dir(props)  # before the first import a model directory could shadow
-            _max_batch_size = _int(props, "max_batch_size", int(str(props.get("batch_size", 32)).strip() or 32))
+            _max_batch_size = _int(props, "max_batch_size", MAX_BATCH_SIZE)
             import torch
 
             service = start(props)
