@@ -61,7 +61,12 @@ CHILD = textwrap.dedent("""
                 os._exit(0)
 
     threading.Thread(target=watchdog, daemon=True).start()
-    out = handler.handle(Input(properties, content))
+    try:
+        out = handler.handle(Input(properties, content))
+    except Exception as exc:  # DJL answers a raising handler 424 (handler_exception)
+        print(json.dumps({{"s": time.monotonic() - start, "mib": peak_mib() - base,
+                          "code": "424 (raised " + type(exc).__name__ + ")"}}), flush=True)
+        sys.exit(0)
     took = time.monotonic() - start
     body = out.content.value_at(0) if out is not None and out.content.pairs else b""
     print(json.dumps({{"s": took, "mib": peak_mib() - base, "code": out.code if out is not None else None,
