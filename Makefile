@@ -24,7 +24,7 @@ REGISTRY ?= oci://127.0.0.1:5000
 LOCAL := $(findstring local,$(notdir $(MATRIX)))
 WHEELHOUSE ?= $(if $(findstring matrix.local,$(MATRIX)),$(firstword $(PIP_FIND_LINKS)))
 
-.PHONY: help venv mpi engine registry build test-images push lock render validate plan lint test test-e2e test-gpu-stack test-vllm facts-upstream bench clean
+.PHONY: help venv mpi engine registry build test-images push lock render validate plan lint test test-e2e test-gpu-stack test-vllm facts-upstream bench bench-hostile clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -142,6 +142,9 @@ bench: engine ## measure render and build speed into bench/results.md
 .PHONY: bench-cold-start
 bench-cold-start: engine ## time to first answer of a ~1 GB model: the image's entrypoint vs plain Transformers
 	$(BIN)/python bench/cold_start_bench.py
+
+bench-hostile: venv ## what hostile requests cost the handler before and after its bounds, into bench/results.md
+	$(BIN)/python bench/hostile_bench.py
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -532,6 +532,15 @@ def test_the_image_serves_passive_ranks_and_one_process_without_a_gpu(local_imag
                      for prompt, query in requests]
             answers = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
             assert answers == [{"generated_text": t} for t in tiny["reference"][:len(requests)]], name
+            # A hostile request through the entrypoint: a body nested 988 deep (a RecursionError on one rank
+            # once put the ranks out of step) behind a ?data= query; then a good one answers at once.
+            hostile = docker("exec", container, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X",
+                             "POST", "-H", "Content-Type: application/json", "-d", "[" * 988 + "]" * 988,
+                             "http://127.0.0.1:8080/invocations?data=x")
+            assert hostile.stdout.strip() == "400", (hostile.stdout, hostile.stderr)
+            again = docker("exec", container, *curl, json.dumps({"inputs": PROMPTS[0], "parameters": params}),
+                           "--max-time", "60", "http://127.0.0.1:8080/invocations")
+            assert json.loads(again.stdout) == {"generated_text": tiny["reference"][0]}, name
             logs = docker("logs", container).stderr
             started = "starting 2 rank(s) (passive workers): mpirun -np 2" if name == "two" else "starting 1 rank(s): "
             assert started in logs, logs[-2000:]

@@ -32,11 +32,27 @@ serving.properties options of the DeepSpeed way (DJL passes them without the `op
     option.max_new_tokens           default and upper bound of a request's max_new_tokens (default 256)
     option.kernel_injection         auto | true | false (default auto)
     option.trust_remote_code        false (a model's own code is never run)
+    option.allow_model_code         false: a model directory holding Python that would shadow the handler's
+                                    imports, or a model.py DJL imports, is refused (true: served anyway)
+Bounds, each checked on rank 0 before any work (a request over one is a 400 naming the option):
+    option.max_prompt_tokens        tokens of a prompt; prompt + max_new_tokens <= the model's positions
+                                    (default: the positions, max_position_embeddings or the like)
+    option.max_prompt_chars         characters of a prompt (default 32 x the positions)
+    option.max_prompts              prompts per request (default 16)
+    option.max_batch_tokens         padded tokens (prompt + new) of one generate call; larger batches are split
+                                    and a request over it alone is refused (default 8 x the positions)
+    option.max_body_bytes           bytes of a body (default: what max_prompts x max_prompt_chars can need)
+    option.max_body_depth           nesting of a JSON body (default 16)
+    option.max_batch_size           requests in a DJL batch (default 999, DJL's own limit; DJL does not pass
+                                    its batch_size to the handler); an Input claiming more is refused, and a
+                                    batch_size header without DJL's batch keys is one request
 Requests, in the LMI shape: {"inputs": "text" | ["text", ...], "parameters": {...}} -> {"generated_text":
-"..."} or a list of them; a text/* body is the prompt itself. Parameters: max_new_tokens, do_sample,
+"..."} or a list of them; a text/* body is the prompt itself; the body is DJL's "data" entry that came from the
+HTTP body (never a query parameter of the same name). Parameters: max_new_tokens, do_sample,
 temperature, top_k, top_p, repetition_penalty, seed, return_full_text. A bad request is answered 400 with a
-message; a bad option fails the model load with one line naming it (DJL logs "Failed to initialize model:
-<that line>").
+message (in a DJL batch every request shares the batch's HTTP status, so a bad request's own answer is its JSON
+{"error", "code": 400}); only a failure of the model itself is a 424. A bad option fails the model load with
+one line naming it (DJL logs "Failed to initialize model: <that line>").
 
 Importing this module costs nothing: torch, Transformers and DeepSpeed load with the model.
 """
@@ -46,6 +62,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import re
 import socket
 import threading
 import traceback
@@ -60,6 +78,10 @@ DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32
 # the same set from 0.12 to 0.19). Others are partitioned with AutoTP.
 KERNEL_INJECTION_MODELS = frozenset({"bert", "bloom", "distilbert", "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama",
                                      "megatron-bert", "opt"})
+MAX_SEED = 2**63 - 1  # torch.manual_seed refuses larger seeds
+# A JSON string (escapes included) or a bracket: the tokens that decide a body's nesting depth.
+_JSON_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 PARAMETERS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
               "return_full_text"}
 # DJL's own properties, passed beside the model's options; not ours to check.
@@ -81,6 +103,59 @@ class RequestError(ValueError):
         super().__init__(message)
         self.code = code
 
+    def __reduce__(self):  # broadcast from rank 0 with its code
+        return type(self), (str(self), self.code)
+
+
+def model_error(exc: BaseException) -> RequestError:
+    """A failure of the model itself while answering: a 424 for the requests it was answering, one line."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return RequestError(f"the model failed: {type(exc).__name__}: {first}", 424)
+
+
+def loads_bounded(data: bytes, max_depth: int, max_bytes: int):
+    """A JSON body -> its value, or RequestError(400): over max_bytes, not UTF-8, nested deeper than
+    max_depth (counted before parsing, so json.loads never recurses deeper), not JSON, or a string holding a
+    lone surrogate. The same on any thread, whatever its stack."""
+    if len(data) > max_bytes:
+        raise RequestError(f"the body is {len(data)} bytes, over option.max_body_bytes={max_bytes}", 413)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError("the body is not UTF-8 text") from None
+    depth = 0
+    for token in _JSON_TOKENS.finditer(text):
+        c = token.group()
+        if c in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise RequestError(f"the body is nested deeper than option.max_body_depth={max_depth}")
+        elif c in "]}":
+            depth -= 1
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise RequestError("the body is not JSON") from None
+    _no_surrogates(value)
+    return value
+
+
+def _no_surrogates(value) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError("the body holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is no "
+                                   "character; send valid Unicode") from None
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
 
 @dataclass(frozen=True)
 class Request:
@@ -91,23 +166,27 @@ class Request:
     content_type: str = ""
     accept: str = ""
 
-    def json(self):
-        """The body as JSON, or RequestError(400)."""
-        try:
-            return json.loads(self.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise RequestError("the body is not JSON") from None
+    def json(self, max_depth: int = 16, max_bytes: int = 1 << 20):
+        """The body as JSON (bounded: see loads_bounded), or RequestError."""
+        return loads_bounded(self.body, max_depth, max_bytes)
 
-    def text(self) -> str:
-        """The body as UTF-8 text, or RequestError(400)."""
+    def text(self, max_bytes: int = 1 << 20) -> str:
+        """The body as UTF-8 text, or RequestError."""
+        if len(self.body) > max_bytes:
+            raise RequestError(f"the body is {len(self.body)} bytes, over option.max_body_bytes={max_bytes}", 413)
         try:
             return self.body.decode("utf-8")
         except UnicodeDecodeError:
             raise RequestError("the body is not UTF-8 text") from None
 
-    def lmi(self):
+    def lmi(self, max_depth: int = 16, max_bytes: int = 1 << 20):
         """The body in the LMI shape: a text/* body is the prompt ({"inputs": text}), anything else JSON."""
-        return {"inputs": self.text()} if self.content_type.startswith("text/") else self.json()
+        if self.content_type in FORM_TYPES:
+            raise RequestError(f"cannot read Content-Type {self.content_type}; send application/json or "
+                               "text/plain", 415)
+        if self.content_type.startswith("text/"):
+            return {"inputs": self.text(max_bytes)}
+        return self.json(max_depth, max_bytes)
 
 
 @dataclass(frozen=True)
@@ -125,6 +204,61 @@ class Options:
     dtype: str
     max_new_tokens: int
     kernel_injection: str  # auto | true | false
+    limits: dict = None  # bound options given in serving.properties ({} where derived from the model)
+
+
+LIMIT_OPTIONS = ("max_prompt_tokens", "max_prompt_chars", "max_prompts", "max_batch_tokens", "max_body_bytes",
+                 "max_body_depth", "max_batch_size")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds a request is checked against before any work; see the module's docstring."""
+
+    positions: int  # the model's positions: prompt + new tokens must fit
+    max_prompt_tokens: int
+    max_prompt_chars: int
+    max_prompts: int
+    max_batch_tokens: int
+    max_body_bytes: int
+    max_body_depth: int
+    max_new_tokens: int
+
+
+def model_positions(config, tokenizer=None) -> int:
+    """How many positions (prompt + generated tokens) the model takes, from its config; a tokenizer's
+    model_max_length where the config names none."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 1 << 24 else 2048
+
+
+def make_limits(options: Options, positions: int) -> Limits:
+    """The bounds for a model of `positions` positions: options where given, else derived from it."""
+    given = options.limits or {}
+    max_new = options.max_new_tokens
+    if max_new >= positions:
+        if "max_new_tokens" in given:
+            raise OptionError(f"option.max_new_tokens={max_new}: the model has {positions} positions for prompt "
+                              "and new tokens together; set it lower")
+        max_new = max(1, positions // 2)  # the default, on a model with few positions
+    prompt_tokens = given.get("max_prompt_tokens", positions - 1)
+    if prompt_tokens >= positions:
+        raise OptionError(f"option.max_prompt_tokens={prompt_tokens}: the model has {positions} positions")
+    chars = given.get("max_prompt_chars", 32 * positions)
+    prompts = given.get("max_prompts", 16)
+    return Limits(positions=positions, max_prompt_tokens=prompt_tokens, max_prompt_chars=chars,
+                  max_prompts=prompts, max_batch_tokens=given.get("max_batch_tokens", 8 * positions),
+                  max_body_bytes=given.get("max_body_bytes", 6 * chars * prompts + 65536),
+                  max_body_depth=given.get("max_body_depth", 16), max_new_tokens=max_new)
+
+
+def parse_limit_options(props: dict) -> dict:
+    """The bound options serving.properties gives (whole numbers >= 1), or OptionError."""
+    return {key: _int(props, key, 1) for key in (*LIMIT_OPTIONS, "max_new_tokens") if key in props}
 
 
 def _int(props: dict, key: str, default: int, low: int = 1) -> int:
@@ -187,28 +321,36 @@ def parse_options(props: dict, world_size: int, cuda: bool) -> Options:
     if str(props.get("trust_remote_code", "false")).strip().lower() not in ("false", "0", ""):
         raise OptionError("option.trust_remote_code: this handler never runs a model's own code; remove the option")
     return Options(model_dir=model_dir, tensor_parallel_degree=tp, dtype=dtype,
-                   max_new_tokens=_int(props, "max_new_tokens", 256), kernel_injection=inject)
+                   max_new_tokens=_int(props, "max_new_tokens", 256), kernel_injection=inject,
+                   limits=parse_limit_options(props))
 
 
-def parse_request(body, max_new_tokens: int) -> tuple[list[str], dict, bool]:
-    """An LMI request -> (prompts, generation parameters, whether the answer is a list)."""
+def parse_request(body, max_new_tokens: int, max_prompts: int = 16,
+                  max_prompt_chars: int = 1 << 20) -> tuple[list[str], dict, bool]:
+    """An LMI request -> (prompts, generation parameters, whether the answer is a list), checked against the
+    bounds that need no tokenizer; RequestError(400) otherwise."""
     if not isinstance(body, dict):
         raise RequestError('the body must be a JSON object: {"inputs": "...", "parameters": {...}}')
     unknown = sorted(set(body) - {"inputs", "parameters"})
     if unknown:
-        raise RequestError(f"unknown field(s) {', '.join(unknown)}: a request has 'inputs' and 'parameters'")
+        raise RequestError(f"unknown field(s) {', '.join(unknown)[:200]}: a request has 'inputs' and 'parameters'")
     inputs = body.get("inputs")
     is_list = isinstance(inputs, list)
     prompts = inputs if is_list else [inputs]
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise RequestError("'inputs' must be a non-empty string or a non-empty list of non-empty strings")
+    if len(prompts) > max_prompts:
+        raise RequestError(f"{len(prompts)} prompts, over option.max_prompts={max_prompts}")
+    longest = max(len(p) for p in prompts)
+    if longest > max_prompt_chars:
+        raise RequestError(f"a prompt of {longest} characters, over option.max_prompt_chars={max_prompt_chars}")
     params = body.get("parameters")
     params = {} if params is None else params
     if not isinstance(params, dict):
         raise RequestError("'parameters' must be a JSON object")
     unknown = sorted(set(params) - PARAMETERS)
     if unknown:
-        raise RequestError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(PARAMETERS))}")
+        raise RequestError(f"unknown parameter(s) {', '.join(unknown)[:200]}; known: {', '.join(sorted(PARAMETERS))}")
     out = {"max_new_tokens": params.get("max_new_tokens", min(max_new_tokens, 32))}
     n = out["max_new_tokens"]
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_new_tokens:
@@ -222,11 +364,30 @@ def parse_request(body, max_new_tokens: int) -> tuple[list[str], dict, bool]:
             value = params[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
                 raise RequestError(f"{key} must be a number in ({low:g}, {high:g}]")
-    for key in ("top_k", "seed"):
-        if key in params and (isinstance(params[key], bool) or not isinstance(params[key], int) or params[key] < 0):
-            raise RequestError(f"{key} must be a whole number >= 0")
-    out.update({k: v for k, v in params.items() if k != "max_new_tokens"})
+            out[key] = float(value)  # Transformers wants floats: a JSON 1 is 1.0
+    if "top_k" in params:
+        value = params["top_k"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1 << 20:
+            raise RequestError("top_k must be a whole number from 0 to 1048576")
+        out["top_k"] = value
+    if "seed" in params:
+        value = params["seed"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+            raise RequestError(f"seed must be a whole number from 0 to {MAX_SEED}")
+        out["seed"] = value
+    out.update({k: params[k] for k in ("do_sample", "return_full_text") if k in params})
     return prompts, out, is_list
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request checked on rank 0, as every rank runs it: its prompts' token ids (no parsing left to do),
+    its generation parameters (a sampling request carries the seed rank 0 chose), whether it answers a list."""
+
+    prompts: tuple
+    ids: tuple  # one tuple of token ids per prompt
+    params: dict
+    is_list: bool
 
 
 def _rank_environment() -> tuple[int, int, int]:
@@ -321,6 +482,7 @@ class Service:
         self.options = parse_options(props, _rank_environment()[1], cuda)
         self.cuda = cuda
         self.engine = self.tokenizer = None
+        self.limits: Limits | None = None
         self.injected = False
 
     def load(self) -> Service:
@@ -345,6 +507,7 @@ class Service:
         if sliced:
             _gpt2_after_slicing(self.engine.module)
         self.tokenizer = tokenizer
+        self.limits = make_limits(o, model_positions(config, tokenizer))
         how = "kernel injection" if self.injected else "tensor slicing policy" if sliced else "AutoTP"
         log.info("lmi_deepspeed: %s (%s) on %d rank(s), %s, %s", o.model_dir, config.model_type,
                  o.tensor_parallel_degree, o.dtype, how)
@@ -370,12 +533,49 @@ class Service:
             raise OptionError(f"option.kernel_injection=true: {reason}")
         return reason is None
 
-    def generate(self, prompts: list[str], params: dict) -> list[str]:
+    def prepare(self, request: Request) -> Job:
+        """Rank 0's decision on one request: parsed, checked against every bound, tokenized; or RequestError.
+        Nothing here touches the model, so nothing here needs the other ranks."""
+        lim = self.limits
+        body = request.lmi(lim.max_body_depth, lim.max_body_bytes)
+        prompts, params, is_list = parse_request(body, lim.max_new_tokens, lim.max_prompts, lim.max_prompt_chars)
+        ids = tuple(tuple(self.tokenizer(p)["input_ids"]) for p in prompts)
+        longest = max(len(i) for i in ids)
+        if longest > lim.max_prompt_tokens:
+            raise RequestError(f"a prompt of {longest} tokens, over option.max_prompt_tokens={lim.max_prompt_tokens}")
+        if longest + params["max_new_tokens"] > lim.positions:
+            raise RequestError(f"a prompt of {longest} tokens + max_new_tokens {params['max_new_tokens']} is over "
+                               f"the model's {lim.positions} positions; send a shorter prompt or ask fewer tokens")
+        if len(ids) * (longest + params["max_new_tokens"]) > lim.max_batch_tokens:
+            raise RequestError(f"{len(ids)} prompt(s) x ({longest} + {params['max_new_tokens']}) tokens, over "
+                               f"option.max_batch_tokens={lim.max_batch_tokens}")
+        if params.get("do_sample") and "seed" not in params:
+            params["seed"] = random.randrange(MAX_SEED)  # chosen once, on rank 0: every rank draws the same
+        return Job(tuple(prompts), ids, params, is_list)
+
+    def prepare_all(self, requests: list[Request]) -> list:
+        """One Job or RequestError per request: whatever a request holds, it refuses only itself."""
+        jobs: list = []
+        for request in requests:
+            try:
+                jobs.append(self.prepare(request))
+            except RequestError as exc:
+                jobs.append(exc)
+            except Exception as exc:  # an input no check foresaw (e.g. one the tokenizer fails on): still its own
+                log.warning("lmi_deepspeed: a request was refused:\n%s", traceback.format_exc())
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                jobs.append(RequestError(f"the request could not be read: {type(exc).__name__}: {first}"))
+        return jobs
+
+    def generate(self, ids: list, params: dict) -> list[str]:
+        """Continuations of the token id sequences `ids` (padded on the left, together), greedy or seeded."""
         import torch
 
         device = self.engine.module.device if hasattr(self.engine.module, "device") else "cpu"
-        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
-        batch = {k: encoded[k].to(device) for k in ("input_ids", "attention_mask")}
+        longest, pad = max(len(i) for i in ids), self.tokenizer.pad_token_id
+        batch = {"input_ids": torch.tensor([[pad] * (longest - len(i)) + list(i) for i in ids], device=device),
+                 "attention_mask": torch.tensor([[0] * (longest - len(i)) + [1] * len(i) for i in ids],
+                                                device=device)}
         kwargs = {"max_new_tokens": params["max_new_tokens"], "pad_token_id": self.tokenizer.pad_token_id,
                   "do_sample": params.get("do_sample", False)}
         for key in ("temperature", "top_k", "top_p", "repetition_penalty"):
@@ -383,43 +583,122 @@ class Service:
                 kwargs[key] = params[key]
         if kwargs["do_sample"]:
             # Every rank samples the same token only if every rank draws the same numbers.
-            torch.manual_seed(params.get("seed", 0))
+            torch.manual_seed(params["seed"])
         with torch.no_grad():
             out = self.engine.module.generate(**batch, **kwargs)
         new = out[:, batch["input_ids"].shape[1]:]
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        if params.get("return_full_text"):
-            texts = [p + t for p, t in zip(prompts, texts, strict=True)]
-        return texts
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def calls(self, jobs: list) -> list[list[int]]:
+        """Which jobs are generated together: greedy jobs with equal parameters, in chunks within
+        option.max_batch_tokens; a sampling job alone (its answer must not depend on the batch)."""
+        groups: dict[str, list[int]] = {}
+        for i, job in enumerate(jobs):
+            if isinstance(job, Job):
+                key = f"alone-{i}" if job.params.get("do_sample") else json.dumps(job.params, sort_keys=True)
+                groups.setdefault(key, []).append(i)
+        calls = []
+        for members in groups.values():
+            chunk: list[int] = []
+            for i in members:
+                trial = chunk + [i]
+                n = sum(len(jobs[j].ids) for j in trial)
+                longest = max(len(x) for j in trial for x in jobs[j].ids)
+                if chunk and n * (longest + jobs[i].params["max_new_tokens"]) > self.limits.max_batch_tokens:
+                    calls.append(chunk)
+                    trial = [i]
+                chunk = trial
+            calls.append(chunk)
+        return calls
+
+    def run(self, jobs: list) -> list:
+        """One answer per Job (a RequestError passes through), the same generate calls on every rank. A call
+        that fails is the model's failure: a 424 for its own requests only."""
+        texts: dict[int, list[str]] = {}
+        failed: dict[int, RequestError] = {}
+        for members in self.calls(jobs):
+            ids = [x for i in members for x in jobs[i].ids]
+            try:
+                generated = iter(self.generate(ids, jobs[members[0]].params))
+            except Exception as exc:
+                log.error("lmi_deepspeed: generate failed:\n%s", traceback.format_exc())
+                failed.update({i: model_error(exc) for i in members})
+                continue
+            for i in members:
+                texts[i] = [next(generated) for _ in jobs[i].ids]
+        answers: list = []
+        for i, job in enumerate(jobs):
+            if not isinstance(job, Job):
+                answers.append(job)
+            elif i in failed:
+                answers.append(failed[i])
+            else:
+                out = texts[i]
+                if job.params.get("return_full_text"):
+                    out = [p + t for p, t in zip(job.prompts, out, strict=True)]
+                out = [{"generated_text": t} for t in out]
+                answers.append(out if job.is_list else out[0])
+        return answers
 
     def answer(self, requests: list[Request]) -> list[dict | list | RequestError]:
-        """One answer per request, in order: {"generated_text"} (a list for a list of inputs) or a RequestError.
-        Requests with equal parameters are generated together. Every rank decides the same way from the same
-        batch, so the ranks run the same generate calls (their collectives meet)."""
-        parsed: list = []
-        for request in requests:
-            try:
-                parsed.append(parse_request(request.lmi(), self.options.max_new_tokens))
-            except RequestError as exc:
-                parsed.append(exc)
-        groups: dict[str, list[int]] = {}
-        for i, item in enumerate(parsed):
-            if not isinstance(item, RequestError):
-                groups.setdefault(json.dumps(item[1], sort_keys=True), []).append(i)
-        texts: dict[int, list[str]] = {}
-        for members in groups.values():
-            prompts = [p for i in members for p in parsed[i][0]]
-            generated = iter(self.generate(prompts, parsed[members[0]][1]))
-            for i in members:
-                texts[i] = [next(generated) for _ in parsed[i][0]]
-        answers: list = []
-        for i, item in enumerate(parsed):
-            if isinstance(item, RequestError):
-                answers.append(item)
+        """One answer per request, in order: {"generated_text"} (a list for a list of inputs) or a RequestError
+        (400 for the request's own fault, 424 where the model failed)."""
+        return self.run(self.prepare_all(requests))
+
+
+def importable_names() -> set[str]:
+    """Every top-level module name the handler's process may import: the standard library's, the installed
+    distributions' (torch, transformers, deepspeed, diffusers, accelerate, safetensors, numpy, ... whatever
+    the image holds), the handler's own modules and DJL's. Derived from the environment, not a list."""
+    import sys
+    from importlib import metadata
+
+    names = set(sys.stdlib_module_names) | set(sys.builtin_module_names)
+    names |= set(metadata.packages_distributions())
+    names |= {"lmi_deepspeed", "lmi_accelerate", "lmi_diffusion", "lmi_stream", "lmi_source", "djl_python",
+              "model"}
+    return names
+
+
+def model_code(model_dir: str) -> list[str]:
+    """The Python in a model directory that would run in the handler's process: DJL puts the directory on
+    PYTHONPATH (before site-packages), so a module there named like one the process imports runs instead of
+    it; model.py is DJL's own (0.36 imports it at the worker's start for its formatters; every version takes
+    it as the entry point when none is set). Modules: NAME.py, NAME.pyc, NAME.*.so, a NAME/ package."""
+    names = importable_names()
+    found = []
+    try:
+        entries = sorted(os.listdir(model_dir))
+    except OSError:
+        return []
+    for entry in entries:
+        path = os.path.join(model_dir, entry)
+        if os.path.isdir(path):
+            if any(os.path.isfile(os.path.join(path, f"__init__.{ext}")) for ext in ("py", "pyc")):
+                name = entry
             else:
-                out = [{"generated_text": t} for t in texts[i]]
-                answers.append(out if item[2] else out[0])
-        return answers
+                continue  # a plain directory is a namespace portion: any regular module of its name wins
+        elif entry.endswith((".py", ".pyc", ".so", ".pyd")):
+            name = entry.split(".", 1)[0]
+        else:
+            continue
+        if name in names:
+            found.append(entry)
+    return found
+
+
+def check_model_dir(props: dict) -> None:
+    """Refuse a model directory holding Python that would run in this process (model_code), unless
+    option.allow_model_code=true."""
+    if str(props.get("allow_model_code", "false")).strip().lower() == "true":
+        return
+    model_dir = str(props.get("model_id") or props.get("model_dir") or DEFAULT_MODEL_DIR).strip()
+    dirs = {model_dir, str(props.get("model_dir") or model_dir)}
+    found = sorted({os.path.join(d, f) for d in dirs if os.path.isdir(d) for f in model_code(d)})
+    if found:
+        raise OptionError(f"the model directory holds Python that would run in the server ({', '.join(found)}): "
+                          "a module named like one the handler imports shadows it, and DJL imports model.py; "
+                          "remove it, or set option.allow_model_code=true to serve it anyway")
 
 
 def check_routing(props: dict) -> None:
@@ -502,12 +781,14 @@ class Ranks:
             if self.rank:
                 threading.Thread(target=self._follow, args=(cuda, local), name="lmi-follow", daemon=True).start()
 
-    def _broadcast(self, requests: list[Request] | None) -> list[Request]:
+    def _broadcast(self, jobs: list | None) -> list:
+        """Rank 0's decisions on a batch (a Job or a RequestError per request) to every rank: the other ranks
+        never read a request, so no rank can decide differently (a stack depth, a thread, a clock)."""
         import torch.distributed as dist
 
-        box = [None if requests is None else [(r.body, r.content_type, r.accept) for r in requests]]
+        box = [jobs]
         dist.broadcast_object_list(box, src=0, group=self.group)
-        return [Request(*r) for r in box[0]]
+        return box[0]
 
     def _follow(self, cuda: bool, local: int) -> None:
         if cuda:
@@ -516,13 +797,13 @@ class Ranks:
             torch.cuda.set_device(local)  # the current device is per thread
         while True:
             try:
-                requests = self._broadcast(None)
+                jobs = self._broadcast(None)
             except Exception:
                 log.error("lmi_deepspeed: rank %d lost rank 0:\n%s", self.rank, traceback.format_exc())
                 os._exit(1)  # a rank out of step would hang the others: mpirun ends them all
             try:
-                answers = self.service.answer(requests)
-            except Exception as exc:  # rank 0 raised the same on the same batch: DJL answers it 424
+                answers = self.service.run(jobs)
+            except Exception as exc:  # rank 0 raised the same on the same jobs: DJL answers it 424
                 answers = exc
             with self.changed:
                 self.done = (self.done[0] + 1, answers)
@@ -532,7 +813,7 @@ class Ranks:
         if self.world == 1:
             return self.service.answer(requests)
         if self.rank == 0:
-            return self.service.answer(self._broadcast(requests))
+            return self.service.run(self._broadcast(self.service.prepare_all(requests)))
         self.asked += 1
         with self.changed:
             self.changed.wait_for(lambda: self.done[0] >= self.asked)
@@ -546,14 +827,53 @@ _ranks: Ranks | None = None
 _load_error: str | None = None
 
 
+_BATCH_KEY = re.compile(r"batch_(\d{3,})\.")
+# DJL's batch prefixes have three digits (PyPredictor.batchPredict: "max 999 batch size"), and DJL passes the
+# handler only option.* keys (ModelInfo), not batch_size: option.max_batch_size bounds it lower.
+MAX_BATCH_SIZE = 999
+_max_batch_size = MAX_BATCH_SIZE  # set at the load from option.max_batch_size
+
+
+def _batch_size(inputs) -> int:
+    """How many requests `inputs` holds as DJL's batch: a batch_size property AND every content key under a
+    batch_NNN. prefix within it (PyPredictor.batchPredict). A batch_size header alone (DJL makes headers
+    properties) is one request; a batch over option.max_batch_size cannot come from DJL and is refused."""
+    raw = inputs.get_properties().get("batch_size")
+    keys = inputs.get_content().get_keys()
+    if raw is None or not keys or not all(isinstance(k, str) and _BATCH_KEY.match(k) for k in keys):
+        return 0
+    try:
+        size = int(str(raw).strip())
+    except ValueError:
+        return 0
+    if not 1 <= size <= _max_batch_size:
+        raise RequestError(f"a batch of {size} requests, over option.max_batch_size={_max_batch_size}")
+    if any(int(_BATCH_KEY.match(k).group(1)) >= size for k in keys):
+        return 0
+    return size
+
+
+def _body(content) -> bytes:
+    """The HTTP body: DJL adds the query parameters to the Input first and the body last, as "data"
+    (RequestParser.parseRequest), so a query parameter named data comes first; the body is the last one."""
+    body = None
+    for key, value in zip(content.get_keys(), content.get_values(), strict=True):
+        if key == "data":
+            body = value
+    return bytes(body or b"")
+
+
+def _request(item) -> Request:
+    content_type = (item.get_property("content-type") or "").split(";")[0].strip().lower()
+    return Request(_body(item.get_content()), content_type, item.get_property("accept") or "")
+
+
 def _decode(inputs) -> list[Request]:
-    """DJL's Input -> one Request per request of the batch: the body is the "data" entry (query parameters and
-    form fields are other entries), the media type and Accept come from the request's headers."""
-    requests = []
-    for item in inputs.get_batches():
-        content_type = (item.get_property("content-type") or "").split(";")[0].strip().lower()
-        requests.append(Request(bytes(item.get_as_bytes() or b""), content_type, item.get_property("accept") or ""))
-    return requests
+    """DJL's Input -> one Request per request of the batch (a single request unless _batch_size says it is
+    DJL's batch): the body is the HTTP body's "data" entry, the media type and Accept its headers."""
+    if not _batch_size(inputs):
+        return [_request(inputs)]
+    return [_request(item) for item in inputs.get_batches()]
 
 
 def _encode(answer) -> tuple[bytes, str]:
@@ -571,10 +891,12 @@ def _output(inputs, answers: list):
     every answer has the same one."""
     from djl_python.outputs import Output
 
-    if not inputs.is_batch():
+    if len(answers) == 1 and not _batch_size(inputs):
         answer = answers[0]
         if isinstance(answer, BaseException):
-            return Output().error(str(answer), code=getattr(answer, "code", 400), message="bad request")
+            code = getattr(answer, "code", 400)
+            return Output().error(str(answer), code=code, message="bad request" if code < 424 else
+                                  "invoke handler failure")
         body, content_type = _encode(answer)
         return Output().add(body, key="data").add_property("content-type", content_type)
     outputs = Output()
@@ -594,12 +916,15 @@ def handle(inputs):
     "Failed to initialize model: <reason>" (a raised exception would show only "invoke handler failure")."""
     from djl_python.outputs import Output
 
-    global _ranks, _load_error
+    global _ranks, _load_error, _max_batch_size
     if _ranks is None and _load_error is None:
         try:
+            props = inputs.get_properties()
+            check_model_dir(props)  # before the first import a model directory could shadow
+            _max_batch_size = _int(props, "max_batch_size", MAX_BATCH_SIZE)
             import torch
 
-            service = start(inputs.get_properties())
+            service = start(props)
             _ranks = Ranks(service, torch.cuda.is_available())
         except OptionError as exc:
             _load_error = f"lmi_deepspeed: {exc}"
@@ -611,4 +936,8 @@ def handle(inputs):
         return Output().error(_load_error, code=500, message=_load_error)
     if inputs.is_empty():
         return None
-    return _output(inputs, _ranks.answer(_decode(inputs)))
+    try:
+        requests = _decode(inputs)
+    except RequestError as exc:
+        return Output().error(str(exc), code=exc.code, message="bad request")
+    return _output(inputs, _ranks.answer(requests))

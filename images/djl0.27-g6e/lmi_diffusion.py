@@ -12,14 +12,25 @@ serving.properties options:
     option.kernel_injection      auto | true | false (default auto: on with a GPU in fp16, for pipelines
                                  DeepSpeed supports: see Service._inject)
     option.max_inference_steps   upper bound of num_inference_steps (default 50, also the default per request)
-    option.max_height, option.max_width   upper bound in pixels (default 1024 each)
+    option.max_height, option.max_width   upper bound in pixels (default 1024 each on a GPU, 512 on the CPU)
     option.max_images            upper bound of num_images_per_prompt (default 4)
+    option.max_pixel_steps       upper bound of height x width x num_inference_steps x images (default
+                                 1024 x 1024 x 50 on a GPU, 512 x 512 x 20 on the CPU)
+    option.max_prompt_chars      characters of prompt and of negative_prompt (default 4096; CLIP reads 77 tokens)
+    option.max_image_bytes       bytes of an img2img image as sent, base64 (default 16 MiB)
+    option.max_body_bytes, option.max_body_depth   as lmi_deepspeed (defaults: 24 MiB, 16)
+No code from the model directory: the pipeline and every component must be Diffusers' or Transformers' own
+classes (model_index.json is read before anything loads), and no .py file may be in the pipeline directory.
 Requests: `Content-Type: application/json` {"prompt": str, "parameters": {...}, "image": base64 PNG/JPEG
-(optional: image-to-image)} or a `text/*` body as the prompt. Parameters: num_inference_steps,
+(optional: image-to-image; the image sets the size, height/width are refused)} or a `text/*` body as the
+prompt. Parameters: num_inference_steps,
 guidance_scale, height, width, negative_prompt, num_images_per_prompt, seed, strength (with an image).
 Answers: the first image as PNG (`image/png`, the default and for Accept image/png, image/*, */*), or with
-`Accept: application/json` {"images": [base64 PNG, ...], "seed": n}. The same seed gives the same image.
-A request over a limit is refused (400, with the limit's option), never run.
+`Accept: application/json` {"images": [base64 PNG, ...], "seed": n}; Accept is read as RFC 9110 says
+(q-values, wildcards, q=0 excludes). height alone keeps the model's default width, and width alone its
+height. The same seed gives the same image.
+A request over a limit is refused (400, with the limit's option), never run; a request the pipeline
+fails on is a 424 for that request only.
 
 Importing this module costs nothing: torch, Diffusers and DeepSpeed load with the model.
 """
@@ -41,6 +52,7 @@ try:
         Reply,
         Request,
         RequestError,
+        model_error,
         parse_dtype,
         parse_kernel_injection,
     )
@@ -51,6 +63,7 @@ except ImportError:  # flat in the image, beside lmi_deepspeed.py
         Reply,
         Request,
         RequestError,
+        model_error,
         parse_dtype,
         parse_kernel_injection,
     )
@@ -72,6 +85,11 @@ class Options:
     max_height: int
     max_width: int
     max_images: int
+    max_pixel_steps: int = 512 * 512 * 20
+    max_prompt_chars: int = 4096
+    max_image_bytes: int = 16 << 20
+    max_body_bytes: int = 24 << 20
+    max_body_depth: int = 16
 
 
 def _whole(props: dict, key: str, default: int, low: int = 1) -> int:
@@ -104,12 +122,66 @@ def parse_options(props: dict, cuda: bool) -> Options:
                           "in fp16; set option.dtype=fp16 or option.kernel_injection=false")
     if str(props.get("trust_remote_code", "false")).strip().lower() not in ("false", "0", ""):
         raise OptionError("option.trust_remote_code: this handler never runs a model's own code; remove the option")
-    sizes = {key: _whole(props, key, 1024, low=8) for key in ("max_height", "max_width")}
+    side = 1024 if cuda else 512  # a CPU draws a 512 x 512 image at one step in seconds, 1024 x 1024 in minutes
+    sizes = {key: _whole(props, key, side, low=8) for key in ("max_height", "max_width")}
     for key, value in sizes.items():
         if value % 8:
             raise OptionError(f"option.{key}={value}: must be a multiple of 8")
+    check_pipeline(model_dir)
     return Options(model_dir=model_dir, dtype=dtype, kernel_injection=inject, max_images=_whole(props, "max_images", 4),
-                   max_inference_steps=_whole(props, "max_inference_steps", 50), **sizes)
+                   max_inference_steps=_whole(props, "max_inference_steps", 50), **sizes,
+                   max_pixel_steps=_whole(props, "max_pixel_steps", side * side * (50 if cuda else 20)),
+                   max_prompt_chars=_whole(props, "max_prompt_chars", 4096),
+                   max_image_bytes=_whole(props, "max_image_bytes", 16 << 20),
+                   max_body_bytes=_whole(props, "max_body_bytes", 24 << 20),
+                   max_body_depth=_whole(props, "max_body_depth", 16))
+
+
+def check_pipeline(model_dir: str) -> None:
+    """Refuse a pipeline that would run code from its directory, before Diffusers reads it: Diffusers imports
+    a pipeline class or a component's library named in model_index.json from the directory (custom
+    pipelines and components; it checks trust_remote_code only on its hub path). So the pipeline class must
+    be one of Diffusers' own, every component ("name": [library, class]) a class of Diffusers (or one of its
+    pipeline modules) or Transformers, and no .py file may be in the directory."""
+    path = os.path.join(model_dir, "model_index.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            index = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise OptionError(f"option.model_id: {path} is not readable JSON ({exc})") from None
+    if not isinstance(index, dict):
+        raise OptionError(f"option.model_id: {path} is not a JSON object")
+    code = sorted(os.path.relpath(os.path.join(root, f), model_dir) for root, _, files in os.walk(model_dir)
+                  for f in files if f.endswith((".py", ".pyc", ".so")))
+    if code:
+        raise OptionError(f"option.model_id: the pipeline directory holds code ({', '.join(code[:5])}); this handler "
+                          "never runs a model's own code: remove it")
+    if not index:
+        return  # nothing to load: Diffusers itself refuses it at the load
+    import diffusers
+    import transformers
+
+    name = index.get("_class_name")
+    if not isinstance(name, str) or not isinstance(getattr(diffusers, name, None), type):
+        raise OptionError(f"option.model_id: model_index.json names the pipeline {name!r}, which is not one of "
+                          "Diffusers' own pipeline classes (a custom pipeline would run the model's code)")
+    for key, value in index.items():
+        if key.startswith("_") or not isinstance(value, list):
+            continue
+        if value in ([None, None], [None]) or value == []:
+            continue
+        library, cls = (value + [None, None])[:2]
+        if library == "diffusers":
+            module = diffusers
+        elif library == "transformers":
+            module = transformers
+        elif isinstance(library, str) and library.isidentifier() and hasattr(diffusers.pipelines, library):
+            module = getattr(diffusers.pipelines, library)  # e.g. stable_diffusion's safety checker
+        else:
+            module = None
+        if module is None or not isinstance(cls, str) or not isinstance(getattr(module, cls, None), type):
+            raise OptionError(f"option.model_id: component {key!r} is {value!r}, not a class of Diffusers or "
+                              "Transformers (a custom component would run the model's code)")
 
 
 def _whole_param(params: dict, key: str, low: int, high: int, option: str) -> None:
@@ -129,15 +201,49 @@ class Job:
     as_json: bool
 
 
+def parse_accept(accept: str) -> list[tuple[str, float]]:
+    """An Accept header -> [(media range, q)], as RFC 9110 section 12.5.1 reads it: comma-separated ranges,
+    each with parameters; q from 0 to 1 (default 1); a malformed q counts as 0."""
+    ranges = []
+    for part in accept.split(","):
+        fields = [f.strip() for f in part.split(";")]
+        kind = fields[0].lower()
+        if not kind:
+            continue
+        q = 1.0
+        for field in fields[1:]:
+            key, _, value = field.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+                q = q if 0.0 <= q <= 1.0 else 0.0
+        ranges.append((kind, q))
+    return ranges
+
+
+def _quality(ranges: list[tuple[str, float]], media: str) -> float:
+    """The q the most specific matching range gives `media` (RFC 9110: type/subtype > type/* > */*)."""
+    best, q = -1, 0.0
+    top = media.split("/")[0]
+    for kind, value in ranges:
+        rank = 2 if kind == media else 1 if kind == f"{top}/*" else 0 if kind == "*/*" else -1
+        if rank > best:
+            best, q = rank, value
+    return q if best >= 0 else 0.0
+
+
 def wants_json(accept: str) -> bool:
-    """Accept -> True for JSON, False for PNG, or RequestError(406)."""
-    kinds = [part.split(";")[0].strip().lower() for part in accept.split(",")] if accept else [""]
-    for kind in kinds:
-        if kind in PNG_ACCEPTS:
-            return False
-        if kind == "application/json":
-            return True
-    raise RequestError(f"cannot answer Accept: {accept}; this model answers image/png or application/json", 406)
+    """Accept -> True for JSON, False for PNG (the default, and the choice on a tie), or RequestError(406)."""
+    ranges = parse_accept(accept)
+    if not ranges:
+        return False
+    png_q, json_q = _quality(ranges, "image/png"), _quality(ranges, "application/json")
+    if png_q <= 0 and json_q <= 0:
+        raise RequestError(f"cannot answer Accept: {accept[:200]}; this model answers image/png or "
+                           "application/json", 406)
+    return json_q > png_q
 
 
 def parse_request(request: Request, o: Options, default_size: tuple[int, int]) -> Job:
@@ -145,9 +251,9 @@ def parse_request(request: Request, o: Options, default_size: tuple[int, int]) -
     as_json = wants_json(request.accept)
     image = None
     if request.content_type.startswith("text/"):
-        body = {"prompt": request.text()}
+        body = {"prompt": request.text(o.max_body_bytes)}
     elif request.content_type in ("", "application/json"):
-        body = request.json()
+        body = request.json(o.max_body_depth, o.max_body_bytes)
         if not isinstance(body, dict):
             raise RequestError('the body must be a JSON object: {"prompt": "...", "parameters": {...}}')
     else:
@@ -155,18 +261,20 @@ def parse_request(request: Request, o: Options, default_size: tuple[int, int]) -
                            415)
     unknown = sorted(set(body) - {"prompt", "parameters", "image"})
     if unknown:
-        raise RequestError(f"unknown field(s) {', '.join(unknown)}: a request has 'prompt', 'parameters' and "
+        raise RequestError(f"unknown field(s) {', '.join(unknown)[:200]}: a request has 'prompt', 'parameters' and "
                            "optionally 'image'")
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise RequestError("'prompt' must be a non-empty string")
+    if len(prompt) > o.max_prompt_chars:
+        raise RequestError(f"a prompt of {len(prompt)} characters, over option.max_prompt_chars={o.max_prompt_chars}")
     params = body.get("parameters")
     params = {} if params is None else params
     if not isinstance(params, dict):
         raise RequestError("'parameters' must be a JSON object")
     unknown = sorted(set(params) - PARAMETERS)
     if unknown:
-        raise RequestError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(PARAMETERS))}")
+        raise RequestError(f"unknown parameter(s) {', '.join(unknown)[:200]}; known: {', '.join(sorted(PARAMETERS))}")
     _whole_param(params, "num_inference_steps", 1, o.max_inference_steps, "option.max_inference_steps")
     _whole_param(params, "num_images_per_prompt", 1, o.max_images, "option.max_images")
     _whole_param(params, "seed", 0, MAX_SEED, "a 63-bit seed")
@@ -182,19 +290,39 @@ def parse_request(request: Request, o: Options, default_size: tuple[int, int]) -
         value = params["guidance_scale"]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
             raise RequestError("guidance_scale must be a number from 0 to 100")
-    if "negative_prompt" in params and not isinstance(params["negative_prompt"], str):
-        raise RequestError("negative_prompt must be a string")
+    if "negative_prompt" in params:
+        value = params["negative_prompt"]
+        if not isinstance(value, str):
+            raise RequestError("negative_prompt must be a string")
+        if len(value) > o.max_prompt_chars:
+            raise RequestError(f"a negative_prompt of {len(value)} characters, over option.max_prompt_chars="
+                               f"{o.max_prompt_chars}")
+    steps = params.get("num_inference_steps", min(50, o.max_inference_steps))
     if "image" in body:
+        if "height" in params or "width" in params:
+            raise RequestError("height and width do not apply to image-to-image: the image sets the size")
         image = _image(body["image"], o)
+        height, width = image.height, image.width
+    else:
+        height, width = params.get("height", default_size[0]), params.get("width", default_size[1])
     if "strength" in params:
         value = params["strength"]
         if image is None:
             raise RequestError("strength applies to image-to-image: send an 'image' too")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise RequestError("strength must be a number in (0, 1]")
+    if image is not None and int(steps * params.get("strength", 0.8)) < 1:  # Diffusers' default strength 0.8
+        raise RequestError(f"num_inference_steps {steps} x strength {params.get('strength', 0.8)} is less than one "
+                           "denoising step; ask for more steps or a higher strength")
+    work = height * width * steps * params.get("num_images_per_prompt", 1)
+    if work > o.max_pixel_steps:
+        raise RequestError(f"height x width x num_inference_steps x images = {height} x {width} x {steps} x "
+                           f"{params.get('num_images_per_prompt', 1)}, over option.max_pixel_steps={o.max_pixel_steps}")
     seed = params.get("seed", random.randrange(MAX_SEED))
     kwargs = {k: v for k, v in params.items() if k != "seed"}
-    kwargs.setdefault("num_inference_steps", min(50, o.max_inference_steps))
+    kwargs["num_inference_steps"] = steps
+    if image is None:  # both sides, always: one given keeps the model's default for the other
+        kwargs.update(height=height, width=width)
     return Job(prompt=prompt, params=kwargs, seed=seed, image=image, as_json=as_json)
 
 
@@ -204,17 +332,25 @@ def _image(data, o: Options):
 
     if not isinstance(data, str):
         raise RequestError("'image' must be a base64 string of a PNG or JPEG image")
+    if len(data) > o.max_image_bytes:
+        raise RequestError(f"'image' is {len(data)} bytes, over option.max_image_bytes={o.max_image_bytes}")
     try:
         raw = base64.b64decode(data, validate=True)
         image = Image.open(io.BytesIO(raw))
-    except (ValueError, UnidentifiedImageError):
+    except (ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
         raise RequestError("'image' is not a base64 PNG or JPEG image") from None
     if image.format not in ("PNG", "JPEG"):
         raise RequestError(f"'image' is {image.format}; send a PNG or JPEG image")
+    # The size from the header, before a pixel is decoded: a decompression bomb is refused here.
     if image.height > o.max_height or image.width > o.max_width:
         raise RequestError(f"'image' is {image.width}x{image.height}, over option.max_width={o.max_width} x "
                            f"option.max_height={o.max_height}")
-    return image.convert("RGB")
+    if image.height < 8 or image.width < 8:
+        raise RequestError(f"'image' is {image.width}x{image.height}; send at least 8x8 pixels")
+    try:
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise RequestError("'image' is truncated or corrupt: send a whole PNG or JPEG image") from None
 
 
 def png(image) -> bytes:
@@ -316,9 +452,22 @@ class Service:
         for request in requests:
             try:
                 job = parse_request(request, self.options, self.default_size)
+            except RequestError as exc:
+                answers.append(exc)
+                continue
+            except Exception as exc:  # an input no check foresaw: still only its own
+                log.warning("lmi_diffusion: a request was refused", exc_info=True)
+                answers.append(RequestError(f"the request could not be read: {type(exc).__name__}: "
+                                            f"{(str(exc).splitlines() or [''])[0][:300]}"))
+                continue
+            try:
                 images = self.run(job)
             except RequestError as exc:
                 answers.append(exc)
+                continue
+            except Exception as exc:  # the pipeline failed: a 424 for this request only
+                log.error("lmi_diffusion: the pipeline failed", exc_info=True)
+                answers.append(model_error(exc))
                 continue
             if job.as_json:
                 answers.append({"images": [base64.b64encode(png(i)).decode("ascii") for i in images],

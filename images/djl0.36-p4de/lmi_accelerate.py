@@ -5,7 +5,7 @@ dispatches here. One process sees every device (no MPI: the glue refuses more th
 places whole layers on GPUs, the CPU and the disk (a device map) and moves activations, or offloaded
 weights, between them at run time. Slower than tensor parallelism, but any Transformers causal LM loads.
 
-serving.properties options (besides lmi_deepspeed's model_id, dtype, max_new_tokens):
+serving.properties options (besides lmi_deepspeed's model_id, dtype, max_new_tokens and its bounds):
     option.device_map             auto | balanced | balanced_low_0 | sequential (default auto: balanced over
                                   the GPUs), or an explicit JSON map {"module": 0 | "cpu" | "disk", ...}
     option.max_memory             JSON per device, e.g. {"0": "10GiB", "1": "10GiB", "cpu": "30GiB"}; what does
@@ -49,6 +49,7 @@ class Options:
     max_memory: dict | None  # {gpu index | "cpu": bytes}
     offload_folder: str | None
     gpus: int  # GPUs the map may use
+    limits: dict = None  # lmi_deepspeed's bound options (checked before any work, as that way checks them)
 
 
 def _json_object(props: dict, key: str) -> dict:
@@ -117,7 +118,8 @@ def parse_accelerate_options(props: dict, cuda: bool, visible_gpus: int) -> Opti
         if not folder or "://" in folder:
             raise OptionError(f"option.offload_folder={folder!r}: give a local directory")
     return Options(model_dir=base.model_dir, dtype=base.dtype, max_new_tokens=base.max_new_tokens,
-                   device_map=device_map, max_memory=max_memory, offload_folder=folder, gpus=gpus)
+                   device_map=device_map, max_memory=max_memory, offload_folder=folder, gpus=gpus,
+                   limits=base.limits)
 
 
 def _free_memory(device) -> int:
@@ -178,6 +180,7 @@ class Service(lmi_deepspeed.Service):
         self.cuda = cuda
         self.engine = self.tokenizer = self.model = None
         self.device_map: dict = {}
+        self.limits = None
 
     def load(self) -> Service:
         import torch
@@ -215,6 +218,7 @@ class Service(lmi_deepspeed.Service):
             raise OptionError(f"option.device_map: {str(exc).splitlines()[0]} (the map must cover every "
                               "module)") from None
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.limits = lmi_deepspeed.make_limits(o, lmi_deepspeed.model_positions(config, tokenizer))
         self.device_map = dict(getattr(model, "hf_device_map", device_map))
         # What the DeepSpeed way's generate uses of its engine: module.generate, and module.device for where
         # inputs go (the model's own .device is its first weight's, on "meta" when that weight is offloaded).

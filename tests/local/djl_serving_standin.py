@@ -13,11 +13,15 @@ another file). Facts carry over, code does not: this is not DJL's code.
   with MASTER_ADDR and MASTER_PORT (a free port here; DJL passes 19000 + n), else one worker. MPI mode without
   enough GPUs fails the load, as DJL does (mpi_needs_gpus). GPUs are counted with nvidia-smi; the test-only
   knob DJL_STANDIN_GPUS=N pretends N GPUs, so MPI routing can be exercised with CPU (gloo) ranks;
+- the model directory on the workers' Python path, and model.py imported at a worker's start where the DJL
+  version does (model_dir_on_pythonpath, model_py_at_start);
 - the calls: the load (an empty Input with the model's options) goes to every rank; requests go to rank 0
   only (routing rank-0: passive workers, unless option.use_passive_workers=false) or to every rank, and then
   the last rank's answer counts (answer_rank); a load answered with a code >= 300 fails with
   "Failed to initialize model: <its message>" (load_failure);
-- requests: query parameters and the body ("data") as content, headers as properties (request_parsing);
+- requests: query parameters and then the body ("data") as content, headers as properties, SageMaker's
+  custom attributes split into properties (request_parsing, query_before_body); a batch_size property makes
+  a batch as the DJL version's Input reads it (batch_property);
   with batch_size > 1, requests arriving within max_batch_delay ms are one batch, encoded and split as DJL
   does (batch); None is answered 204 (none_answer), an exception 424 (handler_exception);
 - port 8080 (DJL_STANDIN_PORT): GET /ping (200 once the model is loaded), POST /invocations.
@@ -142,8 +146,12 @@ class Ranks:
         self.port = free_port()
         worker = [sys.executable, os.path.join(LIB, "worker.py"), "--model-dir", MODEL_DIR, "--entry-point", entry,
                   "--port", str(self.port), "--none-code", str(B["none_answer"]),
-                  "--error-message", B["handler_exception"]]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (LIB, os.environ.get("PYTHONPATH")) if p))
+                  "--error-message", B["handler_exception"], "--batch-property", B["batch_property"]]
+        if B["model_py_at_start"]:
+            worker.append("--import-model-py")
+        # DJL's order: the inherited PYTHONPATH, its engine directory (djl_python), the model directory.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (os.environ.get("PYTHONPATH"), LIB, MODEL_DIR) if p))
         if mpi:
             cmd = ["mpirun", "-np", str(self.world), "--allow-run-as-root", "--bind-to", "none", "--oversubscribe",
                    "-x", "PYTHONPATH", "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={free_port()}", *worker]
@@ -231,6 +239,7 @@ class Batcher:
     def _call(self, items):
         if len(items) == 1:
             return [self.ranks.call(items[0][0], items[0][1])]
+        log(f"a batch of {len(items)} requests")
         properties, content = {"batch_size": str(len(items))}, []
         for i, (props, pairs, _) in enumerate(items):
             properties.update({f"batch_{i:03d}.{k}": v for k, v in props.items()})
@@ -278,7 +287,16 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(503, b'{"error": "the model is not loaded yet"}')
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         content = [(k, v.encode()) for k, v in parse_qsl(url.query, keep_blank_values=True)] + [("data", body)]
-        reply = STATE["batcher"].submit(dict(self.headers.items()), content)
+        properties = {}
+        for key, value in self.headers.items():
+            if key.lower() == "x-amzn-sagemaker-custom-attributes":
+                for token in value.split(";"):
+                    name, sep, val = token.partition("=")
+                    if sep:
+                        properties[name.strip()] = val.strip()
+            else:
+                properties[key] = value
+        reply = STATE["batcher"].submit(properties, content)
         content_type = next((v for k, v in reply["properties"].items() if k.lower() == "content-type"),
                             "application/octet-stream")
         self._send(reply["code"], reply["content"][0][1] if reply["content"] else b"", content_type)

@@ -1,7 +1,9 @@
 """One rank of the DJL Serving stand-in: imports the model's entry point and calls its handle() for each
 message from the server (one JSON line in, one JSON line out; bytes as base64), as DJL's Python engine calls a
 handler: None is answered with the none_answer code, an exception with Output().error(str(exception)) and
-the handler_exception message of this DJL version (buildkit/data/djl.yaml, behaviour)."""
+the handler_exception message of this DJL version (buildkit/data/djl.yaml, behaviour). The model directory is
+on the path after the inherited PYTHONPATH (model_dir_on_pythonpath); model.py is imported at the start where
+the version does (model_py_at_start); a batch_size property is read as the version reads it (batch_property)."""
 
 import argparse
 import base64
@@ -10,7 +12,6 @@ import importlib.util
 import json
 import os
 import socket
-import sys
 import traceback
 
 from djl_python.inputs import Input
@@ -33,9 +34,16 @@ def main():
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--none-code", type=int, default=204)
     parser.add_argument("--error-message", default="invoke handler failure")
+    parser.add_argument("--batch-property", default="present")
+    parser.add_argument("--import-model-py", action="store_true")
     args = parser.parse_args()
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
-    sys.path.insert(0, args.model_dir)
+    Input.batch_property = args.batch_property
+    if args.import_model_py and os.path.isfile(os.path.join(args.model_dir, "model.py")):
+        try:  # DJL 0.29+ looks for formatters in model.py before the handler's first call
+            load_entry_point(args.model_dir, "model.py")
+        except Exception:
+            traceback.print_exc()
     module = load_entry_point(args.model_dir, args.entry_point)
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

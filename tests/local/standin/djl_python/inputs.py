@@ -13,7 +13,11 @@ class Input:
         self.properties = dict(properties or {})
         self.content = PairList(content)
 
+    batch_property = "present"  # how this DJL version reads batch_size (buildkit/data/djl.yaml, batch_property)
+
     def is_batch(self):
+        if self.batch_property == "over-1":
+            return self.get_batch_size() > 1
         return "batch_size" in self.properties
 
     def get_batch_size(self):
