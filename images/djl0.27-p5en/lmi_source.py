@@ -46,8 +46,9 @@ except ImportError:  # flat in the image, beside lmi_deepspeed.py
 log = logging.getLogger("lmi_source")
 
 # What a hub download fetches besides weights: configurations, tokenizers (sentencepiece, tiktoken, BPE
-# merges), generation settings; in every subfolder (fnmatch's * crosses /), as a Diffusers pipeline has them.
-CONFIG_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken")
+# merges), chat templates, generation settings; in every subfolder (fnmatch's * crosses /), as a Diffusers
+# pipeline has them. Never code (*.py).
+CONFIG_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")
 SAFETENSORS = ("*.safetensors",)
 PICKLE = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _PICKLE_SUFFIXES = tuple(p[1:] for p in PICKLE)
