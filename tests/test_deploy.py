@@ -185,14 +185,20 @@ def upload(client, directory: Path, prefix: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A tiny Llama and a tiny Stable Diffusion pipeline, with plain Transformers' and Diffusers' answers."""
+def llama(tmp_path_factory):
+    """A tiny Llama and plain Transformers' answers."""
     pytest.importorskip("deepspeed")
+    path = tmp_path_factory.mktemp("llama") / "llama"
+    incheck.make_tiny_model(str(path))
+    return {"llama": path, "text": incheck.reference_generate(str(path), PROMPTS[:2], TOKENS)}
+
+
+@pytest.fixture(scope="module")
+def models(llama, tmp_path_factory):
+    """The tiny Llama and a tiny Stable Diffusion pipeline, with plain Transformers' and Diffusers' answers."""
     from buildkit import lmi_diffusion
 
-    root = tmp_path_factory.mktemp("models")
-    llama, sd = str(root / "llama"), str(root / "sd")
-    incheck.make_tiny_model(llama)
+    sd = str(tmp_path_factory.mktemp("models") / "sd")
     lmi_diffusion.make_tiny_pipeline(sd)
     import torch
 
@@ -202,8 +208,7 @@ def models(tmp_path_factory):
         image = lmi_diffusion.reference_image(sd, PROMPT, SEED, num_inference_steps=STEPS)
     finally:
         torch.set_num_threads(threads)
-    return {"llama": Path(llama), "sd": Path(sd), "text": incheck.reference_generate(llama, PROMPTS[:2], TOKENS),
-            "pixels": hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()}
+    return {**llama, "sd": Path(sd), "pixels": hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()}
 
 
 class Djl(Standin):
@@ -527,28 +532,22 @@ def test_a_disk_that_fills_up_mid_download_leaves_nothing(hub, hub_env, tmp_path
 
 
 @pytest.mark.engine
-def test_the_image_deploys_a_hub_id_by_environment_alone(local_image, models, tmp_path) -> None:
+def test_the_image_deploys_a_hub_id_by_environment_alone(local_image, llama, tmp_path) -> None:
     """The local image as SageMaker starts it, configured by the environment alone (HF_MODEL_ID, OPTION_*; no
     serving.properties, an empty /opt/ml/model), the hub cache seeded on a mounted volume with HF_HUB_OFFLINE=1
     (the container has no network): DJL's ModelStore names the hub id, the handler finds it in the cache, and
     it answers as plain Transformers does. The image carries s5cmd where DJL looks for it."""
-    import huggingface_hub
-
     hub = LoopbackHub()
     try:
-        hub.add("tiny-org/tiny-llama", models["llama"])
+        hub.add("tiny-org/tiny-llama", llama["llama"])
         cache = tmp_path / "hf-cache"
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(cache)}
         seed = "import huggingface_hub as h; h.snapshot_download('tiny-org/tiny-llama')"
         subprocess.run([sys.executable, "-c", seed], env=env, check=True, timeout=300)
     finally:
         hub.stop()
-    assert huggingface_hub.__version__
     subprocess.run(["chmod", "-R", "a+rX", str(cache)], check=True)
     repo = local_image["repo"]
-    s5 = docker("run", "--rm", "--network", "none", "--entrypoint", "/opt/djl/bin/s5cmd", f"{repo}:djl0.32-cpu",
-                "version")
-    assert s5.returncode == 0 and s5.stdout.startswith("v2.3.0"), s5.stdout + s5.stderr
     run = docker("run", "-d", "--network", "none", "-e", "OMP_NUM_THREADS=1", "-e", "HF_MODEL_ID=tiny-org/tiny-llama",
                  "-e", "HF_HUB_OFFLINE=1", "-e", "HF_HUB_CACHE=/opt/hf-cache", "-e", "OPTION_MAX_NEW_TOKENS=64",
                  "-v", f"{cache}:/opt/hf-cache:ro", f"{repo}:djl0.32-cpu", "serve")
@@ -567,7 +566,9 @@ def test_the_image_deploys_a_hub_id_by_environment_alone(local_image, models, tm
         answer = docker("exec", container, "curl", "-sS", "-X", "POST", "-H", "Content-Type: application/json",
                         "-d", json.dumps({"inputs": PROMPTS[0], "parameters": {"max_new_tokens": TOKENS}}),
                         "http://127.0.0.1:8080/invocations")
-        assert json.loads(answer.stdout) == {"generated_text": models["text"][0]}, answer.stdout + answer.stderr
+        assert json.loads(answer.stdout) == {"generated_text": llama["text"][0]}, answer.stdout + answer.stderr
         assert "HF_MODEL_ID=tiny-org/tiny-llama: model directory /tmp/.djl.ai/" in docker("logs", container).stderr
+        s5 = docker("exec", container, "/opt/djl/bin/s5cmd", "version")  # where DJL looks for it
+        assert s5.returncode == 0 and s5.stdout.startswith("v2.3.0"), s5.stdout + s5.stderr
     finally:
         docker("rm", "-f", container)
