@@ -147,9 +147,12 @@ def hub():
 def hub_env(hub, monkeypatch, tmp_path):
     """huggingface_hub pointed at the loopback hub, with its own cache; downloads into SERVING_DOWNLOAD_DIR."""
     import huggingface_hub.constants as constants
+    import huggingface_hub.file_download as file_download  # binds the URL template when first imported
 
+    template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("SERVING_DOWNLOAD_DIR", str(tmp_path / "downloads"))
