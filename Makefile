@@ -146,5 +146,11 @@ bench-cold-start: engine ## time to first answer of a ~1 GB model: the image's e
 bench-hostile: venv ## what hostile requests cost the handler before and after its bounds, into bench/results.md
 	$(BIN)/python bench/hostile_bench.py
 
+# A ~1 GB model from loopback S3 (moto, s5cmd) vs mounted, and s5cmd vs a sequential boto3 download, in one
+# run (~10 min on 2 cores, ~4 GB of disk); results in bench/results.md.
+.PHONY: bench-deploy
+bench-deploy: venv mpi ## time to first answer from S3 vs mounted, s5cmd vs boto3; results in bench/results.md
+	$(BIN)/python bench/deploy_bench.py
+
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

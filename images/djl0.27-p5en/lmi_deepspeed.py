@@ -734,12 +734,19 @@ def service_class(props: dict) -> tuple[str, type]:
         raise OptionError(f"{module}: this image cannot serve this model that way ({exc})") from None
 
 
+def _import(module: str):
+    import importlib
+
+    return importlib.import_module(f"{__package__}.{module}" if __package__ else module)
+
+
 def start(properties: dict) -> Service:
     """Load the model on this rank from DJL's properties (the model's serving.properties)."""
     import torch
 
     cuda = torch.cuda.is_available()
     check_routing(properties)
+    properties = _import("lmi_source").resolve(properties)  # a hub id -> a local directory, for every way
     way, cls = service_class(properties)
     world = _rank_environment()[1]
     if way == "lmi_accelerate" and world > 1:

@@ -24,7 +24,13 @@ another file). Facts carry over, code does not: this is not DJL's code.
   a batch as the DJL version's Input reads it (batch_property);
   with batch_size > 1, requests arriving within max_batch_delay ms are one batch, encoded and split as DJL
   does (batch); None is answered 204 (none_answer), an exception 424 (handler_exception);
-- port 8080 (DJL_STANDIN_PORT): GET /ping (200 once the model is loaded), POST /invocations.
+- port 8080 (DJL_STANDIN_PORT): GET /ping (200 once the model is loaded), POST /invocations;
+- where the model comes from: HF_MODEL_ID with an empty model store becomes a model directory whose
+  serving.properties names it as option.model_id (hf_model_id: ModelStore), left for the handler to
+  download; an s3:// option.model_id (or HF_MODEL_ID) is downloaded before the load with DJL's command line
+  (/opt/djl/bin/s5cmd --retry-count 1 sync <url>/* <tmp>, else aws s3 sync), into DJL's directory and
+  hash, through a temporary directory moved into place, and handed over as model_id (s3_download). The
+  test-only knob DJL_STANDIN_S5CMD=PATH stands for /opt/djl/bin/s5cmd on a host that has none there.
 What it does not do: DJL's wire protocol, several models or workers, worker restarts, streaming, rolling
 batch. It is a test fixture, never shipped in a production image.
 """
@@ -38,6 +44,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -109,7 +116,8 @@ def is_text_generation(model_dir):
 
 def configure(props):
     """What DJL's ModelInfo and LMI recommender make of the properties: the engine and the rolling batch."""
-    text_generation = is_text_generation(MODEL_DIR)
+    model_id = props.get("option.model_id", "")  # a local directory once an s3:// model is downloaded
+    text_generation = is_text_generation(model_id if os.path.isdir(model_id) else MODEL_DIR)
     default = B["rolling_batch_without_engine"]
     recommender_runs = default != "auto" or "engine" not in props  # 0.27: only without an engine= line
     if text_generation is not None and recommender_runs:
@@ -305,10 +313,91 @@ class Handler(BaseHTTPRequestHandler):
         log(fmt % args)
 
 
+def djl_hash(text):
+    """DJL's Utils.hash: the first 20 bytes of the SHA-256 of the UTF-8 text, in hex."""
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+def download_root():
+    """SERVING_DOWNLOAD_DIR, else DJL's cache directory (DJL_CACHE_DIR, else ~/.djl.ai)."""
+    return (os.environ.get("SERVING_DOWNLOAD_DIR") or os.environ.get("DJL_CACHE_DIR")
+            or os.path.join(os.path.expanduser("~"), ".djl.ai"))
+
+
+def model_directory():
+    """The model DJL loads: the model store's, or with HF_MODEL_ID and an empty store, what ModelStore makes
+    of HF_MODEL_ID (hf_model_id): the URL itself, a local path, or a directory with a serving.properties."""
+    model_id, fact = os.environ.get("HF_MODEL_ID"), B["hf_model_id"]
+    if not model_id:
+        return MODEL_DIR
+    if os.path.isdir(MODEL_DIR) and any(not n.startswith(".") for n in os.listdir(MODEL_DIR)):
+        log(f"HF_MODEL_ID={model_id} beside a model in {MODEL_DIR}: DJL loads both; this stand-in serves one "
+            "model, the model store's")
+        return MODEL_DIR
+    if fact["urls_as_is"] and (model_id.startswith(("s3://", "djl://")) or os.path.exists(model_id)):
+        return model_id
+    directory = os.path.join(download_root(), djl_hash(model_id))
+    if not os.path.isdir(directory):
+        os.makedirs(directory)
+        lines = [f"option.model_id={model_id}"]
+        if os.environ.get(fact["revision_env"]):
+            lines.append(f"option.revision={os.environ[fact['revision_env']]}")
+        if os.environ.get("HF_TASK"):
+            lines.append(f"option.task={os.environ['HF_TASK']}")
+        with open(os.path.join(directory, "serving.properties"), "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+    log(f"HF_MODEL_ID={model_id}: model directory {directory}")
+    return directory
+
+
+def s3_download(url):
+    """An s3:// model as DJL's Java side downloads it (s3_download), or RuntimeError with DJL's message."""
+    fact = B["s3_download"]
+    target = fact["directory"].format(root=download_root(), hash=djl_hash(url))
+    if os.path.isdir(target):
+        log(f"artifacts has been downloaded already: {target}")
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="tmp", dir=os.path.dirname(target))
+    try:
+        s5cmd = os.environ.get("DJL_STANDIN_S5CMD") or fact["s5cmd"]  # the knob: test-only, on a host
+        if os.path.exists(s5cmd):
+            src = url if url.endswith("*") else url + ("*" if url.endswith("/") else "/*")
+            cmd = [s5cmd] + [a.format(src=src, dest=tmp) for a in fact["s5cmd_args"]]
+        else:
+            cmd = [a.format(src=url, dest=tmp) for a in fact["fallback"]]
+        log(f"S3 url found, start downloading from {url}: {' '.join(cmd)}")
+        try:
+            out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        except OSError:
+            raise RuntimeError("Model failed to download from s3") from None
+        if out.returncode != 0 or out.stdout.startswith("ERROR "):
+            log(out.stdout.strip())
+            raise RuntimeError(f"Failed to execute: [{' '.join(cmd)}]")
+        os.rename(tmp, target)
+        log(f"Download completed! Files saved to {target}")
+        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main():
+    global MODEL_DIR
     server = ThreadingHTTPServer(("0.0.0.0", PORT), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    props = configure(read_properties(MODEL_DIR))
+    try:
+        MODEL_DIR = model_directory()
+        if MODEL_DIR.startswith("s3://"):
+            MODEL_DIR = s3_download(MODEL_DIR)
+        props = read_properties(MODEL_DIR)
+        if props.get("option.model_id", "").strip().startswith("s3://"):
+            props["option.model_id"] = s3_download(props["option.model_id"].strip())
+    except Exception as exc:
+        log(f"model load failed: {exc}")
+        sys.exit(1)
+    props = configure(props)
     log(f"DJL Serving {FACTS['version']} stand-in; engine={props['engine']}")
     if props["engine"] not in ("Python", "MPI"):
         log(f"engine={props['engine']}: this stand-in serves DJL's Python engine only")
