@@ -37,7 +37,7 @@ TEMPLATES = {
 EXECUTABLE = frozenset({"entrypoint.sh"})
 # The toolkit's handler: the DJL glue and the DeepSpeed way (lmi_deepspeed), the Accelerate way and diffusion
 # pipelines, at /opt/lmi/python in every image.
-HANDLER_FILES = ("lmi_deepspeed.py", "lmi_accelerate.py", "lmi_diffusion.py")
+HANDLER_FILES = ("lmi_deepspeed.py", "lmi_accelerate.py", "lmi_diffusion.py", "lmi_stream.py")
 _PACKAGE = Path(__file__).resolve().parent.parent
 VERBATIM = {name: _PACKAGE / name for name in HANDLER_FILES}
 CHECKER = Path(__file__).with_name("deepspeed_check.py")

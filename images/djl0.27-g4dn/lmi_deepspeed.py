@@ -462,6 +462,7 @@ def start(properties: dict) -> Service:
     cuda = torch.cuda.is_available()
     check_routing(properties)
     way, cls = service_class(properties)
+    _stream_module().parse_streaming(properties, way)  # option.enable_streaming, checked before any load
     world = _rank_environment()[1]
     if way == "lmi_accelerate" and world > 1:
         raise OptionError(f"option.partition=accelerate: one process sees every device, but DJL started {world} "
@@ -544,6 +545,14 @@ class Ranks:
 
 _ranks: Ranks | None = None
 _load_error: str | None = None
+_streaming = None  # lmi_stream.Streaming when option.enable_streaming=true
+
+
+def _stream_module():
+    """lmi_stream (token streaming), beside this module."""
+    import importlib
+
+    return importlib.import_module(f"{__package__}.lmi_stream" if __package__ else "lmi_stream")
 
 
 def _decode(inputs) -> list[Request]:
@@ -594,13 +603,14 @@ def handle(inputs):
     "Failed to initialize model: <reason>" (a raised exception would show only "invoke handler failure")."""
     from djl_python.outputs import Output
 
-    global _ranks, _load_error
+    global _ranks, _load_error, _streaming
     if _ranks is None and _load_error is None:
         try:
             import torch
 
             service = start(inputs.get_properties())
             _ranks = Ranks(service, torch.cuda.is_available())
+            _streaming = _stream_module().attach(_ranks, inputs.get_properties())
         except OptionError as exc:
             _load_error = f"lmi_deepspeed: {exc}"
         except Exception as exc:  # the reason in one line; the traceback in the worker's log
@@ -611,4 +621,6 @@ def handle(inputs):
         return Output().error(_load_error, code=500, message=_load_error)
     if inputs.is_empty():
         return None
+    if _streaming is not None:
+        return _streaming.handle(inputs, _decode(inputs))
     return _output(inputs, _ranks.answer(_decode(inputs)))
