@@ -24,7 +24,7 @@ REGISTRY ?= oci://127.0.0.1:5000
 LOCAL := $(findstring local,$(notdir $(MATRIX)))
 WHEELHOUSE ?= $(if $(findstring matrix.local,$(MATRIX)),$(firstword $(PIP_FIND_LINKS)))
 
-.PHONY: help venv mpi engine registry build test-images push lock render validate plan lint test test-e2e test-gpu-stack test-vllm bench clean
+.PHONY: help venv mpi engine registry build test-images push lock render validate plan lint test test-e2e test-gpu-stack test-vllm bench bench-stream clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -129,6 +129,10 @@ test-vllm: engine ## build the vLLM image of tests/matrix.vllm-local.yaml and ru
 bench: engine ## measure render and build speed into bench/results.md
 	$(BIN)/python bench/render_bench.py
 	$(BIN)/python bench/build_bench.py
+
+# Token streaming through the DJL stand-in: time to the first chunk vs the whole answer (mpirun; ~3 min on 2 cores).
+bench-stream: venv mpi ## measure streaming's time to first token into bench/results.md
+	$(BIN)/python bench/stream_bench.py
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
