@@ -275,18 +275,14 @@ class Streaming:
         return prompts, params
 
     def answer(self, requests) -> list:
+        """Every rank, in step, with the same requests: [a Stream] or the refusals."""
         parsed = self._requests(requests)
-        if isinstance(parsed, list):
-            answers = parsed
-        else:
-            stream = Stream()
-            answers = [stream]
-            if self.rank == 0:
-                self.thread = threading.Thread(target=self._generate, args=(*parsed, stream), name="lmi-stream",
-                                               daemon=True)
-                self.thread.start()
-                return answers
+        answers = parsed if isinstance(parsed, list) else [Stream()]
         if self.rank == 0:
+            if not isinstance(parsed, list):
+                self.thread = threading.Thread(target=self._generate, args=(*parsed, answers[0]),
+                                               name="lmi-stream", daemon=True)
+                self.thread.start()
             return answers
         with self.changed:  # another rank: DJL may ask for this stream while it is generated
             self.count += 1

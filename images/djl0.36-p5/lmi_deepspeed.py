@@ -32,6 +32,7 @@ serving.properties options of the DeepSpeed way (DJL passes them without the `op
     option.max_new_tokens           default and upper bound of a request's max_new_tokens (default 256)
     option.kernel_injection         auto | true | false (default auto)
     option.trust_remote_code        false (a model's own code is never run)
+    option.enable_streaming         true | false (default): answer as a jsonlines token stream (lmi_stream)
 Requests, in the LMI shape: {"inputs": "text" | ["text", ...], "parameters": {...}} -> {"generated_text":
 "..."} or a list of them; a text/* body is the prompt itself. Parameters: max_new_tokens, do_sample,
 temperature, top_k, top_p, repetition_penalty, seed, return_full_text. A bad request is answered 400 with a
