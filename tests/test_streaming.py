@@ -218,6 +218,24 @@ def test_a_dynamic_batch_is_refused_in_one_line(tiny, monkeypatch) -> None:
 # --- behind the DJL Serving stand-in ---------------------------------------------------------------------
 
 
+def test_the_stand_ins_djl_python_sends_stream_chunks_as_djl_python_does(monkeypatch) -> None:
+    """djl.yaml stream_line and stream_wire: the default formatter's line, items as they come, an empty last
+    chunk, or the exception's text as the last chunk."""
+    monkeypatch.syspath_prepend(str(STANDIN_LIB))
+    from djl_python.outputs import Output
+
+    out = Output().add_stream_content(iter([["a"], ["b", "c"]]))
+    assert list(out.stream_chunks()) == [(b'{"outputs": ["a"]}\n', True), (b'{"outputs": ["b", "c"]}\n', True),
+                                         (b"", False)]
+
+    def failing():
+        yield "x"
+        raise RuntimeError("out of memory")
+
+    out = Output().add_stream_content(failing(), output_formatter=None)
+    assert list(out.stream_chunks()) == [(b"x", True), (b"out of memory", False)]
+
+
 def stream_post(port: int, payload, timeout: float = 300) -> tuple[int, dict, list[tuple[float, bytes]]]:
     """POST /invocations and read the answer off the socket: (status, headers, [(seconds since the request,
     chunk)]), each chunk timed when its last byte arrived (Transfer-Encoding: chunked parsed here)."""
