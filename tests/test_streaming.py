@@ -23,7 +23,7 @@ from buildkit.lmi_deepspeed import OptionError, Request
 pytestmark = pytest.mark.required_in_ci  # mpirun, DeepSpeed: the project's to provide (tests/conftest.py)
 
 PROMPTS = ["hello world", "the cat sat on the mat"]
-TOKENS = 24
+TOKENS = 40
 STANDIN_LIB = ROOT / "tests" / "local" / "standin"
 MULTIBYTE = "naïve café, 日本語のテキスト, emoji 🙂👍 and ünïcödé. " * 3
 
@@ -304,10 +304,10 @@ def test_the_stand_in_streams_chunks_as_they_come(tiny, servers, name) -> None:
         assert server.wait_ready(), server.log.read_text()[-3000:]
         chunks = _check_stream(server, tiny)
         times = [t for t, _ in chunks]
-        # Sent as generated, the chunks come token by token (a step takes milliseconds here); an answer written
-        # at the end would come in one burst, its chunks microseconds apart.
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-        assert len(chunks) > TOKENS // 2 and sum(gap > 0.001 for gap in gaps) >= TOKENS // 3, times
+        # Sent as generated, the first chunk comes while the ranks still generate the rest (a step takes a
+        # millisecond or more here; a busy machine may bunch a few chunks together); an answer written at its
+        # end would come in one burst, its chunks microseconds apart.
+        assert len(chunks) > TOKENS // 2 and times[-1] - times[0] > 0.01, times
         if name == "passive":  # a dynamic batch of streams: each request is refused in one line
             results: dict = {}
             calls = [threading.Thread(target=lambda i=i: results.update({i: stream_post(
