@@ -24,7 +24,7 @@ REGISTRY ?= oci://127.0.0.1:5000
 LOCAL := $(findstring local,$(notdir $(MATRIX)))
 WHEELHOUSE ?= $(if $(findstring matrix.local,$(MATRIX)),$(firstword $(PIP_FIND_LINKS)))
 
-.PHONY: help venv mpi engine registry build test-images push lock render validate plan lint test test-e2e test-gpu-stack test-vllm facts-upstream bench bench-hostile clean
+.PHONY: help venv mpi engine registry build test-images push lock render validate plan lint test test-e2e test-gpu-stack test-vllm facts-upstream bench bench-hostile bench-stream clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -151,6 +151,10 @@ bench-hostile: venv ## what hostile requests cost the handler before and after i
 .PHONY: bench-deploy
 bench-deploy: venv mpi ## time to first answer from S3 vs mounted, s5cmd vs boto3; results in bench/results.md
 	$(BIN)/python bench/deploy_bench.py
+
+# Token streaming through the DJL stand-in: time to the first chunk vs the whole answer (mpirun; ~3 min on 2 cores).
+bench-stream: venv mpi ## measure streaming's time to first token into bench/results.md
+	$(BIN)/python bench/stream_bench.py
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

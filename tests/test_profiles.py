@@ -18,7 +18,7 @@ from buildkit.rules import Combo, evaluate
 from buildkit.spec import resolve
 
 # The core: every module of the package but the profiles and the files they ship into images.
-SHIPPED = {"lmi_deepspeed.py", "lmi_accelerate.py", "lmi_diffusion.py", "lmi_source.py", "sm_vllm.py"}
+SHIPPED = {"lmi_deepspeed.py", "lmi_accelerate.py", "lmi_diffusion.py", "lmi_source.py", "lmi_stream.py", "sm_vllm.py"}
 ENGINE_WORDS = re.compile("|".join(sorted({*profiles.PROFILES, *profiles.component_keys()})), re.IGNORECASE)
 
 

@@ -36,8 +36,9 @@ TEMPLATES = {
 }
 EXECUTABLE = frozenset({"entrypoint.sh"})
 # The toolkit's handler: the DJL glue and the DeepSpeed way (lmi_deepspeed), the Accelerate way, diffusion
-# pipelines and where models come from (lmi_source: hub ids), at /opt/lmi/python in every image.
-HANDLER_FILES = ("lmi_deepspeed.py", "lmi_accelerate.py", "lmi_diffusion.py", "lmi_source.py")
+# pipelines, where models come from (lmi_source: hub ids) and token streaming (lmi_stream), at /opt/lmi/python
+# in every image.
+HANDLER_FILES = ("lmi_deepspeed.py", "lmi_accelerate.py", "lmi_diffusion.py", "lmi_source.py", "lmi_stream.py")
 _PACKAGE = Path(__file__).resolve().parent.parent
 VERBATIM = {name: _PACKAGE / name for name in HANDLER_FILES}
 CHECKER = Path(__file__).with_name("deepspeed_check.py")

@@ -209,7 +209,8 @@ def index_versions(engine) -> dict[str, tuple[list[str], str]]:
 
 CHECKS = {
     "cpu": ("python-version", "torch-version", "torch-cuda", "vllm-version", "pip-check", "installed-files-distinct",
-            "vllm-import", "vllm-routes", "sm-vllm-mapping", "vllm-serve-help", "cuda-compat-files", "runai-streamer"),
+            "vllm-import", "vllm-routes", "sm-vllm-mapping", "vllm-serve-help", "cuda-compat-files", "runai-streamer",
+            "vllm-invocations-stream"),
     "gpu": ("nvidia-smi", "cuda-available", "compute-capability", "arch-list", "bf16", "vllm-kernels",
             "nccl-allreduce", "cuda-compat-active"),
 }

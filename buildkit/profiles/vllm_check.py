@@ -230,5 +230,80 @@ def vllm_kernels(claims):
     return f"kernels load; {current_platform.get_device_name()} (sm_{found})"
 
 
-if __name__ == "__main__":  # `python3 vllm_check.py routes|parse ARGV...`: one task, its result as JSON
+# --- streaming through /invocations (appended: token streaming) -------------------------------------------------
+
+# vllm 0.33.0: serve/sagemaker/api_router.py `invocations` validates the body against the generate task's request
+# types in order (generate/factories.py: ChatCompletionRequest -> openai/chat_completion/api_router.py
+# create_chat_completion, CompletionRequest -> openai/completion/api_router.py create_completion) and awaits that
+# endpoint, which answers a generator from the serving object (app.state.openai_serving_chat / _completion) as
+# StreamingResponse(media_type="text/event-stream") and a whole response as JSON.
+STREAM_BODIES = {"chat": ({"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 4},
+                          "ChatCompletionRequest"),
+                 "completion": ({"prompt": "hi", "stream": True, "max_tokens": 4}, "CompletionRequest")}
+
+
+def invocations_stream() -> dict:
+    """POST /invocations of the app `vllm serve` builds with each `"stream": true` body, its model's serving objects
+    replaced by recorders that answer three server-sent events (no engine: no GPU): which request type vLLM's
+    router validated, whether it reached the endpoint with stream set, and the answer's status, media type and
+    body."""
+    from fastapi.testclient import TestClient
+    from vllm.entrypoints.launchers.app import build_app
+
+    app = build_app(_serve_parser().parse_args(["--model", "/opt/ml/model"]), supported_tasks=("generate",))
+    seen: list = []
+
+    class Recorder:
+        def __init__(self, kind: str) -> None:
+            self.kind = kind
+
+        async def answer(self, request, raw_request):
+            seen.append({"kind": self.kind, "type": type(request).__name__, "stream": getattr(request, "stream", None)})
+
+            async def events():
+                for n in range(3):
+                    yield f"data: {json.dumps({'kind': self.kind, 'n': n})}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return events()
+
+        create_chat_completion = create_completion = answer
+
+    app.state.openai_serving_chat, app.state.openai_serving_completion = Recorder("chat"), Recorder("completion")
+    app.state.enable_server_load_tracking = False
+    client, answers = TestClient(app), {}
+    for kind, (body, _) in STREAM_BODIES.items():
+        with client.stream("POST", "/invocations", json=body) as response:
+            answers[kind] = {"status": response.status_code, "type": response.headers.get("content-type", ""),
+                             "body": b"".join(response.iter_bytes()).decode()}
+    return {"seen": seen, "answers": answers}
+
+
+TASKS["invocations-stream"] = invocations_stream
+
+
+@builtin("vllm-invocations-stream", "cpu")
+def vllm_invocations_stream(claims):
+    """SageMaker's /invocations, as vLLM's own router serves it, streams a `"stream": true` chat or completion body
+    as server-sent events: the route validates it as the OpenAI request type (stream set), hands it to vLLM's own
+    chat or completion endpoint, and that endpoint answers the serving object's generator as text/event-stream,
+    event by event. The tokens themselves need a model on a GPU (the serving tier)."""
+    found = _on_cpu_platform("invocations-stream")
+    def events(kind: str) -> str:
+        return "".join(f"data: {json.dumps({'kind': kind, 'n': n})}\n\n" for n in range(3)) + "data: [DONE]\n\n"
+
+    expected = [{"kind": kind, "type": type_name, "stream": True} for kind, (_, type_name) in STREAM_BODIES.items()]
+    expect(found["seen"] == expected, f"vLLM's /invocations routed the stream bodies as {found['seen']}, expected "
+                                      f"{expected}")
+    for kind in STREAM_BODIES:
+        answer = found["answers"][kind]
+        expect(answer["status"] == 200 and answer["type"].startswith("text/event-stream"),
+               f"{kind}: /invocations answered {answer['status']} {answer['type']!r}: {answer['body'][:200]}")
+        expect(answer["body"] == events(kind), f"{kind}: the events came back as {answer['body'][:200]!r}")
+    return ("POST /invocations with \"stream\": true: a chat body -> ChatCompletionRequest -> create_chat_completion, "
+            "a completion body -> CompletionRequest -> create_completion, each answered text/event-stream with the "
+            "serving object's events in order")
+
+
+if __name__ == "__main__":  # `python3 vllm_check.py TASK ARGV...` (TASKS): one task, its result as JSON
     print(MARK + json.dumps(TASKS[sys.argv[1]](*sys.argv[2:])), flush=True)

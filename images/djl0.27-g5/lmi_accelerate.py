@@ -15,8 +15,8 @@ serving.properties options (besides lmi_deepspeed's model_id, dtype, max_new_tok
                                   DJL's own Accelerate handler read it up to 0.29; max_memory, when given,
                                   decides instead
 Requests and answers are lmi_deepspeed's LMI shape: {"inputs": str | [str], "parameters": {...}} ->
-{"generated_text": ...}. Importing this module costs nothing: torch, Transformers and Accelerate load with
-the model.
+{"generated_text": ...}; with option.enable_streaming=true a jsonlines token stream (lmi_stream).
+Importing this module costs nothing: torch, Transformers and Accelerate load with the model.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ serving.properties options of the DeepSpeed way (DJL passes them without the `op
     option.trust_remote_code        false (a model's own code is never run)
     option.allow_model_code         false: a model directory holding Python that would shadow the handler's
                                     imports, or a model.py DJL imports, is refused (true: served anyway)
+    option.enable_streaming         true | false (default): answer as a jsonlines token stream (lmi_stream)
 Bounds, each checked on rank 0 before any work (a request over one is a 400 naming the option):
     option.max_prompt_tokens        tokens of a prompt; prompt + max_new_tokens <= the model's positions
                                     (default: the positions, max_position_embeddings or the like)
@@ -748,6 +749,7 @@ def start(properties: dict) -> Service:
     check_routing(properties)
     properties = _import("lmi_source").resolve(properties)  # a hub id -> a local directory, for every way
     way, cls = service_class(properties)
+    _import("lmi_stream").parse_streaming(properties, way)  # option.enable_streaming, checked before any load
     world = _rank_environment()[1]
     if way == "lmi_accelerate" and world > 1:
         raise OptionError(f"option.partition=accelerate: one process sees every device, but DJL started {world} "
@@ -832,6 +834,7 @@ class Ranks:
 
 _ranks: Ranks | None = None
 _load_error: str | None = None
+_streaming = None  # lmi_stream.Streaming when option.enable_streaming=true
 
 
 _BATCH_KEY = re.compile(r"batch_(\d{3,})\.")
@@ -923,7 +926,7 @@ def handle(inputs):
     "Failed to initialize model: <reason>" (a raised exception would show only "invoke handler failure")."""
     from djl_python.outputs import Output
 
-    global _ranks, _load_error, _max_batch_size
+    global _ranks, _load_error, _max_batch_size, _streaming
     if _ranks is None and _load_error is None:
         try:
             props = inputs.get_properties()
@@ -933,6 +936,7 @@ def handle(inputs):
 
             service = start(props)
             _ranks = Ranks(service, torch.cuda.is_available())
+            _streaming = _import("lmi_stream").attach(_ranks, props)
         except OptionError as exc:
             _load_error = f"lmi_deepspeed: {exc}"
         except Exception as exc:  # the reason in one line; the traceback in the worker's log
@@ -947,4 +951,6 @@ def handle(inputs):
         requests = _decode(inputs)
     except RequestError as exc:
         return Output().error(str(exc), code=exc.code, message="bad request")
+    if _streaming is not None:
+        return _streaming.handle(inputs, requests)
     return _output(inputs, _ranks.answer(requests))

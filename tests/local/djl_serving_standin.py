@@ -30,12 +30,16 @@ another file). Facts carry over, code does not: this is not DJL's code.
   download; an s3:// option.model_id (or HF_MODEL_ID) is downloaded before the load with DJL's command line
   (/opt/djl/bin/s5cmd --retry-count 1 sync <url>/* <tmp>, else aws s3 sync), into DJL's directory and
   hash, through a temporary directory moved into place, and handed over as model_id (s3_download). The
-  test-only knob DJL_STANDIN_S5CMD=PATH stands for /opt/djl/bin/s5cmd on a host that has none there.
-What it does not do: DJL's wire protocol, several models or workers, worker restarts, streaming, rolling
-batch. It is a test fixture, never shipped in a production image.
+  test-only knob DJL_STANDIN_S5CMD=PATH stands for /opt/djl/bin/s5cmd on a host that has none there;
+- streaming: a handler's stream content reaches the client chunk by chunk as the worker sends it, written as
+  DJL writes a chunked HTTP answer; with every rank asked, the answering rank's stream (stream_wire,
+  stream_http, stream_single_chunk, stream_routing, stream_client_gone).
+What it does not do: DJL's wire protocol, several models or workers, worker restarts, rolling batch. It is a
+test fixture, never shipped in a production image.
 """
 
 import base64
+import itertools
 import json
 import os
 import queue
@@ -136,6 +140,8 @@ class Ranks:
 
     def __init__(self, props):
         self.lock = threading.Lock()
+        self.idle = threading.Event()  # no stream being read from the workers (set by _chunks at its end)
+        self.idle.set()
         entry = props.get("option.entryPoint") or ("model.py" if os.path.isfile(
             os.path.join(MODEL_DIR, "model.py")) else None)
         if not entry:
@@ -184,6 +190,7 @@ class Ranks:
 
     def call(self, properties, content, load=False):
         """Send one Input to the ranks DJL would send it to; the answer of the rank DJL would return."""
+        self.idle.wait()  # the workers answer the next Input after the last chunk of a stream
         with self.lock:
             targets = self.conns if load or not self.passive else self.conns[:1]
             data = (json.dumps({"properties": properties, "content": [
@@ -199,7 +206,38 @@ class Ranks:
                 replies.append(json.loads(line))
             reply = replies[-1] if B["answer_rank"] == "last" else replies[0]
             reply["content"] = [(k, base64.b64decode(v)) for k, v in reply["content"]]
+            if any(r.get("stream") for r in replies):
+                self.idle.clear()
+                reply["chunks"] = self._chunks(targets, replies, reply)
             return reply
+
+    def _chunks(self, targets, replies, chosen):
+        """The chunks of a streamed answer, as they come, from the rank whose answer DJL returns (stream_routing:
+        DJL takes a rank's answer once its header arrives, so that rank's stream is the one the client reads);
+        the other ranks' chunks are read and dropped, as DJL's connection decoders read them into suppliers
+        nobody reads. Releases the ranks when the last chunk of every stream is in."""
+        try:
+            for conn, reply in zip(targets, replies, strict=True):
+                if reply is chosen:
+                    yield from _read_chunks(conn)
+            for conn, reply in zip(targets, replies, strict=True):
+                if reply is not chosen and reply.get("stream"):
+                    for _ in _read_chunks(conn):
+                        pass
+        finally:
+            self.idle.set()
+
+
+def _read_chunks(conn):
+    """A worker's chunk lines until the last one (more: false), as bytes; a closed connection ends them."""
+    while True:
+        line = conn.readline()
+        if not line:
+            return
+        chunk = json.loads(line)
+        yield base64.b64decode(chunk["chunk"])
+        if not chunk["more"]:
+            return
 
 
 def free_port():
@@ -305,9 +343,44 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 properties[key] = value
         reply = STATE["batcher"].submit(properties, content)
+        if "chunks" in reply:
+            return self._send_stream(reply)
         content_type = next((v for k, v in reply["properties"].items() if k.lower() == "content-type"),
                             "application/octet-stream")
         self._send(reply["code"], reply["content"][0][1] if reply["content"] else b"", content_type)
+
+    def _send_stream(self, reply):
+        """A streamed answer as DJL's HTTP handler writes one (stream_http): nothing until the first chunk, then
+        the status and the Output's properties as headers with Transfer-Encoding: chunked, each chunk as it
+        comes, and the last (empty) chunk; from 0.31 a stream of one chunk is one plain answer instead. The
+        stream is read to its end even when the client has gone (stream_client_gone: nothing tells the worker)."""
+        chunks = reply["chunks"]
+        first = next(chunks, None)
+        second = next(chunks, None) if first is not None else None
+        if second is None and B["stream_single_chunk"] == "full":
+            return self._send(reply["code"], first or b"", reply["properties"].get("content-type",
+                                                                                  "application/octet-stream"))
+        self.protocol_version = "HTTP/1.1"  # chunked transfer needs HTTP/1.1 (DJL answers in 1.1)
+        self.send_response(reply["code"])
+        for key, value in reply["properties"].items():
+            self.send_header(key, value)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        gone = False
+        for data in itertools.chain((first, second), chunks) if second is not None else (first or b"",):
+            if data and not gone:
+                try:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+                except OSError:
+                    gone = True
+                    log("the client went away; the stream is read to its end")
+        if not gone:
+            try:
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except OSError:
+                pass
 
     def log_message(self, fmt, *args):
         log(fmt % args)

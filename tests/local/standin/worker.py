@@ -1,9 +1,10 @@
 """One rank of the DJL Serving stand-in: imports the model's entry point and calls its handle() for each
-message from the server (one JSON line in, one JSON line out; bytes as base64), as DJL's Python engine calls a
-handler: None is answered with the none_answer code, an exception with Output().error(str(exception)) and
-the handler_exception message of this DJL version (buildkit/data/djl.yaml, behaviour). The model directory is
-on the path after the inherited PYTHONPATH (model_dir_on_pythonpath); model.py is imported at the start where
-the version does (model_py_at_start); a batch_size property is read as the version reads it (batch_property)."""
+message from the server (one JSON line in, one JSON line out; bytes as base64; a streamed answer: a header
+line, then one line per chunk as it comes), as DJL's Python engine calls a handler: None is answered with the
+none_answer code, an exception with Output().error(str(exception)) and the handler_exception message of this
+DJL version (buildkit/data/djl.yaml, behaviour). The model directory is on the path after the inherited
+PYTHONPATH (model_dir_on_pythonpath); model.py is imported at the start where the version does
+(model_py_at_start); a batch_size property is read as the version reads it (batch_property)."""
 
 import argparse
 import base64
@@ -61,9 +62,26 @@ def main():
         except Exception as exc:
             traceback.print_exc()
             output = Output().error(str(exc), message=args.error_message)
+        if getattr(output, "stream_content", None) is not None:
+            send_stream(stream, output)
+            continue
         reply = {"code": output.code, "message": output.message, "properties": output.properties,
                  "content": [[k, base64.b64encode(bytes(v)).decode()] for k, v in output.content.pairs]}
         stream.write((json.dumps(reply) + "\n").encode())
+        stream.flush()
+
+
+def send_stream(stream, output):
+    """An answer with stream content, as djl_python sends one (outputs.py, Output.send): the code, message and
+    properties with no content entries ("stream": true here, a content count of -1 there), then every chunk as
+    soon as the handler's iterator gives it, flagged whether more follow; the last one (more: false) is empty,
+    or the error's text when the iterator raised."""
+    header = {"code": output.code, "message": output.message, "properties": output.properties, "content": [],
+              "stream": True}
+    stream.write((json.dumps(header) + "\n").encode())
+    stream.flush()
+    for data, more in output.stream_chunks():
+        stream.write((json.dumps({"chunk": base64.b64encode(data).decode(), "more": more}) + "\n").encode())
         stream.flush()
 
 
