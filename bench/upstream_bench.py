@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import platform
 import re
@@ -194,6 +195,16 @@ def verdicts(matrix_path: Path, line: str) -> list[str]:
 
 
 NEWEST_MARKER = "### The newest torch on the index to a locked, rendered DeepSpeed line"
+NEWEST_READING = """Reading: no vLLM release pins the newest torch, so its line is a DeepSpeed one (the data's
+newest DeepSpeed, which requires only torch>=2.0.0). Its PyPI wheel is cu132, so the line is on CUDA 13.2, which
+needed its entry in buildkit/data/cuda.yaml (nvcc 13.2's arch list run from the index's nvidia-cuda-nvcc wheel;
+cuda-compat branches from NVIDIA's container Dockerfiles; the minimum driver a marked lead). The verdicts follow
+the derived SMs: sm_70 (p3) has no cubin and no PTX in the wheel, and nvcc 13.2 cannot target it; sm_89 (g6,
+g6e) runs the sm_86 cubin of the arch list (the wheel also carries sm_89 cubins outside it); every other GPU
+family's SM is in the list. g6e is refused for its driver, not its SM: the matrix pins its AMI to R550, which
+CUDA 13.2's cuda-compat does not accept. The CPU set resolves against download.pytorch.org, which this machine
+cannot reach (as for djl0.36-cpu in the committed matrix.lock): recorded as not locked. Nothing here built or
+ran the image: DeepSpeed's ops compiled against torch 2.15 and nvcc 13.2 are unproven."""
 # The SageMaker inference AMI of the line: R580, which CUDA 13.2's cuda-compat accepts (buildkit/data/cuda.yaml); the
 # families' default drivers (470, 535) and the vLLM line's AMI (550) are not all in its list.
 NEWEST_AMI = "al2023-ami-sagemaker-inference-gpu-4-1"
@@ -234,7 +245,9 @@ def newest_torch_line(work: Path, matrix_path: Path) -> tuple:
     model = next(n for n in reversed(list(doc["lines"])) if doc["lines"][n].get("engine") == "deepspeed")
     line = dict(doc["lines"][model])
     line.pop("exclude", None)
-    line.update(torch=newest, cuda=cuda, inference_ami=NEWEST_AMI)
+    ds = yaml.safe_load((work / "data" / "deepspeed.yaml").read_text())["releases"]
+    newest_ds = max((v for r in ds.values() for v in r["versions"]), key=versions.key)  # its torch pin: >=2.0.0
+    line.update(deepspeed=newest_ds, torch=newest, cuda=cuda, inference_ami=NEWEST_AMI)
     lo, hi = entry["python"]
     if not versions.in_range(line["python"], (lo, hi)):
         line["python"] = lo
@@ -254,18 +267,32 @@ def newest_torch_line(work: Path, matrix_path: Path) -> tuple:
     outputs.append(f"validate: exit {code}: " + " ".join(out.split())[-300:])
     rendered = sorted(p.name for p in (work / "images").glob(f"{name}-*"))
     outputs.append(f"rendered contexts: {', '.join(rendered) or 'none'}")
-    # each family of the line: its SM, whether the derived arch list or the extra cubins hold it, the verdict
+    lock = json.loads((work / "matrix.lock").read_text())
+    lock = lock.get("sets", lock)
+    for key in sorted(k for k in lock if k.startswith(f"{name}-")):
+        entry_ = lock[key]
+        if "layers" not in entry_:
+            why = " ".join(str(entry_.get("unresolved", "")).split())[:90]
+            outputs.append(f"set {key}: not locked here ({why}...)")
+            continue
+        pins = [f"{p[0]}=={p[1]}" for layer in entry_["layers"].values() for p in layer
+                if p[0] in ("torch", "deepspeed", "cuda-toolkit", "nvidia-cuda-runtime", "triton")]
+        outputs.append(f"set {key}: locked, {sum(len(v) for v in entry_['layers'].values())} packages "
+                       f"({', '.join(pins)})")
+    # each family of the line: its SM, how the derived arch list reaches it (facts.coverage, as the rules ask),
+    # whether the wheel has that SM's own cubin outside the list, and the rules' verdict
     f = facts.load()
-    arch = record["arch_list"].split(";")
+    entries = tuple(facts.ArchEntry.parse(a) for a in record["arch_list"].split(";"))
     cubins = record.get("extra_cubins", "").split(";")
     rows = []
     for fam_name in doc["families"]:
         fam = f.families[fam_name]
         if not fam.is_gpu:
-            where = "no GPU (a CPU wheel: none is published for this release on the index)"
+            where = f"CPU: the cpu variant from {data['wheel_index']}/cpu, not the PyPI wheel"
         else:
-            where = ("in the arch list" if fam.sm in arch else
-                     "a cubin outside the arch list" if fam.sm in cubins else "no cubin, no PTX")
+            cov = facts.coverage(entries, fam.sm)
+            where = (cov.via if cov.covered else "no cubin of its major at or below it, no PTX") + \
+                (f" (and an {facts.sm_name(fam.sm)} cubin outside the list)" if fam.sm in cubins else "")
         verdict = "refused: " + refused[fam_name] if fam_name in refused else "accepted"
         rows.append(f"| {fam_name} | {fam.sm if fam.is_gpu else '-'} | {where} | {verdict} |")
     return newest, name, line, record, steps, said + outputs, rows
@@ -286,10 +313,12 @@ def newest_main() -> int:
             f"- torch {newest}'s derived record: {record['local_version']}, arch list {record['arch_list']}, "
             f"extra cubins {record.get('extra_cubins', '')}, from {record['source']['file']}",
             *[f"- {o}" for o in outputs], "",
-            "| family | SM | in torch's wheel | the rules |", "|---|---|---|---|", *rows, ""]
+            f"| family | SM | torch {newest}'s arch list reaches it through | the rules |", "|---|---|---|---|",
+            *rows, "", NEWEST_READING, ""]
     write_section(NEWEST_MARKER, "\n".join(text))
     print("\n".join(text))
-    return 0 if all("exit 0" in o for o in outputs if o.startswith(("lock", "validate"))) else 1
+    gpu_locked = any(o.startswith(f"set {name}-cu") and ": locked" in o for o in outputs)
+    return 0 if gpu_locked and any(o.startswith("validate: exit 0") for o in outputs) else 1
 
 
 def main() -> int:
