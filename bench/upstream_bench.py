@@ -245,8 +245,11 @@ def newest_torch_line(work: Path, matrix_path: Path) -> tuple:
     model = next(n for n in reversed(list(doc["lines"])) if doc["lines"][n].get("engine") == "deepspeed")
     line = dict(doc["lines"][model])
     line.pop("exclude", None)
-    ds = yaml.safe_load((work / "data" / "deepspeed.yaml").read_text())["releases"]
-    newest_ds = max((v for r in ds.values() for v in r["versions"]), key=versions.key)  # its torch pin: >=2.0.0
+    # the newest DeepSpeed whose requirements are read (the lock refuses a later one until they are): torch>=2.0.0
+    ds = yaml.safe_load((work / "data" / "deepspeed.yaml").read_text())
+    read = versions.key(ds["requires_read_through"])
+    newest_ds = max((v for r in ds["releases"].values() for v in r["versions"] if versions.key(v) <= read),
+                    key=versions.key)
     line.update(deepspeed=newest_ds, torch=newest, cuda=cuda, inference_ami=NEWEST_AMI)
     lo, hi = entry["python"]
     if not versions.in_range(line["python"], (lo, hi)):
