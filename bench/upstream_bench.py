@@ -195,9 +195,10 @@ def verdicts(matrix_path: Path, line: str) -> list[str]:
 
 
 NEWEST_MARKER = "### The newest torch on the index to a locked, rendered DeepSpeed line"
-NEWEST_READING = """Reading: no vLLM release pins the newest torch, so its line is a DeepSpeed one (the data's
-newest DeepSpeed, which requires only torch>=2.0.0). Its PyPI wheel is cu132, so the line is on CUDA 13.2, which
-needed its entry in buildkit/data/cuda.yaml (nvcc 13.2's arch list run from the index's nvidia-cuda-nvcc wheel;
+NEWEST_READING = """Reading: no vLLM release pins the newest torch, so its line is a DeepSpeed one (the newest
+DeepSpeed whose requirements the data has read, 0.19.5, which requires torch>=2.0.0; the lock refuses 0.19.6 to
+0.19.8 until their requirements are read). Its PyPI wheel is cu132, so the line is on CUDA 13.2, which needed
+its entry in buildkit/data/cuda.yaml (nvcc 13.2's arch list run from the index's nvidia-cuda-nvcc wheel;
 cuda-compat branches from NVIDIA's container Dockerfiles; the minimum driver a marked lead). The verdicts follow
 the derived SMs: sm_70 (p3) has no cubin and no PTX in the wheel, and nvcc 13.2 cannot target it; sm_89 (g6,
 g6e) runs the sm_86 cubin of the arch list (the wheel also carries sm_89 cubins outside it); every other GPU
