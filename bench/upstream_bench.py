@@ -11,6 +11,12 @@
    release nobody has read (vLLM 0.32.0 and the torch 2.13.0 it pins, taken out of the scratch data first):
    `lmi facts add` of both, its line, `lmi lock`, `lmi validate`. Each step timed, wall clock.
 
+4. `--newest-torch` (only this step; its own subsection, appended at the end of the section): the index's newest
+   torch, taken out of the scratch data (its derived record and its release entry), `lmi facts add torch`, a
+   DeepSpeed line on it (a copy of the last DeepSpeed line with that torch and the CUDA of its PyPI wheel: no vLLM
+   pins it), the rules' refusals as its excludes, `lmi lock`, `lmi validate`, and each family's verdict beside
+   its SM and the wheel's derived arch list and cubins.
+
 Writes its section of bench/results.md. Needs the package index (PyPI or LMI_PIP_INDEX_URL) and ~2 GB of disk.
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import platform
 import re
@@ -38,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from bench.results_md import write_section  # noqa: E402
-from buildkit import cli, facts, matrix, rules, upstream, verify, wheelfacts  # noqa: E402
+from buildkit import cli, facts, matrix, rules, upstream, verify, versions, wheelfacts  # noqa: E402
 
 SCRATCH = ROOT / ".lmi" / "upstream-bench"
 MARKER = "## Upstream releases to locked lines (issue #27)"
@@ -187,6 +194,137 @@ def verdicts(matrix_path: Path, line: str) -> list[str]:
     return rows
 
 
+NEWEST_MARKER = "### The newest torch on the index to a locked, rendered DeepSpeed line"
+NEWEST_READING = """Reading: no vLLM release pins the newest torch, so its line is a DeepSpeed one (the newest
+DeepSpeed whose requirements the data has read, 0.19.5, which requires torch>=2.0.0; the lock refuses 0.19.6 to
+0.19.8 until their requirements are read). Its PyPI wheel is cu132, so the line is on CUDA 13.2, which needed
+its entry in buildkit/data/cuda.yaml (nvcc 13.2's arch list run from the index's nvidia-cuda-nvcc wheel;
+cuda-compat branches from NVIDIA's container Dockerfiles; the minimum driver a marked lead). The verdicts follow
+the derived SMs: sm_70 (p3) has no cubin and no PTX in the wheel, and nvcc 13.2 cannot target it; sm_89 (g6,
+g6e) runs the sm_86 cubin of the arch list (the wheel also carries sm_89 cubins outside it); every other GPU
+family's SM is in the list. g6e is refused for its driver, not its SM: the matrix pins its AMI to R550, which
+CUDA 13.2's cuda-compat does not accept. The CPU set resolves against download.pytorch.org, which this machine
+cannot reach (as for djl0.36-cpu in the committed matrix.lock): recorded as not locked. Nothing here built or
+ran the image: DeepSpeed's ops compiled against torch 2.15 and nvcc 13.2 are unproven."""
+# The SageMaker inference AMI of the line: R580, which CUDA 13.2's cuda-compat accepts (buildkit/data/cuda.yaml); the
+# families' default drivers (470, 535) and the vLLM line's AMI (550) are not all in its list.
+NEWEST_AMI = "al2023-ami-sagemaker-inference-gpu-4-1"
+
+
+def forget_torch(work: Path, version: str) -> None:
+    """Take a torch release out of the scratch data: its derived record and the release entry `lmi facts add` wrote."""
+    path = upstream.data_path("torch", work / "data")
+    text = path.read_text()
+    records = upstream.derived_records(text)
+    records.pop(version, None)
+    minor = ".".join(version.split(".")[:2])
+    lines = text.splitlines(keepends=True)
+    start = next(i for i, row in enumerate(lines) if re.match(rf"  # torch {re.escape(minor)}: written", row))
+    end = start + 2
+    while end < len(lines) and lines[end].startswith("    "):
+        end += 1
+    path.write_text(upstream.with_derived("".join(lines[:start] + lines[end:]), records))
+    facts.load.cache_clear()
+
+
+def newest_torch_line(work: Path, matrix_path: Path) -> tuple:
+    """The index's newest torch, read by nobody, to a locked DeepSpeed line on the CUDA of its PyPI wheel."""
+    steps: list = []
+    newest = str(timed("list torch on the index", steps, lambda: max(upstream.released(upstream.listing("torch")))))
+    forget_torch(work, newest)
+    before = yaml.safe_load(upstream.data_path("torch", work / "data").read_text())
+    assert newest not in before["derived"], newest
+    said = [upstream._said(timed(f"lmi facts add torch {newest} (fetch + read)", steps, upstream.add, "torch",
+                                 newest, cache=work / "cache-newest", data_dir=work / "data"))]
+    data = yaml.safe_load(upstream.data_path("torch", work / "data").read_text())
+    minor = ".".join(newest.split(".")[:2])
+    entry, record = data["releases"][minor], data["derived"][newest]
+    variant = entry["pypi_variant"]  # cu132
+    cuda = f"{variant[2:-1]}.{variant[-1]}"
+    start = time.perf_counter()
+    doc = yaml.safe_load(matrix_path.read_text())
+    model = next(n for n in reversed(list(doc["lines"])) if doc["lines"][n].get("engine") == "deepspeed")
+    line = dict(doc["lines"][model])
+    line.pop("exclude", None)
+    # the newest DeepSpeed whose requirements are read (the lock refuses a later one until they are): torch>=2.0.0
+    ds = yaml.safe_load((work / "data" / "deepspeed.yaml").read_text())
+    read = versions.key(ds["requires_read_through"])
+    newest_ds = max((v for r in ds["releases"].values() for v in r["versions"] if versions.key(v) <= read),
+                    key=versions.key)
+    line.update(deepspeed=newest_ds, torch=newest, cuda=cuda, inference_ami=NEWEST_AMI)
+    lo, hi = entry["python"]
+    if not versions.in_range(line["python"], (lo, hi)):
+        line["python"] = lo
+    name = f"{model}-torch{minor}"
+    text = matrix_path.read_text().rstrip("\n") + "\n\n" + \
+        f"  # torch {newest} (the index's newest), added by upstream_bench.py: a copy of {model} with it\n" + \
+        "".join("  " + row for row in upstream._dump({name: line}).splitlines(keepends=True))
+    matrix_path.write_text(text)
+    refused = upstream.refused_families(matrix_path, name)
+    matrix_path.write_text(upstream.with_excludes(text, name, refused))
+    steps.append(("the matrix line, the rules' refusals as its excludes", time.perf_counter() - start))
+    outputs = []
+    code, out = timed(f"lmi lock {name}-* (uv, then render)", steps, lmi, "--matrix", str(matrix_path), "lock",
+                      f"{name}-*")
+    outputs.append(f"lock {name}: exit {code}: " + " ".join(out.split())[-600:])
+    code, out = timed("lmi validate", steps, lmi, "--matrix", str(matrix_path), "validate")
+    outputs.append(f"validate: exit {code}: " + " ".join(out.split())[-300:])
+    rendered = sorted(p.name for p in (work / "images").glob(f"{name}-*"))
+    outputs.append(f"rendered contexts: {', '.join(rendered) or 'none'}")
+    lock = json.loads((work / "matrix.lock").read_text())
+    lock = lock.get("sets", lock)
+    for key in sorted(k for k in lock if k.startswith(f"{name}-")):
+        entry_ = lock[key]
+        if "layers" not in entry_:
+            why = " ".join(str(entry_.get("unresolved", "")).split())[:90]
+            outputs.append(f"set {key}: not locked here ({why}...)")
+            continue
+        pins = [f"{p[0]}=={p[1]}" for layer in entry_["layers"].values() for p in layer
+                if p[0] in ("torch", "deepspeed", "cuda-toolkit", "nvidia-cuda-runtime", "triton")]
+        outputs.append(f"set {key}: locked, {sum(len(v) for v in entry_['layers'].values())} packages "
+                       f"({', '.join(pins)})")
+    # each family of the line: its SM, how the derived arch list reaches it (facts.coverage, as the rules ask),
+    # whether the wheel has that SM's own cubin outside the list, and the rules' verdict
+    f = facts.load()
+    entries = tuple(facts.ArchEntry.parse(a) for a in record["arch_list"].split(";"))
+    cubins = record.get("extra_cubins", "").split(";")
+    rows = []
+    for fam_name in doc["families"]:
+        fam = f.families[fam_name]
+        if not fam.is_gpu:
+            where = f"CPU: the cpu variant from {data['wheel_index']}/cpu, not the PyPI wheel"
+        else:
+            cov = facts.coverage(entries, fam.sm)
+            where = (cov.via if cov.covered else "no cubin of its major at or below it, no PTX") + \
+                (f" (and an {facts.sm_name(fam.sm)} cubin outside the list)" if fam.sm in cubins else "")
+        verdict = "refused: " + refused[fam_name] if fam_name in refused else "accepted"
+        rows.append(f"| {fam_name} | {fam.sm if fam.is_gpu else '-'} | {where} | {verdict} |")
+    return newest, name, line, record, steps, said + outputs, rows
+
+
+def newest_main() -> int:
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    work, matrix_path = scratch()
+    newest, name, line, record, steps, outputs, rows = newest_torch_line(work, matrix_path)
+    text = [NEWEST_MARKER, "",
+            f"{started}, {platform.node() or 'this machine'}, {os.cpu_count()} cores shared with other sessions; "
+            f"`python bench/upstream_bench.py --newest-torch`. Index: {upstream._public(upstream.index_url())}. "
+            f"torch {newest} taken out of the scratch data first (derived record and release entry); cold wheel "
+            f"cache; wall clock {sum(s for _, s in steps):.1f} s:", "",
+            "| step | s |", "|---|---|", *[f"| {what} | {s:.1f} |" for what, s in steps], "",
+            f"- the line {name}: " + ", ".join(f"{k} {v}" for k, v in line.items() if k not in ("pip",)),
+            f"- torch {newest}'s derived record: {record['local_version']}, arch list {record['arch_list']}, "
+            f"extra cubins {record.get('extra_cubins', '')}, from {record['source']['file']}",
+            *[f"- {o}" for o in outputs], "",
+            f"| family | SM | torch {newest}'s arch list reaches it through | the rules |", "|---|---|---|---|",
+            *rows, "", NEWEST_READING, ""]
+    write_section(NEWEST_MARKER, "\n".join(text))
+    print("\n".join(text))
+    gpu_locked = any(o.startswith(f"set {name}-cu") and ": locked" in o for o in outputs)
+    return 0 if gpu_locked and any(o.startswith("validate: exit 0") for o in outputs) else 1
+
+
 def main() -> int:
     SCRATCH.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -236,4 +374,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(newest_main() if "--newest-torch" in sys.argv[1:] else main())

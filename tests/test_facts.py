@@ -142,3 +142,20 @@ def test_facts_verify_without_an_index_is_a_clear_error(monkeypatch) -> None:
     result = lmi("facts", "verify", env={**os.environ, "PIP_INDEX_URL": "http://127.0.0.1:9/simple"})
     assert result.returncode == 2 and "the package index is unreachable" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cuda132_decides_the_newest_torch_line(facts) -> None:
+    """torch 2.15.0's PyPI wheel is cu132: CUDA 13.2's entry (nvcc's arch list, the cuda-compat branches) decides
+    which SMs and host drivers a line on it serves."""
+    from buildkit.rules import Combo, evaluate
+
+    def on(family: str, driver: str):
+        return evaluate(Combo.of("deepspeed", family, "2.15.0", "13.2", "3.12", "ubuntu24.04", djl="0.36.0",
+                                 deepspeed="0.19.8", driver=driver), facts)
+
+    g5 = on("g5", "580.95.05")  # R580: in 13.2's cuda-compat list
+    assert g5.ok and g5.wheel_variant == "cu132", [e.text() for e in g5.errors]
+    assert {"arch-in-nvcc", "arch-in-wheel"} <= {e.rule for e in on("p3", "580.95.05").errors}  # sm_70
+    # R550 runs CUDA 13.0 through cuda-compat, but 13.2's list drops it (and 550 < 13's minor-compat floor, 580)
+    assert {e.rule for e in on("g5", "550.163.01").errors} == {"host-driver"}
+    assert on("p6-b200", "580.95.05").ok  # sm_100: in torch's arch list and nvcc 13.2's
