@@ -26,7 +26,9 @@ injection where DeepSpeed has a policy for the architecture and the GPU's SM all
 AutoTP declines.
 
 serving.properties options of the DeepSpeed way (DJL passes them without the `option.` prefix):
-    option.model_id                 a local model directory (default: the model directory, /opt/ml/model)
+    option.model_id                 a local model directory (default: the model directory, /opt/ml/model), a
+                                    Hugging Face Hub id (org/name, downloaded once per host by lmi_source), or
+                                    an s3:// URL that DJL downloads before the handler (docs/deployment.md)
     option.tensor_parallel_degree   ranks to partition over; must equal the ranks DJL started
     option.dtype                    fp16 | bf16 | fp32 (default: fp16 on GPU, fp32 on CPU)
     option.max_new_tokens           default and upper bound of a request's max_new_tokens (default 256)
@@ -308,7 +310,7 @@ def parse_options(props: dict, world_size: int, cuda: bool) -> Options:
     model_dir = str(props.get("model_id") or props.get("model_dir") or DEFAULT_MODEL_DIR).strip()
     if "://" in model_dir or not os.path.isdir(model_dir):
         raise OptionError(f"option.model_id={model_dir!r}: not a local directory; this image loads models from "
-                          f"{DEFAULT_MODEL_DIR} or a local path (no hub downloads)")
+                          f"{DEFAULT_MODEL_DIR}, a local path, a hub id (org/name) or an s3:// URL DJL downloads")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise OptionError(f"option.model_id={model_dir!r}: no config.json there; give a Transformers model directory")
     tp = _int(props, "tensor_parallel_degree", world_size)
