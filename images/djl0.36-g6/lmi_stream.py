@@ -205,8 +205,8 @@ def _stopping_criteria(stream: Stream, group):
 
 
 def generate(service, job, stream: Stream, group=None) -> None:
-    """Generate one checked request (lmi_deepspeed's Job: its prompts' token ids and parameters) as
-    lmi_deepspeed's Service.generate does (the same inputs and arguments: the same tokens), sending text into
+    """Generate one checked request (lmi_deepspeed's Job: its prompts' token ids and parameters) from the
+    arguments lmi_deepspeed's Service.generate uses (Service.generate_inputs: the same tokens), sending text into
     `stream` step by step; the last line says why each prompt stopped."""
     import torch
 
@@ -217,21 +217,10 @@ def generate(service, job, stream: Stream, group=None) -> None:
     try:
         if params.get("return_full_text"):
             stream.lines.put(line(list(job.prompts)))
-        module = service.engine.module
-        device = module.device if hasattr(module, "device") else "cpu"
-        longest, pad = max(len(i) for i in job.ids), tokenizer.pad_token_id
-        batch = {"input_ids": torch.tensor([[pad] * (longest - len(i)) + list(i) for i in job.ids], device=device),
-                 "attention_mask": torch.tensor([[0] * (longest - len(i)) + [1] * len(i) for i in job.ids],
-                                                device=device)}
-        kwargs = {"max_new_tokens": params["max_new_tokens"], "pad_token_id": pad,
-                  "do_sample": params.get("do_sample", False)}
-        for key in ("temperature", "top_k", "top_p", "repetition_penalty"):
-            if key in params:
-                kwargs[key] = params[key]
-        if kwargs["do_sample"]:
-            torch.manual_seed(params["seed"])  # rank 0 chose it: every rank draws the same numbers
+        batch, kwargs = service.generate_inputs(job.ids, params)  # the arguments of the non-streamed answer
         with torch.no_grad():
-            module.generate(**batch, **kwargs, streamer=streamer, stopping_criteria=_stopping_criteria(stream, group))
+            service.engine.module.generate(**batch, **kwargs, streamer=streamer,
+                                           stopping_criteria=_stopping_criteria(stream, group))
         reasons = ["cancelled" if stream.cancelled.is_set() and not done else reason
                    for done, reason in zip(streamer.done, streamer.reason, strict=True)]
         stream.finish_reason = reasons

@@ -570,8 +570,11 @@ class Service:
                 jobs.append(RequestError(f"the request could not be read: {type(exc).__name__}: {first}"))
         return jobs
 
-    def generate(self, ids: list, params: dict) -> list[str]:
-        """Continuations of the token id sequences `ids` (padded on the left, together), greedy or seeded."""
+    def generate_inputs(self, ids: list, params: dict) -> tuple[dict, dict]:
+        """generate()'s arguments for the token id sequences `ids` (padded on the left, together): the batch and
+        the generation options, greedy or seeded. Seeds torch's generator for a sampling request: every rank
+        samples the same token only if every rank draws the same numbers. The streamed answer (lmi_stream)
+        generates from the same arguments, so it is the same text."""
         import torch
 
         device = self.engine.module.device if hasattr(self.engine.module, "device") else "cpu"
@@ -579,14 +582,20 @@ class Service:
         batch = {"input_ids": torch.tensor([[pad] * (longest - len(i)) + list(i) for i in ids], device=device),
                  "attention_mask": torch.tensor([[0] * (longest - len(i)) + [1] * len(i) for i in ids],
                                                 device=device)}
-        kwargs = {"max_new_tokens": params["max_new_tokens"], "pad_token_id": self.tokenizer.pad_token_id,
+        kwargs = {"max_new_tokens": params["max_new_tokens"], "pad_token_id": pad,
                   "do_sample": params.get("do_sample", False)}
         for key in ("temperature", "top_k", "top_p", "repetition_penalty"):
             if key in params:
                 kwargs[key] = params[key]
         if kwargs["do_sample"]:
-            # Every rank samples the same token only if every rank draws the same numbers.
             torch.manual_seed(params["seed"])
+        return batch, kwargs
+
+    def generate(self, ids: list, params: dict) -> list[str]:
+        """Continuations of the token id sequences `ids`, decoded."""
+        import torch
+
+        batch, kwargs = self.generate_inputs(ids, params)
         with torch.no_grad():
             out = self.engine.module.generate(**batch, **kwargs)
         new = out[:, batch["input_ids"].shape[1]:]
