@@ -93,14 +93,18 @@ lint: venv ## ruff, the render and lock gates, and hadolint on every rendered Do
 
 # The engine tier (one Docker engine, one session's built image and package server) runs in order in one
 # pytest; the rest of the suite (unit tests, the handler's ranks) runs beside it in another: most of the
-# engine tier waits on Docker, so the two share the cores instead of taking turns.
+# engine tier waits on Docker, so the two share the cores instead of taking turns. The engine tier ends first,
+# so a few single-process modules (TAIL_TESTS, ~1 min) run after it in its pytest's place, on the core it frees.
+TAIL_TESTS := tests/test_smoke.py tests/test_cli.py
 test: lint engine mpi ## lint, then the test suite (engine tests build real images)
-	@mkdir -p .lmi; unit=0; engine=0; \
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 -m "not e2e and not engine" > .lmi/test-unit.log 2>&1 & pid=$$!; \
+	@mkdir -p .lmi; unit=0; engine=0; tail=0; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 -m "not e2e and not engine" \
+	  $(foreach t,$(TAIL_TESTS),--ignore=$(t)) > .lmi/test-unit.log 2>&1 & pid=$$!; \
 	$(BIN)/python -m pytest -q --durations=15 -m "engine and not e2e" || engine=$$?; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e and not engine" $(TAIL_TESTS) || tail=$$?; \
 	wait $$pid || unit=$$?; \
 	echo "--- the rest of the suite (run beside the engine tier; .lmi/test-unit.log):"; cat .lmi/test-unit.log; \
-	test $$engine -eq 0 -a $$unit -eq 0
+	test $$engine -eq 0 -a $$tail -eq 0 -a $$unit -eq 0
 
 # The publish.yml sequence and the weekly rebuild end to end with the 2 GB local image, and the image serving
 # two passive DJL ranks through its entrypoint (~20 min on 2 cores); last result in bench/results.md.
