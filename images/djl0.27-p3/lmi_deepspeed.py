@@ -110,22 +110,27 @@ class RequestError(ValueError):
         return type(self), (str(self), self.code)
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """An exception's message as one line (its first, at most `limit` characters), for an answer or a log."""
+    return (str(exc).strip().splitlines() or [""])[0][:limit]
+
+
 def model_error(exc: BaseException) -> RequestError:
     """A failure of the model itself while answering: a 424 for the requests it was answering, one line."""
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
-    return RequestError(f"the model failed: {type(exc).__name__}: {first}", 424)
+    return RequestError(f"the model failed: {type(exc).__name__}: {first_line(exc, 300)}", 424)
+
+
+def input_error(exc: BaseException) -> RequestError:
+    """A request that failed in a way no check foresaw (e.g. the tokenizer raising on it): still its own 400,
+    one line."""
+    return RequestError(f"the request could not be read: {type(exc).__name__}: {first_line(exc, 300)}")
 
 
 def loads_bounded(data: bytes, max_depth: int, max_bytes: int):
     """A JSON body -> its value, or RequestError(400): over max_bytes, not UTF-8, nested deeper than
     max_depth (counted before parsing, so json.loads never recurses deeper), not JSON, or a string holding a
     lone surrogate. The same on any thread, whatever its stack."""
-    if len(data) > max_bytes:
-        raise RequestError(f"the body is {len(data)} bytes, over option.max_body_bytes={max_bytes}", 413)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise RequestError("the body is not UTF-8 text") from None
+    text = body_text(data, max_bytes)
     depth = 0
     for token in _JSON_TOKENS.finditer(text):
         c = token.group()
@@ -141,6 +146,16 @@ def loads_bounded(data: bytes, max_depth: int, max_bytes: int):
         raise RequestError("the body is not JSON") from None
     _no_surrogates(value)
     return value
+
+
+def body_text(data: bytes, max_bytes: int) -> str:
+    """A body as UTF-8 text, or RequestError: 413 over max_bytes (checked before decoding), 400 not UTF-8."""
+    if len(data) > max_bytes:
+        raise RequestError(f"the body is {len(data)} bytes, over option.max_body_bytes={max_bytes}", 413)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError("the body is not UTF-8 text") from None
 
 
 def _no_surrogates(value) -> None:
@@ -174,13 +189,8 @@ class Request:
         return loads_bounded(self.body, max_depth, max_bytes)
 
     def text(self, max_bytes: int = 1 << 20) -> str:
-        """The body as UTF-8 text, or RequestError."""
-        if len(self.body) > max_bytes:
-            raise RequestError(f"the body is {len(self.body)} bytes, over option.max_body_bytes={max_bytes}", 413)
-        try:
-            return self.body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise RequestError("the body is not UTF-8 text") from None
+        """The body as UTF-8 text (bounded: see body_text), or RequestError."""
+        return body_text(self.body, max_bytes)
 
     def lmi(self, max_depth: int = 16, max_bytes: int = 1 << 20):
         """The body in the LMI shape: a text/* body is the prompt ({"inputs": text}), anything else JSON."""
@@ -566,8 +576,7 @@ class Service:
                 jobs.append(exc)
             except Exception as exc:  # an input no check foresaw (e.g. one the tokenizer fails on): still its own
                 log.warning("lmi_deepspeed: a request was refused:\n%s", traceback.format_exc())
-                first = (str(exc).strip().splitlines() or [""])[0][:300]
-                jobs.append(RequestError(f"the request could not be read: {type(exc).__name__}: {first}"))
+                jobs.append(input_error(exc))
         return jobs
 
     def generate_inputs(self, ids: list, params: dict) -> tuple[dict, dict]:
@@ -952,8 +961,7 @@ def handle(inputs):
             _load_error = f"lmi_deepspeed: {exc}"
         except Exception as exc:  # the reason in one line; the traceback in the worker's log
             log.error("lmi_deepspeed: the model did not load:\n%s", traceback.format_exc())
-            first = (str(exc).strip().splitlines() or [""])[0]
-            _load_error = f"lmi_deepspeed: {type(exc).__name__}: {first}"
+            _load_error = f"lmi_deepspeed: {type(exc).__name__}: {first_line(exc)}"
     if _load_error is not None:
         return Output().error(_load_error, code=500, message=_load_error)
     if inputs.is_empty():

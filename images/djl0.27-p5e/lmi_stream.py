@@ -228,9 +228,8 @@ def generate(service, job, stream: Stream, group=None) -> None:
     except Exception as exc:  # the headers are sent: the last line carries the error
         log.exception("lmi_stream: generation failed")
         stream.finish_reason = ["error"] * len(job.ids)
-        first = (str(exc).strip().splitlines() or [""])[0]
         stream.lines.put(line([d.finish() for d in decoders], finish_reason=stream.finish_reason,
-                              error=f"{type(exc).__name__}: {first}"))
+                              error=f"{type(exc).__name__}: {_handler().first_line(exc)}"))
     finally:
         stream.finished.set()
         stream.lines.put(_END)

@@ -52,6 +52,7 @@ try:
         Reply,
         Request,
         RequestError,
+        input_error,
         model_error,
         parse_dtype,
         parse_kernel_injection,
@@ -63,6 +64,7 @@ except ImportError:  # flat in the image, beside lmi_deepspeed.py
         Reply,
         Request,
         RequestError,
+        input_error,
         model_error,
         parse_dtype,
         parse_kernel_injection,
@@ -457,8 +459,7 @@ class Service:
                 continue
             except Exception as exc:  # an input no check foresaw: still only its own
                 log.warning("lmi_diffusion: a request was refused", exc_info=True)
-                answers.append(RequestError(f"the request could not be read: {type(exc).__name__}: "
-                                            f"{(str(exc).splitlines() or [''])[0][:300]}"))
+                answers.append(input_error(exc))
                 continue
             try:
                 images = self.run(job)

@@ -39,9 +39,9 @@ import shutil
 import tempfile
 
 try:
-    from .lmi_deepspeed import OptionError
+    from .lmi_deepspeed import OptionError, first_line
 except ImportError:  # flat in the image, beside lmi_deepspeed.py
-    from lmi_deepspeed import OptionError
+    from lmi_deepspeed import OptionError, first_line
 
 log = logging.getLogger("lmi_source")
 
@@ -201,8 +201,7 @@ def _hub_problem(exc: Exception) -> str:
                 "(HF_ENDPOINT) or seed the cache and set HF_HUB_OFFLINE=1")
     if isinstance(exc, HFValidationError):
         return "not a valid revision"
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"the download failed: {type(exc).__name__}: {first}"
+    return f"the download failed: {type(exc).__name__}: {first_line(exc)}"
 
 
 def _from_cache(repo_id: str, revision: str | None, allow_pickle: bool) -> str:
