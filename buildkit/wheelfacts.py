@@ -31,9 +31,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.dynamic import DynamicSection
-from elftools.elf.elffile import ELFFile
 from packaging.metadata import Metadata
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -127,6 +124,8 @@ class Library:
 
 
 def read_library(path: Path, name: str, pattern: bytes | None = None) -> Library:
+    from elftools.common.exceptions import ELFError  # pyelftools loads when a wheel is read, not with the CLI
+
     with path.open("rb") as fh:
         try:
             elf = ElfView(fh)
@@ -150,6 +149,9 @@ class ElfView:
     """DT_NEEDED and where the `.nv_fatbin` section lies, from pyelftools."""
 
     def __init__(self, fh) -> None:
+        from elftools.elf.dynamic import DynamicSection
+        from elftools.elf.elffile import ELFFile
+
         elf = ELFFile(fh)
         self.needed: tuple[str, ...] = ()
         self.fatbin: tuple[int, int] | None = None
