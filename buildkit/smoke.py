@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # not imported at run time: the profiles' smoke modules impor
 TIERS = ("cpu", "gpu", "serving")
 RECORD_SCHEMA = 1
 RECORD_DIR = Path(".lmi/smoke")
-CHECKER = Path(__file__).with_name("incheck.py")  # the in-image checks, kept out of the image
+CHECKER = Path(__file__).parent / "resources" / "check" / "lmi_check.py"  # the in-image checks, not in the image
 CHECK_DIR = "/opt/lmi-check"  # where test containers see it, read-only, with the profiles' checks beside it
 CHECK_MODULE = f"{CHECK_DIR}/lmi_check.py"
 MODEL_DIR = "/opt/ml/model"  # where the serving tier mounts its tiny model (SageMaker's model directory)
