@@ -2,7 +2,7 @@
 publishing obeys.
 
 Each check is a small typed record (container-structure-test style). In-image checks (claims, files,
-user commands, the GPU tier) run through buildkit/incheck.py inside a container with --network=none; the
+user commands, the GPU tier) run through lmi_check.py inside a container with --network=none; the
 checker is not part of the image: it is mounted read-only into each test container (as docker-library's
 official-images runs its tests) together with the checks of the image's profile (its CHECKER), and the
 record names both by sha256; metadata and size are read from the engine; the serving tier starts the image
@@ -425,8 +425,8 @@ class Record:
     started: str
     finished: str
     lmi_version: str = __version__
-    checker: str | None = None  # sha256 of the checker that ran (buildkit/incheck.py, mounted, not in the image)
-    profile_checker: str | None = None  # sha256 of the profile's checks it loaded (buildkit/profiles/<name>_check.py)
+    checker: str | None = None  # sha256 of the checker that ran (resources/check/lmi_check.py, mounted, not shipped)
+    profile_checker: str | None = None  # sha256 of the profile's checks it loaded (resources/check/<name>_check.py)
 
     def save(self, directory: Path = RECORD_DIR) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
