@@ -27,7 +27,7 @@ WHEELHOUSE ?= $(if $(findstring matrix.local,$(MATRIX)),$(firstword $(PIP_FIND_L
 .PHONY: help venv mpi engine registry build test-images push lock render validate plan lint test test-e2e test-gpu-stack test-vllm facts-upstream bench bench-hostile bench-stream clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 # The venv is rebuilt when pyproject.toml changes. Debian's python3 needs python3-venv for `-m venv`.
 $(VENV)/.ready: pyproject.toml

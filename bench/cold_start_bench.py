@@ -32,9 +32,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+IMAGE_CODE = ROOT / "buildkit" / "resources" / "image"  # the in-image modules, imported flat as the image does
+sys.path[1:1] = [str(IMAGE_CODE), str(ROOT / "buildkit" / "resources" / "check")]
+
+import lmi_check  # noqa: E402
 
 from bench.results_md import write_section  # noqa: E402
-from buildkit import engine, incheck  # noqa: E402
+from buildkit import engine  # noqa: E402
 
 MARKER = "## Time to first answer"
 PROMPT = "hello world"
@@ -80,7 +84,7 @@ def make_model(path: Path) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    incheck.make_tiny_model(str(path))  # its character tokenizer; the model is replaced below
+    lmi_check.make_tiny_model(str(path))  # its character tokenizer; the model is replaced below
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=LAYERS,

@@ -1,6 +1,6 @@
 """Deploying a ~1 GB model from loopback S3, side by side in one run (`make bench-deploy`).
 
-A random Llama of ~1 GB (fp32, one safetensors file, incheck's character tokenizer) is uploaded to a moto S3
+A random Llama of ~1 GB (fp32, one safetensors file, lmi_check's character tokenizer) is uploaded to a moto S3
 server on a free loopback port. Measured, alternating, ROUNDS times each:
   - time to first answer through the DJL Serving stand-in (DJL 0.36's behaviour) and the toolkit's handler:
     the model mounted as a local directory vs option.model_id=s3://… (DJL's own download: s5cmd sync into
@@ -30,11 +30,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+IMAGE_CODE = ROOT / "buildkit" / "resources" / "image"  # the in-image modules, imported flat as the image does
+sys.path[1:1] = [str(IMAGE_CODE), str(ROOT / "buildkit" / "resources" / "check")]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import lmi_check  # noqa: E402
 from results_md import write_section  # noqa: E402
 
-from buildkit import incheck  # noqa: E402
 from tests.local import prepare  # noqa: E402
 
 STANDIN = ROOT / "tests" / "local" / "djl_serving_standin.py"
@@ -48,7 +50,7 @@ def make_model(path: Path) -> int:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    incheck.make_tiny_model(str(path))
+    lmi_check.make_tiny_model(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=4096, num_hidden_layers=14,
                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
@@ -78,7 +80,7 @@ def first_answer(work: Path, properties: str, env: dict) -> float:
     port = free_port()
     full = {**{k: v for k, v in os.environ.items() if not k.startswith(("OPTION_", "HF_", "SERVING_"))},
             "SM_MODEL_DIR": str(model), "DJL_STANDIN_LIB": str(STANDIN_LIB), "DJL_STANDIN_FACTS": str(facts),
-            "DJL_STANDIN_PORT": str(port), "PYTHONPATH": str(ROOT / "buildkit"), "OMP_NUM_THREADS": "2",
+            "DJL_STANDIN_PORT": str(port), "PYTHONPATH": str(IMAGE_CODE), "OMP_NUM_THREADS": "2",
             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DJL_CACHE_DIR": str(work / "cache"),
             **env}
     log = work / "standin.log"

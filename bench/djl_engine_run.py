@@ -32,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+IMAGE_CODE = ROOT / "buildkit" / "resources" / "image"  # the in-image modules, imported flat as the image does
+sys.path[1:1] = [str(IMAGE_CODE), str(ROOT / "buildkit" / "resources" / "check")]
 
 
 def _utf8(value: str) -> bytes:
@@ -120,14 +122,14 @@ def main() -> None:
     parser.add_argument("--routing", choices=("rank-0", "every-rank"), default="rank-0",
                         help="rank-0: passive workers (DJL >= 0.30); every-rank: older DJL, the last rank's answer")
     args = parser.parse_args()
-    from buildkit import incheck
+    import lmi_check
 
     work = Path(tempfile.mkdtemp(prefix="djl-engine-run-"))
-    model = incheck.make_tiny_model(str(work / "model"))
+    model = lmi_check.make_tiny_model(str(work / "model"))
     prompts = ["hello world", "the cat sat on the mat", "deepspeed"]
-    reference = incheck.reference_generate(model, prompts, 12)
+    reference = lmi_check.reference_generate(model, prompts, 12)
     sock = str(work / "sock")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "buildkit"), args.setup, model]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(IMAGE_CODE), args.setup, model]),
            "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000),
            "LOCAL_SIZE": str(args.ranks)}
     engine = [sys.executable, os.path.join(args.setup, "djl_python_engine.py"), "--model-dir", model,

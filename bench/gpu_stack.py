@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.results_md import write_section  # noqa: E402
-from buildkit import engine, facts, matrix  # noqa: E402
+from buildkit import engine, facts, matrix, smoke  # noqa: E402
 from buildkit.spec import resolve  # noqa: E402
 
 MATRIX = ROOT / "tests" / "matrix.gpu-local.yaml"
@@ -75,9 +76,15 @@ def wrong_op_claim(ref: str, spec) -> str:
     wrong = {"prebuilt": [op for op in ops["prebuilt"] if op != "transformer_inference"] + ["cutlass_ops"],
              "absent": {**ops["absent"], "transformer_inference": "claimed absent on purpose"}}
     record = [{"name": "deepspeed-prebuilt-ops", "tier": "cpu", "kind": "builtin"}]
-    out = subprocess.run([engine.detect_client().path, "run", "--rm", "--network=none", ref, "python",
-                          "/opt/lmi/lmi_check.py", "--claims-json", json.dumps({**claims, "deepspeed_ops": wrong}),
-                          "--checks-json", json.dumps(record)], capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as checks:  # the checker and the profile's checks, mounted as `lmi test` does
+        for source in (smoke.CHECKER, spec.profile.CHECKER):
+            shutil.copy(source, checks)
+        Path(checks).chmod(0o755)  # the image runs as uid 1001
+        out = subprocess.run([engine.detect_client().path, "run", "--rm", "--network=none", "-v",
+                              f"{checks}:{smoke.CHECK_DIR}:ro", ref, "python", smoke.CHECK_MODULE, "--profile",
+                              f"{smoke.CHECK_DIR}/{spec.profile.CHECKER.name}", "--claims-json",
+                              json.dumps({**claims, "deepspeed_ops": wrong}), "--checks-json", json.dumps(record)],
+                             capture_output=True, text=True)
     event = json.loads(out.stdout.strip().splitlines()[-1])
     return f"exit {out.returncode}, passed={event['passed']}: {event['message']}"
 

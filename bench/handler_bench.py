@@ -22,9 +22,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+IMAGE_CODE = ROOT / "buildkit" / "resources" / "image"  # the in-image modules, imported flat as the image does
+sys.path[1:1] = [str(IMAGE_CODE), str(ROOT / "buildkit" / "resources" / "check")]
+
+import lmi_check  # noqa: E402
 
 from bench.results_md import write_section  # noqa: E402
-from buildkit import engine, incheck  # noqa: E402
+from buildkit import engine  # noqa: E402
 from tests.local import prepare  # noqa: E402
 
 MARKER = "## DeepSpeed handler"
@@ -55,7 +59,7 @@ RANK = textwrap.dedent("""
 
 def run_tp(model: str, tp: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
-        fh.write(RANK.format(buildkit=str(ROOT / "buildkit"), model=model, tp=tp, prompts=PROMPTS, tokens=NEW_TOKENS,
+        fh.write(RANK.format(buildkit=str(IMAGE_CODE), model=model, tp=tp, prompts=PROMPTS, tokens=NEW_TOKENS,
                              rounds=ROUNDS))
     cmd = [sys.executable, fh.name]
     if tp > 1:
@@ -99,7 +103,7 @@ def added_by(packages: str, pip: str = "") -> int:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        model = incheck.make_tiny_model(str(Path(tmp) / "model"))
+        model = lmi_check.make_tiny_model(str(Path(tmp) / "model"))
         results = {tp: run_tp(model, tp) for tp in (1, 2)}
     tokens = NEW_TOKENS * len(PROMPTS)
     rows = []
@@ -125,7 +129,7 @@ def main() -> None:
               f"| Open MPI (openmpi-bin and its libraries) + mpi4py 4.1.2 | {mpi / 1e6:.0f} MB |",
               f"| CPU images only: g++ and the Python headers (DeepSpeed JIT-compiles its CPU ops) | "
               f"{jit / 1e6:.0f} MB |",
-              f"| lmi_deepspeed.py | {(ROOT / 'buildkit' / 'lmi_deepspeed.py').stat().st_size / 1e3:.0f} kB |"]
+              f"| lmi_deepspeed.py | {(IMAGE_CODE / 'lmi_deepspeed.py').stat().st_size / 1e3:.0f} kB |"]
     section = "\n".join(lines) + "\n"
     write_section(MARKER, section)
     print(section)

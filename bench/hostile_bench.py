@@ -20,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+IMAGE_CODE = ROOT / "buildkit" / "resources" / "image"  # the in-image modules, imported flat as the image does
+sys.path[1:1] = [str(IMAGE_CODE), str(ROOT / "buildkit" / "resources" / "check")]
 
 from bench.results_md import write_section  # noqa: E402
 
@@ -131,12 +133,13 @@ def cell(r: dict) -> str:
 
 
 def main() -> None:
-    from buildkit import incheck, lmi_diffusion
+    import lmi_check
+    import lmi_diffusion
 
     work = Path(tempfile.mkdtemp(prefix="hostile-bench-"))
-    llm = incheck.make_tiny_model(str(work / "llm"))
+    llm = lmi_check.make_tiny_model(str(work / "llm"))
     sd = lmi_diffusion.make_tiny_pipeline(str(work / "sd"))
-    trees = {"after": str(ROOT / "buildkit"), "before": str(work / "before")}
+    trees = {"after": str(IMAGE_CODE), "before": str(work / "before")}
     os.makedirs(trees["before"])
     for name in MODULES:
         text = subprocess.run(["git", "-C", str(ROOT), "show", f"{BEFORE}:buildkit/{name}"], check=True,

@@ -1,4 +1,4 @@
-"""Token streaming (option.enable_streaming=true, buildkit/lmi_stream.py) on CPU, through the DJL Serving stand-in
+"""Token streaming (option.enable_streaming=true, lmi_stream.py) on CPU, through the DJL Serving stand-in
 as a client sees it: time to the first chunk (the first token's text) against time to the whole answer, for one
 process and for two passive ranks (mpirun, gloo), and the same request answered without streaming by one
 process (what streaming costs on the whole answer). The model: a small random Llama with the tests' character
@@ -22,9 +22,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+IMAGE_CODE = ROOT / "buildkit" / "resources" / "image"  # the in-image modules, imported flat as the image does
+sys.path[1:1] = [str(IMAGE_CODE), str(ROOT / "buildkit" / "resources" / "check")]
+
+import lmi_check  # noqa: E402
 
 from bench.results_md import write_section  # noqa: E402
-from buildkit import incheck  # noqa: E402
 from tests.local import prepare  # noqa: E402
 
 MARKER = "## Token streaming"
@@ -37,9 +40,9 @@ def make_model(path: str) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    incheck.make_tiny_model(path)  # the character tokenizer (the tiny model is replaced)
+    lmi_check.make_tiny_model(path)  # the character tokenizer (the tiny model is replaced)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(incheck.TINY_ALPHABET) + 4, hidden_size=512, intermediate_size=1024,
+    config = LlamaConfig(vocab_size=len(lmi_check.TINY_ALPHABET) + 4, hidden_size=512, intermediate_size=1024,
                          num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                          max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=None,
                          tie_word_embeddings=False)  # no end of sequence: every answer is NEW_TOKENS long
@@ -67,7 +70,7 @@ class Server:
         self.port = free_port()
         env = {**os.environ, "SM_MODEL_DIR": str(self.dir), "DJL_STANDIN_LIB": str(ROOT / "tests/local/standin"),
                "DJL_STANDIN_FACTS": str(facts), "DJL_STANDIN_PORT": str(self.port), "DJL_STANDIN_GPUS": gpus,
-               "PYTHONPATH": str(ROOT / "buildkit"), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(IMAGE_CODE), "OMP_NUM_THREADS": "1",
                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         self.log = tmp / "standin.log"
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests/local/djl_serving_standin.py")], env=env,

@@ -21,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+IMAGE_CODE = ROOT / "buildkit" / "resources" / "image"  # the in-image modules, imported flat as the image does
+sys.path[1:1] = [str(IMAGE_CODE), str(ROOT / "buildkit" / "resources" / "check")]
 
 from bench.results_md import write_section  # noqa: E402
 
@@ -55,7 +57,7 @@ RUN = textwrap.dedent("""
 
 
 def run(module: str, props: dict, bodies: list, img2img: bool = False) -> dict:
-    script = RUN.format(buildkit=str(ROOT / "buildkit"), module=module, props=props, bodies=bodies, img2img=img2img,
+    script = RUN.format(buildkit=str(IMAGE_CODE), module=module, props=props, bodies=bodies, img2img=img2img,
                         rounds=ROUNDS)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
                          env={**os.environ, "OMP_NUM_THREADS": "2"})
@@ -66,14 +68,14 @@ def run(module: str, props: dict, bodies: list, img2img: bool = False) -> dict:
 
 
 def main() -> None:
+    import lmi_check
+    import lmi_diffusion
     from accelerate import init_empty_weights
     from accelerate.utils import compute_module_sizes
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from buildkit import incheck, lmi_diffusion
-
     with tempfile.TemporaryDirectory() as tmp:
-        model = incheck.make_tiny_model(str(Path(tmp) / "model"))
+        model = lmi_check.make_tiny_model(str(Path(tmp) / "model"))
         pipe = lmi_diffusion.make_tiny_pipeline(str(Path(tmp) / "pipe"))
         with init_empty_weights():
             sizes = compute_module_sizes(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)))
@@ -101,7 +103,7 @@ def main() -> None:
     for name, request, r in ways:
         lines.append(f"| {name} | {request} | {r['load']:.1f} s | {statistics.median(r['times']):.3f} s | "
                      f"{min(r['times']):.3f} s |")
-    kb = {n: (ROOT / "buildkit" / f"{n}.py").stat().st_size / 1e3 for n in ("lmi_accelerate", "lmi_diffusion")}
+    kb = {n: (IMAGE_CODE / f"{n}.py").stat().st_size / 1e3 for n in ("lmi_accelerate", "lmi_diffusion")}
     lines += ["", "With a load average above the 2 cores, the processes shared them with others: the times are "
                   "inflated and only roughly comparable between ways.", "",
               "Disk offload reads the offloaded weights from the checkpoint at every forward pass: it trades "

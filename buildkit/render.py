@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 
 # What a context holds comes from the image's profile (buildkit/profiles): its Dockerfile template (which
 # extends the core templates/Dockerfile.j2), further templates, and files copied verbatim (a handler, an
-# entry point); image.json is written from the spec itself. The smoke checks (buildkit/incheck.py and the
-# profile's checker) are not: `lmi test` mounts them into its test containers, so the image ships no test
-# code and a check edit changes no content hash.
+# entry point); image.json is written from the spec itself. The smoke checks (buildkit/resources/check/: the
+# checker lmi_check.py and the profile's) are not: `lmi test` mounts them into its test containers, so the image
+# ships no test code and a check edit changes no content hash.
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 publishing obeys.
 
 Each check is a small typed record (container-structure-test style). In-image checks (claims, files,
-user commands, the GPU tier) run through buildkit/incheck.py inside a container with --network=none; the
+user commands, the GPU tier) run through lmi_check.py inside a container with --network=none; the
 checker is not part of the image: it is mounted read-only into each test container (as docker-library's
 official-images runs its tests) together with the checks of the image's profile (its CHECKER), and the
 record names both by sha256; metadata and size are read from the engine; the serving tier starts the image
@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # not imported at run time: the profiles' smoke modules impor
 TIERS = ("cpu", "gpu", "serving")
 RECORD_SCHEMA = 1
 RECORD_DIR = Path(".lmi/smoke")
-CHECKER = Path(__file__).with_name("incheck.py")  # the in-image checks, kept out of the image
+CHECKER = Path(__file__).parent / "resources" / "check" / "lmi_check.py"  # the in-image checks, not in the image
 CHECK_DIR = "/opt/lmi-check"  # where test containers see it, read-only, with the profiles' checks beside it
 CHECK_MODULE = f"{CHECK_DIR}/lmi_check.py"
 MODEL_DIR = "/opt/ml/model"  # where the serving tier mounts its tiny model (SageMaker's model directory)
@@ -51,7 +51,7 @@ ENTRYPOINT = "/usr/local/bin/dockerd-entrypoint.sh"
 
 
 def tiny_model_command(prompt: str, max_new_tokens: int, heads: int = 8) -> list[str]:
-    """Run in the image: save incheck's tiny Llama at MODEL_DIR and print plain Transformers' greedy continuation
+    """Run in the image: save lmi_check's tiny Llama at MODEL_DIR and print plain Transformers' greedy continuation
     of `prompt` ({"reference": [text]})."""
     return ["python", CHECK_MODULE, "--make-tiny-model", MODEL_DIR, "--prompt", prompt,
             "--max-new-tokens", str(max_new_tokens), "--heads", str(heads)]
@@ -425,8 +425,8 @@ class Record:
     started: str
     finished: str
     lmi_version: str = __version__
-    checker: str | None = None  # sha256 of the checker that ran (buildkit/incheck.py, mounted, not in the image)
-    profile_checker: str | None = None  # sha256 of the profile's checks it loaded (buildkit/profiles/<name>_check.py)
+    checker: str | None = None  # sha256 of the checker that ran (resources/check/lmi_check.py, mounted, not shipped)
+    profile_checker: str | None = None  # sha256 of the profile's checks it loaded (resources/check/<name>_check.py)
 
     def save(self, directory: Path = RECORD_DIR) -> Path:
         directory.mkdir(parents=True, exist_ok=True)

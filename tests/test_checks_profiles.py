@@ -1,5 +1,5 @@
 """The smoke checks per profile (issue #19): what `lmi test` generates for each engine's images, the builtins
-each profile names and where they are defined, and how the checker (buildkit/incheck.py) loads a profile's
+each profile names and where they are defined, and how the checker (lmi_check.py) loads a profile's
 checks from a file, as it does when `lmi test` mounts both in a test container."""
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ def test_vllm_gets_its_own_checks_and_none_of_djl(production) -> None:
 
 def _registered(checker) -> dict[str, str]:
     """name -> tier of every builtin the checker registers with this profile's checks loaded (a fresh process)."""
-    code = ("import json, sys; from buildkit import incheck; incheck.load_profile(sys.argv[1]); "
-            "print(json.dumps({n: t for n, (t, _) in incheck.BUILTINS.items()}))")
+    code = ("import json, sys; sys.path.insert(0, 'buildkit/resources/check'); import lmi_check; "
+            "lmi_check.load_profile(sys.argv[1]); "
+            "print(json.dumps({n: t for n, (t, _) in lmi_check.BUILTINS.items()}))")
     out = subprocess.run([sys.executable, "-c", code, str(checker)], capture_output=True, text=True, cwd=ROOT,
                          timeout=120)
     assert out.returncode == 0, out.stderr
@@ -100,7 +101,7 @@ def test_every_builtin_a_profile_names_is_defined_in_its_tier(production, name) 
 
 
 def test_the_core_checkers_name_no_engine() -> None:
-    for path in (ROOT / "buildkit" / "smoke.py", ROOT / "buildkit" / "incheck.py"):
+    for path in (ROOT / "buildkit" / "smoke.py", smoke.CHECKER):
         assert not re.search(r"deepspeed|djl|vllm", path.read_text(), re.I), path
 
 
@@ -122,15 +123,15 @@ def _run(args: list[str], cwd=ROOT) -> tuple[int, list[dict], str]:
     return out.returncode, [json.loads(line) for line in out.stdout.splitlines()], out.stderr
 
 
-@pytest.mark.parametrize("how", ["module", "mounted"])
+@pytest.mark.parametrize("how", ["in-place", "mounted"])
 def test_checker_loads_a_profile_from_a_path(tmp_path, how) -> None:
-    """As `python -m buildkit.incheck` on a host, and as the file lmi_check.py that test containers run: the
-    profile's `import lmi_check` is the checker that runs, in the worker process too."""
+    """Run where it lies on a host, and as the copy that test containers run: the profile's `import lmi_check` is
+    the checker that runs, in the worker process too."""
     (tmp_path / "toy_check.py").write_text(PROFILE_CHECKS)
-    if how == "module":
-        start = ["-m", "buildkit.incheck"]
+    if how == "in-place":
+        start = [str(smoke.CHECKER)]
     else:
-        shutil.copy(ROOT / "buildkit" / "incheck.py", tmp_path / "lmi_check.py")
+        shutil.copy(smoke.CHECKER, tmp_path / "lmi_check.py")
         start = [str(tmp_path / "lmi_check.py")]
     records = json.dumps([{"name": "answer", "tier": "cpu", "kind": "builtin"}])
     code, events, err = _run([*start, "--profile", str(tmp_path / "toy_check.py"), "--claims-json",
@@ -152,7 +153,7 @@ def test_a_profile_that_cannot_load_is_refused(tmp_path) -> None:
                                              "@builtin('pip-check', 'cpu')\ndef mine(claims):\n    return ''\n")
     for path, why in ((tmp_path / "missing_check.py", "FileNotFoundError"),
                       (tmp_path / "clash_check.py", "builtin check pip-check is registered twice")):
-        code, events, err = _run(["-m", "buildkit.incheck", "--profile", str(path), "--claims-json", "{}",
+        code, events, err = _run([str(smoke.CHECKER), "--profile", str(path), "--claims-json", "{}",
                                   "--checks-json", "[]"])
         assert code == 2 and not events and f"--profile {path}: cannot load it" in err and why in err, err
         assert "Traceback" not in err
@@ -161,13 +162,13 @@ def test_a_profile_that_cannot_load_is_refused(tmp_path) -> None:
 def test_library_versions_come_from_the_claims() -> None:
     pip = metadata.version("pip")
     records = json.dumps([{"name": "pip-version", "tier": "cpu", "kind": "builtin"}])
-    code, events, _ = _run(["-m", "buildkit.incheck", "--claims-json", json.dumps({"versions": {"pip": pip}}),
+    code, events, _ = _run([str(smoke.CHECKER), "--claims-json", json.dumps({"versions": {"pip": pip}}),
                             "--checks-json", records])
     assert code == 0 and events[0]["message"] == f"pip {pip}"
-    code, events, _ = _run(["-m", "buildkit.incheck", "--claims-json", json.dumps({"versions": {"pip": "1.0"}}),
+    code, events, _ = _run([str(smoke.CHECKER), "--claims-json", json.dumps({"versions": {"pip": "1.0"}}),
                             "--checks-json", records])
     assert code == 1 and events[0]["message"] == f"pip: the matrix says 1.0, the image has {pip}"
-    code, events, _ = _run(["-m", "buildkit.incheck", "--claims-json", '{"versions": {}}', "--checks-json", records])
+    code, events, _ = _run([str(smoke.CHECKER), "--claims-json", '{"versions": {}}', "--checks-json", records])
     assert code == 1 and events[0]["message"] == "the claims name no version of pip"
 
 

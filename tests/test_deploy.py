@@ -28,13 +28,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import lmi_check
+import lmi_source as source
 import pytest
 from conftest import ROOT, docker
+from lmi_deepspeed import OptionError
 from test_handler import PROMPTS, STANDIN, STANDIN_LIB, TOKENS, Standin, _free_port, _need_mpirun
 
-from buildkit import incheck
-from buildkit import lmi_source as source
-from buildkit.lmi_deepspeed import OptionError
 from tests.local import prepare
 
 pytestmark = pytest.mark.required_in_ci
@@ -192,14 +192,14 @@ def llama(tmp_path_factory):
     """A tiny Llama and plain Transformers' answers."""
     pytest.importorskip("deepspeed")
     path = tmp_path_factory.mktemp("llama") / "llama"
-    incheck.make_tiny_model(str(path))
-    return {"llama": path, "text": incheck.reference_generate(str(path), PROMPTS[:2], TOKENS)}
+    lmi_check.make_tiny_model(str(path))
+    return {"llama": path, "text": lmi_check.reference_generate(str(path), PROMPTS[:2], TOKENS)}
 
 
 @pytest.fixture(scope="module")
 def models(llama, tmp_path_factory):
     """The tiny Llama and a tiny Stable Diffusion pipeline, with plain Transformers' and Diffusers' answers."""
-    from buildkit import lmi_diffusion
+    import lmi_diffusion
 
     sd = str(tmp_path_factory.mktemp("models") / "sd")
     lmi_diffusion.make_tiny_pipeline(sd)
@@ -229,7 +229,8 @@ class Djl(Standin):
         base = {k: v for k, v in os.environ.items() if not k.startswith(("OPTION_", "HF_", "SERVING_"))}
         full = {**base, "SM_MODEL_DIR": str(self.dir), "DJL_STANDIN_LIB": str(STANDIN_LIB),
                 "DJL_STANDIN_FACTS": str(facts_file), "DJL_STANDIN_PORT": str(self.port),
-                "PYTHONPATH": str(ROOT / "buildkit"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                "PYTHONPATH": str(ROOT / "buildkit" / "resources" / "image"),
+                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                 "OMP_NUM_THREADS": "1", "DJL_CACHE_DIR": str(tmp_path / "djl-cache"),
                 "HF_HUB_CACHE": str(tmp_path / "hf-cache"), **env}
         self.log = tmp_path / "standin.log"

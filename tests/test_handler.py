@@ -1,4 +1,4 @@
-"""The toolkit's handler (buildkit/lmi_deepspeed.py) with real DeepSpeed and Transformers on CPU: options,
+"""The toolkit's handler (lmi_deepspeed.py) with real DeepSpeed and Transformers on CPU: options,
 requests and DJL's batch encoding checked; one rank in-process; ranks started by mpirun as DJL's MPI mode
 starts them, behind the DJL Serving stand-in, which follows real DJL per version (buildkit/data/djl.yaml,
 behaviour): passive workers (0.30+) and every-rank routing with the last rank's answer (0.27), no MPI mode
@@ -21,13 +21,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import lmi_check
+import lmi_deepspeed as handler
 import pytest
 from conftest import ROOT, docker
+from lmi_deepspeed import OptionError, Reply, Request, RequestError, parse_options, parse_request
 
-from buildkit import engine, incheck
+from buildkit import engine
 from buildkit import facts as facts_mod
-from buildkit import lmi_deepspeed as handler
-from buildkit.lmi_deepspeed import OptionError, Reply, Request, RequestError, parse_options, parse_request
 from tests.local import prepare
 
 # Their prerequisites (mpirun, DeepSpeed, Accelerate, Diffusers, the registry) are the project's to provide:
@@ -38,7 +39,8 @@ PROMPTS = ["hello world", "the cat sat on the mat", "deepspeed"]
 TOKENS = 12
 STANDIN = ROOT / "tests" / "local" / "djl_serving_standin.py"
 STANDIN_LIB = ROOT / "tests" / "local" / "standin"
-# The families the LMI containers name, besides Llama (incheck's tiny model: every other test here).
+IMAGE_CODE = ROOT / "buildkit" / "resources" / "image"  # the handler, imported flat as the image does
+# The families the LMI containers name, besides Llama (lmi_check's tiny model: every other test here).
 FAMILIES = ("gpt2", "gpt_neox", "opt", "bloom")
 
 
@@ -50,17 +52,17 @@ def json_request(body, content_type: str = "application/json") -> Request:
 def tiny(tmp_path_factory):
     pytest.importorskip("deepspeed")
     path = str(tmp_path_factory.mktemp("tiny") / "model")
-    incheck.make_tiny_model(path)
-    return {"dir": path, "reference": incheck.reference_generate(path, PROMPTS, TOKENS)}
+    lmi_check.make_tiny_model(path)
+    return {"dir": path, "reference": lmi_check.reference_generate(path, PROMPTS, TOKENS)}
 
 
 def make_family_model(path: str, family: str) -> str:
-    """A tiny random causal LM of one family with incheck's character tokenizer (no hub): 8 heads, 2 layers,
+    """A tiny random causal LM of one family with lmi_check's character tokenizer (no hub): 8 heads, 2 layers,
     weights drawn wide enough that greedy continuations differ from prompt to prompt."""
     import torch
     import transformers as tf
 
-    incheck.make_tiny_model(path)  # the tokenizer files (and a Llama, replaced below unless asked for)
+    lmi_check.make_tiny_model(path)  # the tokenizer files (and a Llama, replaced below unless asked for)
     if family == "llama":
         return path
     tokenizer = tf.AutoTokenizer.from_pretrained(path)
@@ -278,7 +280,7 @@ class Standin:
         self.port = _free_port()
         env = {**os.environ, "SM_MODEL_DIR": str(self.dir), "DJL_STANDIN_LIB": str(STANDIN_LIB),
                "DJL_STANDIN_FACTS": str(facts_file), "DJL_STANDIN_PORT": str(self.port),
-               "PYTHONPATH": str(ROOT / "buildkit"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               "PYTHONPATH": str(IMAGE_CODE), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                "OMP_NUM_THREADS": "1", **env}
         self.log = tmp_path / "standin.log"
         self.proc = subprocess.Popen([sys.executable, str(STANDIN)], env=env, stdout=self.log.open("wb"),
@@ -375,7 +377,7 @@ def test_two_passive_ranks_answer_batches_as_transformers_does(tiny, two_ranks) 
         for call in calls:
             call.join(300)
         assert results["a"] == (200, {"generated_text": tiny["reference"][1]})
-        text_default = incheck.reference_generate(tiny["dir"], [PROMPTS[2]], 32)[0]  # no parameters: 32 tokens
+        text_default = lmi_check.reference_generate(tiny["dir"], [PROMPTS[2]], 32)[0]  # no parameters: 32 tokens
         assert results["b"] == (200, {"generated_text": text_default})
         status, answer = _post(server.port, {"inputs": "x", "parameters": {"max_tokens": 3}})
         assert status == 400 and "unknown parameter(s) max_tokens" in answer["error"]
@@ -452,7 +454,7 @@ def test_each_family_is_partitioned_over_two_ranks_and_answers_as_transformers_d
     script = tmp_path / "rank.py"
     script.write_text(textwrap.dedent(f"""
         import json, os, sys
-        sys.path.insert(0, {str(ROOT / 'buildkit')!r})
+        sys.path.insert(0, {str(IMAGE_CODE)!r})
         import lmi_deepspeed
         out = {{}}
         for family, path in {models!r}.items():
@@ -470,7 +472,7 @@ def test_each_family_is_partitioned_over_two_ranks_and_answers_as_transformers_d
                                       "none", sys.executable, str(script)], stdout=sink, stderr=subprocess.STDOUT,
                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:  # plain Transformers' answers and sizes, while the ranks start
-        reference = {f: incheck.reference_generate(d, PROMPTS[:2], 8) for f, d in models.items()}
+        reference = {f: lmi_check.reference_generate(d, PROMPTS[:2], 8) for f, d in models.items()}
         full = {f: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).parameters())
                 for f, d in models.items()}
         ranks_job.wait(timeout=900)

@@ -12,12 +12,11 @@ import threading
 import time
 import urllib.request
 
+import lmi_check
+import lmi_deepspeed as handler
 import pytest
+from lmi_deepspeed import OptionError, Request, RequestError
 from test_handler import PROMPTS, STANDIN_LIB, TOKENS, Standin, _need_mpirun, _post
-
-from buildkit import incheck
-from buildkit import lmi_deepspeed as handler
-from buildkit.lmi_deepspeed import OptionError, Request, RequestError
 
 pytestmark = pytest.mark.required_in_ci
 
@@ -120,7 +119,7 @@ def test_model_code_that_would_run_in_the_server_is_refused(tmp_path) -> None:
 def test_a_pipeline_that_would_run_its_own_code_is_refused_before_diffusers_reads_it(tmp_path, index, extra,
                                                                                      message) -> None:
     pytest.importorskip("diffusers")
-    from buildkit import lmi_diffusion
+    import lmi_diffusion
 
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     if extra:
@@ -138,7 +137,7 @@ def test_a_pipeline_that_would_run_its_own_code_is_refused_before_diffusers_read
 ])
 def test_accept_is_read_as_rfc_9110_says(accept, as_json) -> None:
     pytest.importorskip("diffusers")
-    from buildkit import lmi_diffusion
+    import lmi_diffusion
 
     assert lmi_diffusion.wants_json(accept) is as_json
 
@@ -146,7 +145,7 @@ def test_accept_is_read_as_rfc_9110_says(accept, as_json) -> None:
 @pytest.mark.parametrize("accept", ["image/jpeg", "image/png;q=0, application/json;q=0", "*/*;q=0"])
 def test_an_accept_excluding_both_answers_is_a_406(accept) -> None:
     pytest.importorskip("diffusers")
-    from buildkit import lmi_diffusion
+    import lmi_diffusion
 
     with pytest.raises(RequestError) as err:
         lmi_diffusion.wants_json(accept)
@@ -160,9 +159,9 @@ def test_an_accept_excluding_both_answers_is_a_406(accept) -> None:
 def tiny(tmp_path_factory):
     pytest.importorskip("deepspeed")
     path = str(tmp_path_factory.mktemp("tiny") / "model")
-    incheck.make_tiny_model(path)
+    lmi_check.make_tiny_model(path)
     service = handler.start({"model_id": path, "tensor_parallel_degree": "1", "max_new_tokens": "64"})
-    return {"dir": path, "service": service, "reference": incheck.reference_generate(path, PROMPTS, TOKENS)}
+    return {"dir": path, "service": service, "reference": lmi_check.reference_generate(path, PROMPTS, TOKENS)}
 
 
 HOSTILE = {  # request -> the one line that refuses it

@@ -17,15 +17,14 @@ from buildkit.errors import UserError
 from buildkit.rules import Combo, evaluate
 from buildkit.spec import resolve
 
-# The core: every module of the package but the profiles and the files they ship into images.
-SHIPPED = {"lmi_deepspeed.py", "lmi_accelerate.py", "lmi_diffusion.py", "lmi_source.py", "lmi_stream.py", "sm_vllm.py"}
+# The core: every module of the package but the profiles and the code that runs inside images (resources/).
 ENGINE_WORDS = re.compile("|".join(sorted({*profiles.PROFILES, *profiles.component_keys()})), re.IGNORECASE)
 
 
 def _core_files() -> list[Path]:
     package = ROOT / "buildkit"
     return [p for p in sorted(package.rglob("*.py"))
-            if "profiles" not in p.relative_to(package).parts and p.name not in SHIPPED]
+            if not {"profiles", "resources"} & set(p.relative_to(package).parts)]
 
 
 def test_the_core_names_no_engine() -> None:

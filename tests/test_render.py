@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, lmi, production_images
 
-from buildkit import lock, matrix, profiles, render
+from buildkit import lock, matrix, profiles, render, smoke
 from buildkit.errors import UserError
 from buildkit.spec import resolve
 
@@ -45,7 +45,7 @@ def test_golden_rendering(facts, request) -> None:
 def test_no_context_or_image_carries_the_checker(production) -> None:
     """The smoke checks run from outside the image (`lmi test` mounts them): no context has them, so no image
     does; the committed images/ neither."""
-    checker = (ROOT / "buildkit" / "incheck.py").read_bytes()
+    checker = smoke.CHECKER.read_bytes()
     for spec, ctx in production:
         assert "lmi_check.py" not in ctx.files and checker not in ctx.files.values()
         assert spec.profile.CHECKER.name not in ctx.files
@@ -56,7 +56,7 @@ def test_no_context_or_image_carries_the_checker(production) -> None:
 
 def _plan_with_edited(tmp_path: Path, name: str) -> dict[str, str]:
     """`lmi plan` from a copy of the toolkit whose buildkit/<name> has one line more (None: unedited)."""
-    copy = tmp_path / (name or "pristine")
+    copy = tmp_path / (name.replace("/", "-") or "pristine")
     shutil.copytree(ROOT / "buildkit", copy / "buildkit", ignore=shutil.ignore_patterns("__pycache__"))
     if name:
         with (copy / "buildkit" / name).open("a") as fh:
@@ -69,10 +69,10 @@ def _plan_with_edited(tmp_path: Path, name: str) -> dict[str, str]:
 
 def test_editing_a_check_changes_no_content_hash(tmp_path, production) -> None:
     pristine = _plan_with_edited(tmp_path, "")
-    assert _plan_with_edited(tmp_path, "incheck.py") == pristine
+    assert _plan_with_edited(tmp_path, "resources/check/lmi_check.py") == pristine
     # A profile's verbatim file (a handler) ships in the images of that profile: a new hash for those only.
     shipping = {spec.id for spec, _ in production if "lmi_deepspeed.py" in spec.profile.VERBATIM}
-    handler = _plan_with_edited(tmp_path, "lmi_deepspeed.py")
+    handler = _plan_with_edited(tmp_path, "resources/image/lmi_deepspeed.py")
     assert handler.keys() == pristine.keys() and shipping & handler.keys()
     assert all((handler[i] != pristine[i]) == (i in shipping) for i in pristine)
 

@@ -1,4 +1,4 @@
-"""buildkit/sm_vllm.py: SM_VLLM_* -> `vllm serve` argv, the cases of AWS's own unit tests
+"""buildkit/resources/image/sm_vllm.py: SM_VLLM_* -> `vllm serve` argv, the cases of AWS's own unit tests
 (aws/deep-learning-containers @dceae132:test/vllm/test_sagemaker_args.py) plus this toolkit's refusals,
 and the file run as the image runs it (a subprocess; exec of a stand-in `vllm` on PATH)."""
 
@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from buildkit import sm_vllm
+import sm_vllm
 
 HELPER = Path(sm_vllm.__file__)
 

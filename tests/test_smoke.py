@@ -71,11 +71,11 @@ def host_claims(**versions) -> dict:
     return {"versions": found, "torch_variant": "cpu", "sm": None, "cuda_compat": False}
 
 
-DEEPSPEED_CHECKS = ROOT / "buildkit" / "profiles" / "deepspeed_check.py"  # the profile's builtins (imports, ops)
+DEEPSPEED_CHECKS = ROOT / "buildkit" / "resources" / "check" / "deepspeed_check.py"  # the profile's (imports, ops)
 
 
-def incheck(claims: dict, records: list[dict], timeout: float = 300) -> tuple[int, list[dict]]:
-    result = subprocess.run([sys.executable, "-m", "buildkit.incheck", "--profile", str(DEEPSPEED_CHECKS),
+def run_checker(claims: dict, records: list[dict], timeout: float = 300) -> tuple[int, list[dict]]:
+    result = subprocess.run([sys.executable, str(smoke.CHECKER), "--profile", str(DEEPSPEED_CHECKS),
                              "--claims-json", json.dumps(claims),
                              "--checks-json", json.dumps(records), "--timeout", str(timeout)],
                             capture_output=True, text=True, timeout=900)
@@ -91,43 +91,44 @@ def host_torch():
         pytest.skip(f"torch and DeepSpeed are not installed on this host ({exc}); `make venv` installs them")
 
 
-def test_incheck_on_the_host_passes(host_torch) -> None:
-    code, events = incheck(host_claims(), [{"name": n, "tier": "cpu", "kind": "builtin"} for n in HOST_CHECKS])
+def test_checker_on_the_host_passes(host_torch) -> None:
+    code, events = run_checker(host_claims(), [{"name": n, "tier": "cpu", "kind": "builtin"} for n in HOST_CHECKS])
     assert code == 0, events
     assert [e["name"] for e in events] == HOST_CHECKS and all(e["passed"] for e in events)
 
 
-def test_incheck_wrong_claim_names_both_versions(host_torch) -> None:
-    code, events = incheck(host_claims(torch="2.12.0"), [{"name": "torch-version", "tier": "cpu", "kind": "builtin"}])
+def test_checker_wrong_claim_names_both_versions(host_torch) -> None:
+    code, events = run_checker(host_claims(torch="2.12.0"),
+                               [{"name": "torch-version", "tier": "cpu", "kind": "builtin"}])
     assert code == 1
     assert events[0]["message"] == "torch: the matrix says 2.12.0, the image has 2.13.0"
 
 
-def test_incheck_prebuilt_op_claims(host_torch) -> None:
+def test_checker_prebuilt_op_claims(host_torch) -> None:
     """DeepSpeed from the index prebuilds nothing: a claim of no ops passes, a claim of prebuilt ops fails
     naming them (the GPU images of `make test-gpu-stack` are checked the same way against their claims)."""
     record = [{"name": "deepspeed-prebuilt-ops", "tier": "cpu", "kind": "builtin"}]
-    code, events = incheck({**host_claims(), "deepspeed_ops": None}, record)
+    code, events = run_checker({**host_claims(), "deepspeed_ops": None}, record)
     assert code == 0 and "no op prebuilt" in events[0]["message"]
     wrong = {"prebuilt": ["transformer_inference", "cpu_adam"], "absent": {"cutlass_ops": "needs deepspeed-kernels"}}
-    code, events = incheck({**host_claims(), "deepspeed_ops": wrong}, record)
+    code, events = run_checker({**host_claims(), "deepspeed_ops": wrong}, record)
     assert code == 1
     assert events[0]["message"] == ("ops claimed prebuilt that the image lacks: "
                                     "['cpu_adam', 'transformer_inference']")
 
 
-def test_incheck_stops_a_hanging_check_and_goes_on(host_torch) -> None:
+def test_checker_stops_a_hanging_check_and_goes_on(host_torch) -> None:
     records = [{"name": "hangs", "tier": "cpu", "kind": "command", "command": "sleep 600"},
                {"name": "after", "tier": "cpu", "kind": "command", "command": "echo fine", "expect": "^fine"}]
-    code, events = incheck(host_claims(), records, timeout=2)
+    code, events = run_checker(host_claims(), records, timeout=2)
     assert code == 1
     assert events[0] == {"name": "hangs", "tier": "cpu", "passed": False, "message": "timed out after 2 s",
                          "seconds": 2}
     assert events[1]["name"] == "after" and events[1]["passed"]
 
 
-def test_incheck_gpu_tier_reports_no_gpu_here(host_torch) -> None:
-    code, events = incheck({**host_claims(), "sm": "8.6"}, [{"name": "cuda-available", "tier": "gpu",
+def test_checker_gpu_tier_reports_no_gpu_here(host_torch) -> None:
+    code, events = run_checker({**host_claims(), "sm": "8.6"}, [{"name": "cuda-available", "tier": "gpu",
                                                             "kind": "builtin"}])
     import torch
 
@@ -195,7 +196,7 @@ def test_lmi_test_passes_a_good_image(local_image, tmp_path) -> None:
     listing = docker("run", "--rm", "--network=none", "--entrypoint", "ls", f"{repo}:djl0.32-cpu", "-A", "/opt/lmi")
     assert listing.returncode == 0 and "image.json" in listing.stdout.split(), listing.stderr
     assert not any("lmi_check" in name for name in listing.stdout.split())
-    checker = hashlib.sha256((ROOT / "buildkit" / "incheck.py").read_bytes()).hexdigest()
+    checker = hashlib.sha256(smoke.CHECKER.read_bytes()).hexdigest()
     assert record.checker == f"sha256:{checker}"
 
 
@@ -212,7 +213,7 @@ def test_serving_tier_fails_with_a_broken_handler(local_image, tmp_path) -> None
              'kwargs = {"max_new_tokens": params["max_new_tokens"] + 1,'),
             ("lmi_diffusion.py", 'torch.Generator("cpu").manual_seed(job.seed)',
              'torch.Generator("cpu").manual_seed(job.seed + 1)')):
-        source = (ROOT / "buildkit" / name).read_text()
+        source = (ROOT / "buildkit" / "resources" / "image" / name).read_text()
         broken = source.replace(good, bad)
         assert broken != source, name
         (context / name).write_text(broken)
@@ -291,7 +292,7 @@ def test_missing_image_says_build_it_first(tmp_path) -> None:
 
 
 def test_arch_list_coverage_as_torch_reports_it() -> None:
-    from buildkit.incheck import arch_covers
+    from lmi_check import arch_covers
 
     cu128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
     assert arch_covers(cu128, (8, 9)) == "sm_86"  # L40S runs the 8.6 cubin

@@ -1,4 +1,4 @@
-"""Token streaming (buildkit/lmi_stream.py, option.enable_streaming) with real Transformers and DeepSpeed on CPU:
+"""Token streaming (lmi_stream.py, option.enable_streaming) with real Transformers and DeepSpeed on CPU:
 the options as LMI took them, the incremental decoder against a real byte-level BPE tokenizer (multi-byte
 characters), one process in-process (the DeepSpeed and Accelerate ways, a byte-level BPE model, a stream closed
 early), and the DJL Serving stand-in streaming as DJL does (buildkit/data/djl.yaml, behaviour stream_*): one
@@ -13,12 +13,12 @@ import socket
 import threading
 import time
 
+import lmi_check
+import lmi_deepspeed as handler
+import lmi_stream
 import pytest
 from conftest import ROOT
-
-from buildkit import incheck, lmi_stream
-from buildkit import lmi_deepspeed as handler
-from buildkit.lmi_deepspeed import OptionError, Request
+from lmi_deepspeed import OptionError, Request
 
 pytestmark = pytest.mark.required_in_ci  # mpirun, DeepSpeed: the project's to provide (tests/conftest.py)
 
@@ -140,8 +140,8 @@ def test_the_decoder_holds_back_a_space_that_cleanup_may_remove(bpe) -> None:
 def tiny(tmp_path_factory):
     pytest.importorskip("deepspeed")
     path = str(tmp_path_factory.mktemp("tiny") / "model")
-    incheck.make_tiny_model(path)
-    return {"dir": path, "reference": incheck.reference_generate(path, PROMPTS, TOKENS)}
+    lmi_check.make_tiny_model(path)
+    return {"dir": path, "reference": lmi_check.reference_generate(path, PROMPTS, TOKENS)}
 
 
 def _streaming(props: dict):

@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
+import sm_vllm
 from conftest import ROOT, free_port
 
-from buildkit import facts, profiles, sm_vllm
+from buildkit import facts, profiles
 
 streamer = pytest.importorskip("runai_model_streamer", reason="the Run:ai model streamer is a host extra "
                                "(pip install -e '.[host]'); the vLLM lock pins it")
@@ -179,8 +180,9 @@ def test_the_vllm_line_locks_the_streamer_and_checks_it_in_the_image() -> None:
                   for n, v, _ in rows if n in host}
         assert pinned == host, path
     assert "runai-streamer" in profiles.get("vllm").CHECKS["cpu"]
-    code = ("import json, sys; from buildkit import incheck; incheck.load_profile(sys.argv[1]); "
-            "print(json.dumps(incheck.BUILTINS['runai-streamer'][0]))")
+    code = ("import json, sys; sys.path.insert(0, 'buildkit/resources/check'); import lmi_check; "
+            "lmi_check.load_profile(sys.argv[1]); "
+            "print(json.dumps(lmi_check.BUILTINS['runai-streamer'][0]))")
     out = subprocess.run([sys.executable, "-c", code, str(profiles.get("vllm").CHECKER)], capture_output=True,
                          text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0 and json.loads(out.stdout) == "cpu", out.stderr

@@ -1,4 +1,4 @@
-"""The handler's Accelerate and Diffusion ways (buildkit/lmi_accelerate.py, buildkit/lmi_diffusion.py) with
+"""The handler's Accelerate and Diffusion ways (buildkit/resources/image/lmi_accelerate.py, lmi_diffusion.py) with
 real Accelerate, Transformers and Diffusers on CPU: options and requests checked, a tiny causal LM dispatched
 over the CPU and the disk, a device map planned for every GPU family of the facts, and a tiny random Stable
 Diffusion pipeline whose PNG must equal plain Diffusers' image for the same seed."""
@@ -12,12 +12,12 @@ import math
 import subprocess
 import sys
 
+import lmi_check
 import pytest
 from conftest import ROOT
+from lmi_deepspeed import OptionError, Reply, Request, RequestError
 
 from buildkit import facts as facts_mod
-from buildkit import incheck
-from buildkit.lmi_deepspeed import OptionError, Reply, Request, RequestError
 
 # Their prerequisites (mpirun, DeepSpeed, Accelerate, Diffusers, the registry) are the project's to provide:
 # under CI a skip here fails the run (tests/conftest.py).
@@ -38,7 +38,8 @@ def json_request(body, accept: str = "") -> Request:
 
 
 def test_importing_the_ways_costs_nothing_and_works_flat_as_in_the_image() -> None:
-    code = ("import sys; sys.path.insert(0, 'buildkit'); import lmi_accelerate, lmi_diffusion; heavy = [m for m in "
+    code = ("import sys; sys.path.insert(0, 'buildkit/resources/image'); import lmi_accelerate, lmi_diffusion; "
+            "heavy = [m for m in "
             "('torch', 'transformers', 'diffusers', 'accelerate', 'deepspeed') if m in sys.modules]; "
             "assert not heavy, heavy; assert lmi_diffusion.OptionError is sys.modules['lmi_deepspeed'].OptionError")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
@@ -50,7 +51,7 @@ def test_importing_the_ways_costs_nothing_and_works_flat_as_in_the_image() -> No
 @pytest.fixture(scope="module")
 def accel():
     pytest.importorskip("accelerate")
-    from buildkit import lmi_accelerate
+    import lmi_accelerate
 
     return lmi_accelerate
 
@@ -58,8 +59,8 @@ def accel():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, accel):
     path = str(tmp_path_factory.mktemp("tiny") / "model")
-    incheck.make_tiny_model(path)
-    return {"dir": path, "reference": incheck.reference_generate(path, PROMPTS, TOKENS)}
+    lmi_check.make_tiny_model(path)
+    return {"dir": path, "reference": lmi_check.reference_generate(path, PROMPTS, TOKENS)}
 
 
 def test_accelerate_options(accel, tmp_path) -> None:
@@ -195,7 +196,7 @@ def _llama(size: float, layers: int):
 @pytest.fixture(scope="module")
 def diff():
     pytest.importorskip("diffusers")
-    from buildkit import lmi_diffusion
+    import lmi_diffusion
 
     return lmi_diffusion
 
@@ -328,7 +329,7 @@ def test_kernel_injection_is_chosen_where_deepspeed_supports_the_pipeline(diff, 
 
 
 def test_the_djl_glue_dispatches_to_the_ways(accel, diff, tiny, sd, monkeypatch) -> None:
-    from buildkit import lmi_deepspeed
+    import lmi_deepspeed
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # the glue sets them for its ranks: restored afterwards
         monkeypatch.setenv(name, "0" if name != "WORLD_SIZE" else "1")

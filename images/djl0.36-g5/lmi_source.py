@@ -38,10 +38,7 @@ import re
 import shutil
 import tempfile
 
-try:
-    from .lmi_deepspeed import OptionError, first_line
-except ImportError:  # flat in the image, beside lmi_deepspeed.py
-    from lmi_deepspeed import OptionError, first_line
+from lmi_deepspeed import OptionError, first_line  # beside this file, in the image's /opt/lmi/python
 
 log = logging.getLogger("lmi_source")
 

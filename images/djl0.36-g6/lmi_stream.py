@@ -44,10 +44,8 @@ _END = object()
 
 def _handler():
     """lmi_deepspeed (imported late: it imports this module lazily too)."""
-    try:
-        from . import lmi_deepspeed
-    except ImportError:  # flat in the image, beside lmi_deepspeed.py
-        import lmi_deepspeed
+    import lmi_deepspeed
+
     return lmi_deepspeed
 
 

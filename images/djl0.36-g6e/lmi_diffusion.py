@@ -45,30 +45,17 @@ import os
 import random
 from dataclasses import dataclass
 
-try:
-    from .lmi_deepspeed import (
-        DEFAULT_MODEL_DIR,
-        OptionError,
-        Reply,
-        Request,
-        RequestError,
-        input_error,
-        model_error,
-        parse_dtype,
-        parse_kernel_injection,
-    )
-except ImportError:  # flat in the image, beside lmi_deepspeed.py
-    from lmi_deepspeed import (
-        DEFAULT_MODEL_DIR,
-        OptionError,
-        Reply,
-        Request,
-        RequestError,
-        input_error,
-        model_error,
-        parse_dtype,
-        parse_kernel_injection,
-    )
+from lmi_deepspeed import (  # beside this file, in the image's /opt/lmi/python
+    DEFAULT_MODEL_DIR,
+    OptionError,
+    Reply,
+    Request,
+    RequestError,
+    input_error,
+    model_error,
+    parse_dtype,
+    parse_kernel_injection,
+)
 
 log = logging.getLogger("lmi_diffusion")
 

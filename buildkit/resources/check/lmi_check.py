@@ -3,15 +3,16 @@
 
 Not part of any image: `lmi test` mounts it read-only into each test container (at
 /opt/lmi-check/lmi_check.py), with the checks of the image's profile beside it
-(/opt/lmi-check/<profile>_check.py, from buildkit/profiles/), and runs it there, so editing a check changes no
-image; or run it directly on a host (`python -m buildkit.incheck`), e.g. on a GPU machine. It needs nothing
-beyond the Python standard library and what the image itself carries.
+(/opt/lmi-check/<profile>_check.py; both from buildkit/resources/check/ in the toolkit), and runs it there, so
+editing a check changes no image; or run it directly on a host (`python lmi_check.py ...`), e.g. on a GPU machine.
+It needs nothing beyond the Python standard library and what the image itself carries. Its one name is lmi_check:
+the host toolkit never imports it, and tests import it flat, as a profile's checks do.
 
     python lmi_check.py --claims /opt/lmi/image.json --profile /opt/lmi-check/<profile>_check.py \
         --checks checks.json [--timeout 300]
 
 `--profile` loads a profile's check module, which registers its builtins with `import lmi_check` and
-`@lmi_check.builtin(name, tier)` (`lmi_check` is this module, however it was started). A builtin named
+`@lmi_check.builtin(name, tier)` (`lmi_check` is this module, also when it runs as the script). A builtin named
 `<dist>-version` that nobody registered compares the installed distribution <dist> with the version the claims
 name under versions[<dist>] (the libraries of a matrix line, the engine's own packages).
 
@@ -39,8 +40,8 @@ import threading
 import time
 from importlib import metadata
 
-# A profile's checks `import lmi_check`: that is this module, whether it runs as the mounted lmi_check.py, as
-# `python -m buildkit.incheck` or is imported as buildkit.incheck.
+# A profile's checks `import lmi_check`: run as a script, this module is __main__, and that import must find it
+# rather than load a second copy with a registry of its own.
 sys.modules.setdefault("lmi_check", sys.modules[__name__])
 
 BUILTINS: dict[str, tuple[str, object]] = {}  # name -> (tier, function(claims) -> message)
@@ -463,7 +464,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tier", default="cpu", help="tiers for the default records, e.g. cpu,gpu")
     parser.add_argument("--timeout", type=float, default=300, help="seconds allowed per check")
     parser.add_argument("--profile", action="append", default=[], metavar="FILE",
-                        help="a profile's check module (buildkit/profiles/<name>_check.py) to load; repeatable")
+                        help="a profile's check module (<profile>_check.py beside this file) to load; repeatable")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--make-tiny-model", metavar="DIR",
                         help="save a tiny random Llama with a tokenizer in DIR and print the greedy continuations "

@@ -1,6 +1,6 @@
 """In-image checks of the DeepSpeed profile (DJL Serving in front, DeepSpeed, Accelerate and Diffusers behind):
-registered with lmi_check (buildkit/incheck.py), which `lmi test` mounts at /opt/lmi-check/lmi_check.py with this
-file beside it and loads it (`--profile`).
+registered with lmi_check (lmi_check.py beside this file), which `lmi test` mounts at /opt/lmi-check/lmi_check.py
+with this file beside it and loads it (`--profile`).
 
 Like lmi_check itself: the standard library and what the image carries, nothing else. The core checks (Python and
 torch versions, pip check, the tiny forward pass, CUDA and the GPU) stay in lmi_check, and so do the library

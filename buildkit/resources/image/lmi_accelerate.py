@@ -27,10 +27,7 @@ import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-try:
-    from . import lmi_deepspeed
-except ImportError:  # flat in the image, beside lmi_deepspeed.py
-    import lmi_deepspeed
+import lmi_deepspeed  # beside this file, in the image's /opt/lmi/python
 
 OptionError, parse_options = lmi_deepspeed.OptionError, lmi_deepspeed.parse_options
 

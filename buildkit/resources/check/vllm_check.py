@@ -1,4 +1,4 @@
-"""In-image checks of the vLLM profile (issue #19): registered with lmi_check (buildkit/incheck.py), which
+"""In-image checks of the vLLM profile: registered with lmi_check (lmi_check.py beside this file), which
 `lmi test` mounts at /opt/lmi-check/lmi_check.py with this file beside it and loads it (`--profile`).
 
 Like lmi_check itself: the standard library and what the vLLM image carries, nothing else. Core checks
