@@ -117,3 +117,18 @@ def test_serving_ops_are_facts_with_a_source(facts) -> None:
     assert not any(data["ops"][name].get("training") for name in serving)
     source = data["sources"]["serving"]
     assert "deepspeedai/DeepSpeed" in source and "v0.12.6" in source and "v0.18.9" in source
+
+
+def test_fleet_bench_arithmetic() -> None:
+    """bench/fleet_bench.py's numbers: shared layers once, each family's own, the unmeasured ones as the largest."""
+    from bench.fleet_bench import fleet
+
+    gb = 10**9
+    measured = {"g5": [("base", 8 * gb), ("ops86", gb // 10), ("cfg-g5", 1000)],
+                "p3": [("base", 8 * gb), ("ops70", gb // 20), ("cfg-p3", 1000)]}
+    n = fleet(measured, families=11)
+    assert n["shared"] == 8 * gb and n["one"] == 8 * gb + gb // 10 + 1000
+    assert n["own_max"] == gb // 10 + 1000 and n["own_min"] == gb // 20 + 1000
+    assert n["second_pull"] == gb // 20 + 1000  # p3's layers that g5 lacks
+    assert n["fleet"] == 8 * gb + (gb // 10 + 1000) + (gb // 20 + 1000) + 9 * (gb // 10 + 1000)
+    assert round(n["ratio"], 3) == round(n["fleet"] / n["one"], 3) and 1.1 < n["ratio"] < 1.15
