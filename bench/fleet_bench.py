@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.gpu_stack import layers  # noqa: E402
-from bench.results_md import write_section  # noqa: E402
+from bench.results_md import RESULTS, write_section  # noqa: E402
 from buildkit import facts, matrix  # noqa: E402
 from buildkit.spec import resolve  # noqa: E402
 
@@ -53,12 +53,24 @@ def fleet(per_image: dict[str, list[tuple[str, int]]], families: int) -> dict[st
             "fleet": fleet_bytes, "families": families, "ratio": fleet_bytes / one}
 
 
+def gpu_stack_section(rev: str | None) -> str:
+    """The GPU stack section of bench/results.md at `rev` (None: the working copy)."""
+    text = (RESULTS.read_text() if rev is None else
+            subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:bench/results.md"], capture_output=True,
+                           text=True, check=True).stdout)
+    section = text[text.index("## GPU stack"):]
+    return section[:section.find("\n## ", 1)] if "\n## " in section[1:] else section
+
+
+def build_times(section: str) -> str:
+    """'image: whole build, op compile' from a GPU stack section's first table."""
+    rows = re.findall(r"^\| (ds\S+) \| [\d.]+ \| ([^|]+) \| ([^|]+) \|", section, re.M)
+    return "; ".join(f"{image} {whole.strip()} (op compile {ops.strip()})" for image, whole, ops in rows)
+
+
 def before_layers(rev: str = BEFORE_REV) -> dict[str, list[tuple[str, int]]]:
     """The layer table of the GPU stack section of bench/results.md at `rev` (sizes to the MB there)."""
-    text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:bench/results.md"], capture_output=True,
-                          text=True, check=True).stdout
-    section = text[text.index("## GPU stack"):]
-    section = section[:section.find("\n## ", 1)]
+    section = gpu_stack_section(rev)
     per_image: dict[str, list[tuple[str, int]]] = {}
     for image, _, size, diff in re.findall(r"^\| (\S+) \| ([^|]+) \| ([\d.]+) GB \| ([0-9a-f]{12}) \|$", section, re.M):
         per_image.setdefault(image, []).append((diff, round(float(size) * GB)))
@@ -105,7 +117,9 @@ def main() -> None:
              f"a family's own layers are <= (({GOAL} - 1) x shared) / ({families} - {GOAL}) = "
              f"{per_family_goal / 1e6:.0f} MB; measured {after['own_max'] / 1e6:.0f} MB "
              f"({'met' if after['ratio'] <= GOAL else 'NOT met'}). A second family's pull: "
-             f"{before['second_pull'] / 1e6:.0f} MB before, {after['second_pull'] / 1e6:.0f} MB after."]
+             f"{before['second_pull'] / 1e6:.0f} MB before, {after['second_pull'] / 1e6:.0f} MB after.", "",
+             f"Build times (the GPU stack sections' tables): before {build_times(gpu_stack_section(BEFORE_REV))}; "
+             f"after {build_times(gpu_stack_section(None))}."]
     section = "\n".join(lines) + "\n"
     write_section(MARKER, section)
     print(section)

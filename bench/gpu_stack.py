@@ -168,7 +168,7 @@ def main() -> None:
         ref = f"{spec.repository}:{spec.tag}"
         log = (LOGS / f"{spec.id}.log").read_text()
         times = step_times(log)
-        compile_s = next((t for name, t in times.items() if "pip wheel" in name), None)
+        compile_s = next((t for name, t in times.items() if "pip wheel" in name and "[deepspeed-ops" in name), None)
         torch_s = sum(t for name, t in times.items() if "torch.lock" in name or "torch==" in name)
         total = re.search(rf"{re.escape(spec.id)}: built (\d+)s", BUILD_OUTPUT.read_text()
                           if BUILD_OUTPUT.exists() else "")
