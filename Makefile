@@ -136,6 +136,12 @@ test-vllm: engine ## build the vLLM image of tests/matrix.vllm-local.yaml and ru
 facts-upstream: venv ## re-derive the wheel facts from real releases and time a release to a locked line
 	$(BIN)/python bench/upstream_bench.py
 
+# What the GPU families of a line store and pull beside one image, from the engine's layers of the images
+# `make test-gpu-stack` built (before/after side by side); results in bench/results.md.
+.PHONY: bench-fleet
+bench-fleet: engine ## fleet bytes of a line's GPU families vs one image (needs make test-gpu-stack's images)
+	$(BIN)/python bench/fleet_bench.py
+
 bench: engine ## measure render and build speed into bench/results.md
 	$(BIN)/python bench/render_bench.py
 	$(BIN)/python bench/build_bench.py

@@ -70,23 +70,61 @@ def layers(ref: str) -> list[tuple[str, int, str]]:
 
 
 def wrong_op_claim(ref: str, spec) -> str:
-    """The op check run in the image against a deliberately wrong claim: it must fail, naming the ops."""
+    """The op check run in the image against a deliberately wrong claim: it must fail, naming the ops. The
+    checkers are mounted read-only as `lmi test` mounts them (they are not in the image)."""
     claims = spec.claims()
     ops = claims["deepspeed_ops"]
     wrong = {"prebuilt": [op for op in ops["prebuilt"] if op != "transformer_inference"] + ["cutlass_ops"],
              "absent": {**ops["absent"], "transformer_inference": "claimed absent on purpose"}}
     record = [{"name": "deepspeed-prebuilt-ops", "tier": "cpu", "kind": "builtin"}]
-    with tempfile.TemporaryDirectory() as checks:  # the checker and the profile's checks, mounted as `lmi test` does
-        for source in (smoke.CHECKER, spec.profile.CHECKER):
-            shutil.copy(source, checks)
-        Path(checks).chmod(0o755)  # the image runs as uid 1001
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp).chmod(0o755)
+        for source, name in ((smoke.CHECKER, "lmi_check.py"), (spec.profile.CHECKER, spec.profile.CHECKER.name)):
+            (Path(tmp) / name).write_bytes(source.read_bytes())
+            (Path(tmp) / name).chmod(0o644)
         out = subprocess.run([engine.detect_client().path, "run", "--rm", "--network=none", "-v",
-                              f"{checks}:{smoke.CHECK_DIR}:ro", ref, "python", smoke.CHECK_MODULE, "--profile",
+                              f"{tmp}:{smoke.CHECK_DIR}:ro", ref, "python", smoke.CHECK_MODULE, "--profile",
                               f"{smoke.CHECK_DIR}/{spec.profile.CHECKER.name}", "--claims-json",
                               json.dumps({**claims, "deepspeed_ops": wrong}), "--checks-json", json.dumps(record)],
                              capture_output=True, text=True)
     event = json.loads(out.stdout.strip().splitlines()[-1])
     return f"exit {out.returncode}, passed={event['passed']}: {event['message']}"
+
+
+# Runs in the image: DeepSpeed's own op_builder load() of each op the image claims prebuilt. load() imports a
+# prebuilt op only when git_version_info lists it installed for the running accelerator (DS_ACCELERATOR=cuda:
+# no GPU here), else it JIT-builds it, which fails without nvcc; the toolkit's libcuda stub stands in for the
+# driver the op libraries link.
+_LOAD = """
+import json, sys
+import deepspeed.ops.op_builder as builders
+from deepspeed.git_version_info import installed_ops, accelerator_name
+by_name = {"transformer_inference": "InferenceBuilder", "spatial_inference": "SpatialInferenceBuilder"}
+for name in json.loads(sys.argv[1]):
+    module = getattr(builders, by_name[name])().load(verbose=False)
+    print(json.dumps({"op": name, "file": module.__file__, "installed": installed_ops.get(name),
+                      "accelerator": accelerator_name}))
+"""
+
+
+def op_load(ref: str, spec, devel: str) -> list[dict]:
+    """Load each prebuilt op with DeepSpeed's op_builder in the image (no GPU: the driver's stub from the
+    toolkit image); every one must come from site-packages, not a JIT build."""
+    docker = engine.detect_client().path
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp).chmod(0o755)
+        subprocess.run([docker, "run", "--rm", "--network=none", "-v", f"{tmp}:/out", "--entrypoint", "bash", devel,
+                        "-c", 'cp "$(find / -path "*stubs/libcuda.so" -print -quit 2>/dev/null)" /out/libcuda.so.1 '
+                              '&& chmod 644 /out/libcuda.so.1'], capture_output=True, text=True, check=True)
+        out = subprocess.run([docker, "run", "--rm", "--network=none", "-v", f"{tmp}:/stub:ro", "-e",
+                              "LD_LIBRARY_PATH=/stub", "-e", "DS_ACCELERATOR=cuda", "--entrypoint", "python", ref,
+                              "-c", _LOAD, json.dumps(list(spec.engine.ds_ops_built))],
+                             capture_output=True, text=True)
+    loaded = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or len(loaded) != len(spec.engine.ds_ops_built) or not all(
+            "site-packages/deepspeed/ops/" in d["file"] and d["installed"] for d in loaded):
+        raise SystemExit(f"{ref}: the prebuilt ops did not load from the image: {loaded} {out.stderr[-2000:]}")
+    return loaded
 
 
 def cubin_archs(ref: str, devel: str) -> dict[str, str]:
@@ -110,7 +148,8 @@ def cubin_archs(ref: str, devel: str) -> dict[str, str]:
 
 
 def kind(instruction: str) -> str:
-    for marker, name in (("wheels/deepspeed-", "DeepSpeed (prebuilt wheel)"), ("/opt/lmi/lock/", "locks"),
+    for marker, name in (("/tmp/ops/deepspeed", "DeepSpeed ops (per SM)"),
+                         ("wheels/deepspeed-", "DeepSpeed (Python package)"), ("/opt/lmi/lock/", "locks"),
                          ("deepspeed.lock", "DeepSpeed"),
                          ("deepspeed==", "DeepSpeed"), ("torch.lock", "torch + NVIDIA libraries"),
                          ("torch==", "torch + NVIDIA libraries"), ("requirements.lock", "libraries + mpi4py"),
@@ -125,12 +164,12 @@ def kind(instruction: str) -> str:
 def main() -> None:
     f = facts.load()
     specs = resolve(matrix.load(MATRIX, f), f)
-    rows, layer_rows, per_image, wrong_claims, cubins = [], [], {}, [], []
+    rows, layer_rows, per_image, wrong_claims, cubins, loads = [], [], {}, [], [], []
     for spec in specs:
         ref = f"{spec.repository}:{spec.tag}"
         log = (LOGS / f"{spec.id}.log").read_text()
         times = step_times(log)
-        compile_s = next((t for name, t in times.items() if "pip wheel" in name), None)
+        compile_s = next((t for name, t in times.items() if "pip wheel" in name and "[deepspeed-ops" in name), None)
         torch_s = sum(t for name, t in times.items() if "torch.lock" in name or "torch==" in name)
         total = re.search(rf"{re.escape(spec.id)}: built (\d+)s", BUILD_OUTPUT.read_text()
                           if BUILD_OUTPUT.exists() else "")
@@ -143,7 +182,9 @@ def main() -> None:
         twice = {name: n for n, name in libs if name in RUNTIME_FLAVOR_LIBS}
         biggest = ", ".join(f"{name} {n / GB:.2f}" for n, name in libs[:6])
         wrong_claims.append((spec.id, wrong_op_claim(ref, spec)))
-        archs = cubin_archs(ref, engine.mirrored(spec.engine.builder_image, "lmi-local"))
+        devel = engine.mirrored(spec.engine.builder_image, "lmi-local")
+        loads.append((spec.id, op_load(ref, spec, devel)))
+        archs = cubin_archs(ref, devel)
         cubins.append((spec.id, ", ".join(f"{op}: {a}" for op, a in sorted(archs.items()))))
         rows.append((spec.id, spec.family.sm, total.group(1) + " s" if total else "see log",
                      f"{compile_s / 60:.1f} min" if compile_s else "cached", f"{torch_s:.0f} s", f"{size / GB:.2f} GB",
@@ -166,7 +207,7 @@ def main() -> None:
             common += 1
         return sum(b for _, b, _ in first[:common]) + sum(b for ls in stacks for _, b, _ in ls[common:])
 
-    unique_now = prefix_unique(lambda k: k != "DeepSpeed (prebuilt wheel)")
+    unique_now = prefix_unique(lambda k: k != "DeepSpeed ops (per SM)")
     # The earlier order put DeepSpeed before the libraries, Java and DJL Serving: only base, OS and torch
     # could be shared.
     unique_before = prefix_unique(lambda k: k in ("base image", "OS + Python", "torch + NVIDIA libraries"))
@@ -180,7 +221,7 @@ def main() -> None:
              "torch's NVIDIA libraries in it |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
     lines += ["", f"Fleet of {n} families: sum of image sizes {total / GB:.2f} GB. Unique layer bytes, "
-                  f"DeepSpeed last (this template), when the families are built from one cache: "
+                  f"DeepSpeed's ops last (this template), when the families are built from one cache: "
                   f"{unique_now / GB:.2f} GB = **{unique_now / total:.0%}** of the sum; with DeepSpeed before the "
                   f"libraries, Java and DJL Serving (the earlier order): {unique_before / GB:.2f} GB = "
                   f"{unique_before / total:.0%} (both from the measured layer sizes). Distinct layers found in the "
@@ -189,6 +230,10 @@ def main() -> None:
               "A deliberately wrong op claim (transformer_inference claimed absent, cutlass_ops claimed prebuilt), "
               "checked in each image:", ""]
     lines += [f"- {image}: {result}" for image, result in wrong_claims]
+    lines += ["", "DeepSpeed's op_builder load() of each prebuilt op in the image (DS_ACCELERATOR=cuda, no GPU: the "
+                  "toolkit's libcuda stub); each imported from the image's site-packages, no JIT build:", ""]
+    lines += [f"- {image}: " + ", ".join(f"{d['op']} <- {d['file'].split('site-packages/')[-1]}" for d in loaded)
+              for image, loaded in loads]
     lines += ["", f"Runtime base: torch's wheels install {', '.join(f'{k} {v / GB:.2f}' for k, v in twice.items())} "
                   f"GB = {sum(twice.values()) / GB:.2f} GB of the libraries NVIDIA's `runtime` flavor adds to "
                   "`base`; torch loads its own (RPATH into site-packages/nvidia), so a `runtime` base would store "

@@ -274,9 +274,10 @@ def test_deepspeed_cuda_major_mismatch(facts) -> None:
 
 
 # What op_builder/*.py says at each pinned tag: (family, DeepSpeed) -> ops below the SM floor, ops built.
-BUILT_0189 = {"async_io", "cpu_adagrad", "cpu_adam", "cpu_lion", "fused_adam", "fused_lamb", "fused_lion",
-              "inference_core_ops", "quantizer", "ragged_ops", "random_ltd", "spatial_inference",
-              "stochastic_transformer", "transformer", "transformer_inference", "utils"}
+BUILT_0189 = {"spatial_inference", "transformer_inference"}  # the ops DeepSpeed's inference code loads
+NOT_SERVING_0189 = {"async_io", "cpu_adagrad", "cpu_adam", "cpu_lion", "fused_adam", "fused_lamb", "fused_lion",
+                    "inference_core_ops", "quantizer", "ragged_ops", "random_ltd", "stochastic_transformer",
+                    "transformer", "utils"}  # buildable for every family, left to DeepSpeed's JIT build
 NEEDS_0189 = {"cutlass_ops", "ragged_device_ops", "fp_quantizer", "evoformer_attn", "sparse_attn", "gds", "dc"}
 
 
@@ -290,21 +291,23 @@ def test_deepspeed_0189_op_switches_per_family(facts, family, below_floor) -> No
                              driver="570.124.06"), facts)
     assert verdict.ok, verdict.errors
     assert set(verdict.engine["ops"]["skipped"]) == below_floor
-    assert set(verdict.engine["ops"]["built"]) == BUILT_0189  # 16 ops, as the issue's real sm_86 and sm_70 builds made
-    assert set(verdict.engine["ops"]["off"]) == NEEDS_0189
+    assert set(verdict.engine["ops"]["built"]) == BUILT_0189
+    assert set(verdict.engine["ops"]["off"]) == NEEDS_0189 | NOT_SERVING_0189
+    assert "training only" in verdict.engine["ops"]["off"]["cpu_adam"]
     for op in below_floor:
         assert "needs sm_80+" in verdict.engine["ops"]["off"][op] and family in verdict.engine["ops"]["off"][op]
     ragged = verdict.engine["ops"]["off"]["ragged_device_ops"]
     assert "dskernels" in ragged or "sm_80" in ragged
-    assert "ragged_ops" in verdict.engine["ops"]["built"]  # floor 6.0 (ragged_utils.py), not the 8.0 device op
+    assert "ragged_ops" not in verdict.engine["ops"]["skipped"]  # floor 6.0 (ragged_utils.py), not the 8.0 device op
 
 
 def test_deepspeed_0126_has_no_utils_gds_or_fp_quantizer(facts) -> None:
     verdict = evaluate(Combo("g5", "0.27.0", "0.12.6", "2.1.2", "12.1", "3.10", "ubuntu22.04",
                              driver="535.104.05"), facts)
     assert verdict.ok, verdict.errors
-    assert set(verdict.engine["ops"]["built"]) == BUILT_0189 - {"utils"}
-    assert set(verdict.engine["ops"]["off"]) == {"cutlass_ops", "ragged_device_ops", "evoformer_attn", "sparse_attn"}
+    assert set(verdict.engine["ops"]["built"]) == BUILT_0189  # the serving ops exist from 0.10.0
+    assert set(verdict.engine["ops"]["off"]) == ({"cutlass_ops", "ragged_device_ops", "evoformer_attn", "sparse_attn"}
+                                                 | NOT_SERVING_0189 - {"utils"})
     names = {op.name: op for op in facts.engines["deepspeed"].ops_of("0.12.6")}
     assert names["ragged_device_ops"].build_var == "DS_BUILD_RAGGED_DEVICE_OPS"
     assert names["ragged_ops"].build_var == "DS_BUILD_RAGGED_OPS" and names["ragged_ops"].sm == "6.0"

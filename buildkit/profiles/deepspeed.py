@@ -91,6 +91,7 @@ class DeepSpeedOp:
     needs: str | None = None
     training: bool = False
     also: tuple[str, ...] = ()  # releases before `since` that had it too (utils: 0.9.0-0.9.4)
+    serving: str | None = None  # where DeepSpeed's inference code loads it (None: serving never does)
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,9 @@ def _deepspeed_cuda(ctx) -> None:
             ops["off"][op.name] = f"{op.what} needs {sm_name(op.sm)}+; {fam.name} is {sm_name(fam.sm)}"
         elif op.needs:
             ops["off"][op.name] = f"needs {op.needs}"
+        elif not op.serving:
+            ops["off"][op.name] = (f"{'training only' if op.training else 'not loaded by init_inference'}: "
+                                   "JIT-built at first use where nvcc exists (GPU images have none)")
         else:
             ops["built"].append(op.name)
     if ops["skipped"]:
@@ -318,6 +322,7 @@ class Spec:
     skipped_ops: tuple[str, ...]  # ops whose SM floor the family is below
     ds_ops_built: tuple[str, ...]  # ops prebuilt into the image (GPU images; CPU images JIT-compile)
     ds_ops_off: tuple[tuple[str, str, str], ...]  # (op, its DS_BUILD_* switch, why it is not prebuilt)
+    ds_ops_on: tuple[tuple[str, str, str], ...] = ()  # (op, its DS_BUILD_* switch, where serving loads it)
     handler: str = "lmi"  # who serves DeepSpeed models by default: the toolkit's lmi_deepspeed, or DJL's own
     deepspeed_requires: tuple[str, ...] | None = None  # DeepSpeed's install_requires as built here; None: unknown
     name: str = NAME
@@ -349,6 +354,7 @@ def engine_spec(image, facts, engine: Facts, verdict, toolkit, system) -> Spec:
     djl_version, ds_version = combo.part("djl"), combo.part("deepspeed")
     djl = engine.djl[djl_version]
     switches = {op.name: op.build_var for op in engine.ops_of(ds_version)}
+    serving = {op.name: op.serving for op in engine.ops_of(ds_version)}
     ops = verdict.engine.get("ops", {"skipped": [], "off": {}, "built": []})
     builder = None
     if toolkit:
@@ -359,6 +365,7 @@ def engine_spec(image, facts, engine: Facts, verdict, toolkit, system) -> Spec:
         djl_sha256_missing=None if djl.sha256 else engine.djl_checksum_unknown,
         skipped_ops=tuple(ops["skipped"]), ds_ops_built=tuple(sorted(ops["built"])),
         ds_ops_off=tuple((op, switches[op], why) for op, why in sorted(ops["off"].items())),
+        ds_ops_on=tuple((op, switches[op], serving[op]) for op in sorted(ops["built"])),
         handler=combo.part("handler") or default_handler(djl_version, engine),
         deepspeed_requires=engine.deepspeed_requirements(ds_version, cuda=toolkit is not None),
     )
