@@ -98,10 +98,14 @@ lint: venv ## ruff, the render and lock gates, and hadolint on every rendered Do
 # claimed once (mkdir is atomic), the engine side taking them in order and the other side from the end, so
 # the engine tier's run-to-run spread (the forced DJL step's apt downloads) moves them, not the wall time.
 # Lint runs beside the tests too (its output is shown at the end); any failure fails `make test`.
+# Each process of the suite computes on one thread (OMP_NUM_THREADS, unless set): the two pytests, the stand-in's
+# ranks and Docker's builds share the cores, and an OpenMP team per process over-subscribes them (test_ways.py
+# alone on a busy 2-core machine: 35 CPU-s with torch's 2 threads, 14 with 1).
 TAIL_TESTS := tests/test_smoke.py tests/test_cli.py
 TAIL_REVERSED := $(shell printf '%s\n' $(TAIL_TESTS) | tac)
 test: venv engine mpi ## lint, and the test suite (engine tests build real images)
-	@mkdir -p .lmi; rm -rf .lmi/tail-claims; mkdir .lmi/tail-claims; lint=0; unit=0; engine=0; \
+	@export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \
+	mkdir -p .lmi; rm -rf .lmi/tail-claims; mkdir .lmi/tail-claims; lint=0; unit=0; engine=0; \
 	tail_tests() { rc=0; for t in "$$@"; do mkdir .lmi/tail-claims/$$(basename $$t) 2>/dev/null || continue; \
 	  echo "--- $$t (after the $$side)"; \
 	  $(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 -m "not e2e and not engine" $$t || rc=$$?; \
