@@ -30,8 +30,6 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 # The venv is rebuilt when pyproject.toml changes. Debian's python3 needs python3-venv for `-m venv`.
-# --no-compile: Python compiles a module when it is first imported; pip would compile all 14k files of the
-# venv up front (~37 of its ~59 CPU-s here), most of which nothing imports.
 $(VENV)/.ready: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
 	  || { echo "error: $(PYTHON) is older than 3.10; set PYTHON=python3.10 or newer" >&2; exit 2; }
@@ -40,7 +38,7 @@ $(VENV)/.ready: pyproject.toml
 	    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); \
 	  else echo "error: '$(PYTHON) -m venv' failed; install your distribution's python3-venv" >&2; exit 2; fi; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev,host]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,host]'
 	@touch $@
 
 venv: $(VENV)/.ready ## create .venv with the toolkit and its dev tools
