@@ -93,18 +93,36 @@ lint: venv ## ruff, the render and lock gates, and hadolint on every rendered Do
 
 # The engine tier (one Docker engine, one session's built image and package server) runs in order in one
 # pytest; the rest of the suite (unit tests, the handler's ranks) runs beside it in another: most of the
-# engine tier waits on Docker, so the two share the cores instead of taking turns. The engine tier ends first,
-# so a few single-process modules (TAIL_TESTS, ~1 min) run after it in its pytest's place, on the core it frees.
+# engine tier waits on Docker, so the two share the cores instead of taking turns. A few single-process
+# modules (TAIL_TESTS, ~1 min each on a busy machine) run after whichever of the two ends first: each is
+# claimed once (mkdir is atomic), the engine side taking them in order and the other side from the end, so
+# the engine tier's run-to-run spread (the forced DJL step's apt downloads) moves them, not the wall time.
+# Lint runs beside the tests too (its output is shown at the end); any failure fails `make test`.
+# Each process of the suite computes on one thread (OMP_NUM_THREADS, unless set): the two pytests, the stand-in's
+# ranks and Docker's builds share the cores, and an OpenMP team per process over-subscribes them (test_ways.py
+# alone on a busy 2-core machine: 35 CPU-s with torch's 2 threads, 14 with 1).
 TAIL_TESTS := tests/test_smoke.py tests/test_cli.py
-test: lint engine mpi ## lint, then the test suite (engine tests build real images)
-	@mkdir -p .lmi; unit=0; engine=0; tail=0; \
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 -m "not e2e and not engine" \
-	  $(foreach t,$(TAIL_TESTS),--ignore=$(t)) > .lmi/test-unit.log 2>&1 & pid=$$!; \
-	$(BIN)/python -m pytest -q --durations=15 -m "engine and not e2e" || engine=$$?; \
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e and not engine" $(TAIL_TESTS) || tail=$$?; \
-	wait $$pid || unit=$$?; \
+TAIL_REVERSED := $(shell printf '%s\n' $(TAIL_TESTS) | tac)
+test: venv engine mpi ## lint, and the test suite (engine tests build real images)
+	@export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \
+	mkdir -p .lmi; rm -rf .lmi/tail-claims; mkdir .lmi/tail-claims; lint=0; unit=0; engine=0; \
+	tail_tests() { rc=0; for t in "$$@"; do mkdir .lmi/tail-claims/$$(basename $$t) 2>/dev/null || continue; \
+	  echo "--- $$t (after the $$side)"; \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 -m "not e2e and not engine" $$t || rc=$$?; \
+	done; return $$rc; }; \
+	$(MAKE) --no-print-directory lint > .lmi/test-lint.log 2>&1 & lint_pid=$$!; \
+	( side="rest of the suite"; rc=0; \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider --durations=40 -m "not e2e and not engine" \
+	    $(foreach t,$(TAIL_TESTS),--ignore=$(t)) || rc=$$?; \
+	  tail_tests $(TAIL_REVERSED) || rc=$$?; exit $$rc ) > .lmi/test-unit.log 2>&1 & unit_pid=$$!; \
+	side="engine tier"; \
+	$(BIN)/python -m pytest -q --durations=40 -m "engine and not e2e" || engine=$$?; \
+	tail_tests $(TAIL_TESTS) || engine=$$?; \
+	wait $$unit_pid || unit=$$?; \
 	echo "--- the rest of the suite (run beside the engine tier; .lmi/test-unit.log):"; cat .lmi/test-unit.log; \
-	test $$engine -eq 0 -a $$tail -eq 0 -a $$unit -eq 0
+	wait $$lint_pid || lint=$$?; \
+	echo "--- make lint (run beside the tests; .lmi/test-lint.log):"; cat .lmi/test-lint.log; \
+	test $$engine -eq 0 -a $$unit -eq 0 -a $$lint -eq 0
 
 # The publish.yml sequence and the weekly rebuild end to end with the 2 GB local image, and the image serving
 # two passive DJL ranks through its entrypoint (~20 min on 2 cores); last result in bench/results.md.

@@ -288,3 +288,37 @@ def local_image(local, tmp_path_factory):
     yield image
     if owner:
         remove_repo(image["repo"])
+
+
+# --- what test modules share (a model, a server) ----------------------------------------------------------
+# A module's own fixtures are set up once per module; what several modules use alike (the tiny Llama, the DJL
+# stand-in's two passive ranks: ~20-30 s of start-up on 2 cores, mostly imports and the ranks' rendezvous) is
+# kept here, made by whichever module asks first and shared by the modules whose tests differ only in their
+# requests. Servers are stopped when the session ends.
+class Shared:
+    def __init__(self) -> None:
+        self.values: dict = {}
+        self.servers: list = []
+
+    def get(self, key: str, make):
+        """The value under key, made by make() the first time it is asked for."""
+        if key not in self.values:
+            self.values[key] = make()
+        return self.values[key]
+
+    def server(self, key: str, start):
+        """A server (anything with stop()) under key, started by start() the first time; stopped at the end."""
+        if key not in self.values:
+            self.servers.append(self.get(key, start))
+        return self.values[key]
+
+    def close(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared():
+    registry = Shared()
+    yield registry
+    registry.close()

@@ -48,12 +48,18 @@ def json_request(body, content_type: str = "application/json") -> Request:
     return Request(json.dumps(body).encode(), content_type)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pytest.importorskip("deepspeed")
+def make_tiny(tmp_path_factory) -> dict:
     path = str(tmp_path_factory.mktemp("tiny") / "model")
     lmi_check.make_tiny_model(path)
     return {"dir": path, "reference": lmi_check.reference_generate(path, PROMPTS, TOKENS)}
+
+
+@pytest.fixture(scope="module")
+def tiny(shared, tmp_path_factory):
+    """lmi_check's tiny Llama and plain Transformers' greedy answers to PROMPTS, made once a session (test_hostile
+    serves the same model): nothing may change the directory (a server copies it)."""
+    pytest.importorskip("deepspeed")
+    return shared.get("tiny-llama", lambda: make_tiny(tmp_path_factory))
 
 
 def make_family_model(path: str, family: str) -> str:
@@ -324,22 +330,37 @@ def mpirun():
     _need_mpirun()
 
 
+# DJL 0.36's passive workers (the stand-in's behaviour is 0.32's in every fact of buildkit/data/djl.yaml: all
+# are the same from 0.31 on) with dynamic batching, up to 4 requests within 1.5 s: one server for the routing
+# test below and test_hostile's mixed batch, whose requests are all it differs in.
+PASSIVE_RANKS = """
+    engine=Python
+    option.mpi_mode=true
+    option.entryPoint=lmi_deepspeed
+    option.tensor_parallel_degree=2
+    option.max_new_tokens=64
+    batch_size=4
+    max_batch_delay=1500
+    """
+
+
+def passive_ranks(shared, tiny, tmp_path_factory) -> Standin:
+    """The DJL stand-in's two passive ranks on pretended GPUs (gloo ranks), started once a session and kept for
+    every module that asks (the tests never stop it: a later request is the proof the ranks stayed in step)."""
+    _need_mpirun()
+    return shared.server("passive-ranks", lambda: Standin(tiny["dir"], PASSIVE_RANKS, tmp_path_factory.mktemp(
+        "passive"), version="0.36.0", DJL_STANDIN_GPUS="2"))
+
+
 @pytest.fixture(scope="module")
-def two_ranks(tiny, tmp_path_factory):
-    """The two-rank stand-ins of the routing tests below, DJL 0.32 (passive workers) and DJL 0.27 (every
-    rank), started together: most of a load is start-up (mpirun, imports, the ranks' rendezvous), so the
-    two take little longer than one. Each test waits for its own and stops it."""
+def two_ranks(shared, tiny, tmp_path_factory):
+    """The two-rank stand-ins of the routing tests below, the shared passive ranks (DJL 0.36) and DJL 0.27
+    (every rank), started together: most of a load is start-up (mpirun, imports, the ranks' rendezvous), so the
+    two take little longer than one. The every-rank test stops its own; the passive ranks stay for the
+    session."""
     _need_mpirun()
     servers = {
-        "passive": Standin(tiny["dir"], """
-            engine=Python
-            option.mpi_mode=true
-            option.entryPoint=lmi_deepspeed
-            option.tensor_parallel_degree=2
-            option.max_new_tokens=64
-            batch_size=2
-            max_batch_delay=1000
-            """, tmp_path_factory.mktemp("passive"), DJL_STANDIN_GPUS="2"),
+        "passive": passive_ranks(shared, tiny, tmp_path_factory),
         "every-rank": Standin(tiny["dir"], """
             engine=MPI
             option.entryPoint=lmi_deepspeed
@@ -348,50 +369,48 @@ def two_ranks(tiny, tmp_path_factory):
             """, tmp_path_factory.mktemp("every-rank"), version="0.27.0", DJL_STANDIN_GPUS="2"),
     }
     yield servers
-    for server in servers.values():
-        server.stop()
+    servers["every-rank"].stop()
 
 
 def test_two_passive_ranks_answer_batches_as_transformers_does(tiny, two_ranks) -> None:
-    """DJL 0.32 (passive workers: only rank 0 gets requests) with MPI mode on pretended GPUs (gloo ranks):
-    rank 0 broadcasts each batch, both ranks generate, and each request of a batch gets its own answer."""
+    """DJL 0.36 (passive workers: only rank 0 gets requests) with MPI mode on pretended GPUs (gloo ranks):
+    rank 0 broadcasts each batch, both ranks generate, and each request of a batch gets its own answer. The
+    ranks are shared with test_hostile, which goes on asking them: not stopped here."""
     server = two_ranks["passive"]
-    try:
-        assert server.wait_ready(), server.log.read_text()[-3000:]
-        params = {"max_new_tokens": TOKENS}
-        status, answer = _post(server.port, {"inputs": PROMPTS[0], "parameters": params})
-        assert (status, answer) == (200, {"generated_text": tiny["reference"][0]})
-        status, answer = _post(server.port, {"inputs": PROMPTS, "parameters": params})
-        assert (status, answer) == (200, [{"generated_text": t} for t in tiny["reference"]])
-        # Two requests in one batch, one with a query string (a content entry of its own in DJL's Input) and one
-        # a text/plain prompt: each gets its own continuation.
-        results: dict = {}
-        calls = [threading.Thread(target=lambda: results.update(a=_post(server.port, {"inputs": PROMPTS[1],
-                                                                                     "parameters": params},
-                                                                        query="?foo=bar"))),
-                 threading.Thread(target=lambda: results.update(b=_post(server.port, PROMPTS[2].encode(),
-                                                                        "text/plain")))]
-        for call in calls:
-            call.start()
-            time.sleep(0.2)
-        for call in calls:
-            call.join(300)
-        assert results["a"] == (200, {"generated_text": tiny["reference"][1]})
-        text_default = lmi_check.reference_generate(tiny["dir"], [PROMPTS[2]], 32)[0]  # no parameters: 32 tokens
-        assert results["b"] == (200, {"generated_text": text_default})
-        status, answer = _post(server.port, {"inputs": "x", "parameters": {"max_tokens": 3}})
-        assert status == 400 and "unknown parameter(s) max_tokens" in answer["error"]
-        status, answer = _post(server.port, b"not json")
-        assert status == 400 and "the body is not JSON" in answer["error"]
-        # The server still answers after bad requests: the ranks stayed in step.
-        status, answer = _post(server.port, {"inputs": PROMPTS[2], "parameters": params})
-        assert (status, answer) == (200, {"generated_text": tiny["reference"][2]})
-        log = server.log.read_text()
-        assert "starting 2 rank(s) (passive workers): mpirun -np 2" in log and "model loaded on 2 rank(s)" in log
-        assert log.count("AutoTP") >= 2  # each rank partitioned its copy
-        assert "batch_size" not in log or "Batch output size mismatch" not in log
-    finally:
-        server.stop()
+    assert server.wait_ready(), server.log.read_text()[-3000:]
+    params = {"max_new_tokens": TOKENS}
+    status, answer = _post(server.port, {"inputs": PROMPTS[0], "parameters": params})
+    assert (status, answer) == (200, {"generated_text": tiny["reference"][0]})
+    status, answer = _post(server.port, {"inputs": PROMPTS, "parameters": params})
+    assert (status, answer) == (200, [{"generated_text": t} for t in tiny["reference"]])
+    # Two requests in one batch, one with a query string (a content entry of its own in DJL's Input) and one
+    # a text/plain prompt: each gets its own continuation.
+    results: dict = {}
+    calls = [threading.Thread(target=lambda: results.update(a=_post(server.port, {"inputs": PROMPTS[1],
+                                                                                 "parameters": params},
+                                                                    query="?foo=bar"))),
+             threading.Thread(target=lambda: results.update(b=_post(server.port, PROMPTS[2].encode(),
+                                                                    "text/plain")))]
+    for call in calls:
+        call.start()
+        time.sleep(0.2)
+    for call in calls:
+        call.join(300)
+    assert results["a"] == (200, {"generated_text": tiny["reference"][1]})
+    text_default = lmi_check.reference_generate(tiny["dir"], [PROMPTS[2]], 32)[0]  # no parameters: 32 tokens
+    assert results["b"] == (200, {"generated_text": text_default})
+    status, answer = _post(server.port, {"inputs": "x", "parameters": {"max_tokens": 3}})
+    assert status == 400 and "unknown parameter(s) max_tokens" in answer["error"]
+    status, answer = _post(server.port, b"not json")
+    assert status == 400 and "the body is not JSON" in answer["error"]
+    # The server still answers after bad requests: the ranks stayed in step.
+    status, answer = _post(server.port, {"inputs": PROMPTS[2], "parameters": params})
+    assert (status, answer) == (200, {"generated_text": tiny["reference"][2]})
+    log = server.log.read_text()
+    assert "starting 2 rank(s) (passive workers): mpirun -np 2" in log and "model loaded on 2 rank(s)" in log
+    assert log.count("AutoTP") >= 2  # each rank partitioned its copy
+    assert "a batch of 2 requests" in log  # the two were one batch
+    assert "batch_size" not in log or "Batch output size mismatch" not in log
 
 
 def test_every_rank_routing_returns_the_last_ranks_answer_which_is_right_too(tiny, two_ranks) -> None:

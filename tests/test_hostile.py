@@ -156,12 +156,19 @@ def test_an_accept_excluding_both_answers_is_a_406(accept) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(shared, tmp_path_factory):
+    """lmi_check's tiny Llama and plain Transformers' answers to PROMPTS (test_handler's, made once a session by
+    whichever module asks first: the same seed makes the same model), served in-process too."""
     pytest.importorskip("deepspeed")
-    path = str(tmp_path_factory.mktemp("tiny") / "model")
-    lmi_check.make_tiny_model(path)
-    service = handler.start({"model_id": path, "tensor_parallel_degree": "1", "max_new_tokens": "64"})
-    return {"dir": path, "service": service, "reference": lmi_check.reference_generate(path, PROMPTS, TOKENS)}
+
+    def make() -> dict:
+        path = str(tmp_path_factory.mktemp("tiny") / "model")
+        lmi_check.make_tiny_model(path)
+        return {"dir": path, "reference": lmi_check.reference_generate(path, PROMPTS, TOKENS)}
+
+    model = shared.get("tiny-llama", make)
+    service = handler.start({"model_id": model["dir"], "tensor_parallel_degree": "1", "max_new_tokens": "64"})
+    return {**model, "service": service}
 
 
 HOSTILE = {  # request -> the one line that refuses it
@@ -234,65 +241,63 @@ def test_a_batch_over_the_token_budget_is_split_not_refused(tiny, monkeypatch) -
 # --- two ranks under mpirun, behind the DJL Serving stand-in ------------------------------------------------
 
 
-def test_two_ranks_answer_a_batch_mixing_good_and_hostile_requests_and_stay_in_step(tiny, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def passive(shared, tiny, tmp_path_factory):
+    """test_handler's two passive ranks (DJL 0.36, batch_size 4), started once a session: the routing test
+    there asks them first when the whole suite runs."""
+    from test_handler import passive_ranks
+
+    _need_mpirun()
+    return passive_ranks(shared, tiny, tmp_path_factory)
+
+
+def test_two_ranks_answer_a_batch_mixing_good_and_hostile_requests_and_stay_in_step(tiny, passive) -> None:
     """DJL 0.36 routing (passive workers), batch_size 4: the good requests of a batch answer the reference,
     each hostile one its own {"error", "code": 400} (DJL gives every request of a batch the batch's HTTP
     status: PyPredictor.batchPredict), and the next request answers at once: the ranks stayed in step."""
-    _need_mpirun()
-    server = Standin(tiny["dir"], """
-        engine=Python
-        option.mpi_mode=true
-        option.entryPoint=lmi_deepspeed
-        option.tensor_parallel_degree=2
-        option.max_new_tokens=64
-        batch_size=4
-        max_batch_delay=1500
-        """, tmp_path, version="0.36.0", DJL_STANDIN_GPUS="2")
-    try:
-        assert server.wait_ready(), server.log.read_text()[-3000:]
-        params = {"max_new_tokens": TOKENS}
-        sent = [({"inputs": PROMPTS[0], "parameters": params}, ""),
-                (DEEP, ""),
-                ({"inputs": "a" * 100, "parameters": {"max_new_tokens": 64}}, ""),
-                ({"inputs": PROMPTS[1], "parameters": params}, "?data=%7B%22inputs%22%3A%22q%22%7D")]
-        results: dict = {}
-        calls = [threading.Thread(target=lambda i=i, b=b, q=q: results.update({i: _post(server.port, b, query=q)}))
-                 for i, (b, q) in enumerate(sent)]
-        for call in calls:
-            call.start()
-            time.sleep(0.1)
-        for call in calls:
-            call.join(300)
-        assert results[0] == (200, {"generated_text": tiny["reference"][0]})
-        assert results[3] == (200, {"generated_text": tiny["reference"][1]})  # the body, not ?data=
-        assert results[1][1] == {"error": "the body is nested deeper than option.max_body_depth=16", "code": 400}
-        assert results[2][1]["code"] == 400 and "over the model's 128 positions" in results[2][1]["error"]
-        log = server.log.read_text()
-        assert "a batch of 4 requests" in log, log[-3000:]
-        assert "batch_size" not in log or "Batch output size mismatch" not in log
-        assert "RecursionError" not in log and "Traceback" not in log, log[-3000:]
-        start = time.monotonic()
-        status, answer = _post(server.port, {"inputs": PROMPTS[2], "parameters": params})
-        assert (status, answer) == (200, {"generated_text": tiny["reference"][2]})
-        assert time.monotonic() - start < 20
-        # Alone, a hostile request is its own HTTP 400; a 1M-character one is refused without work.
-        start = time.monotonic()
-        status, answer = _post(server.port, {"inputs": "a" * 1_000_000})
-        assert status == 413 and "over option.max_body_bytes" in answer["error"]
-        status, answer = _post(server.port, DEEP)
-        assert status == 400 and "nested deeper" in answer["error"]
-        assert time.monotonic() - start < 20
-        # A batch_size header (a property, as DJL makes headers; here through SageMaker's custom attributes
-        # too) does not make a single request a batch of millions.
-        for header in ({"batch_size": "5000000"}, {"X-Amzn-SageMaker-Custom-Attributes": "batch_size=5000000"}):
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{server.port}/invocations", method="POST",
-                data=json.dumps({"inputs": PROMPTS[2], "parameters": params}).encode(),
-                headers={"Content-Type": "application/json", **header})
-            with urllib.request.urlopen(request, timeout=120) as response:
-                assert json.loads(response.read()) == {"generated_text": tiny["reference"][2]}
-    finally:
-        server.stop()
+    server = passive
+    assert server.wait_ready(), server.log.read_text()[-3000:]
+    params = {"max_new_tokens": TOKENS}
+    sent = [({"inputs": PROMPTS[0], "parameters": params}, ""),
+            (DEEP, ""),
+            ({"inputs": "a" * 100, "parameters": {"max_new_tokens": 64}}, ""),
+            ({"inputs": PROMPTS[1], "parameters": params}, "?data=%7B%22inputs%22%3A%22q%22%7D")]
+    results: dict = {}
+    calls = [threading.Thread(target=lambda i=i, b=b, q=q: results.update({i: _post(server.port, b, query=q)}))
+             for i, (b, q) in enumerate(sent)]
+    for call in calls:
+        call.start()
+        time.sleep(0.1)
+    for call in calls:
+        call.join(300)
+    assert results[0] == (200, {"generated_text": tiny["reference"][0]})
+    assert results[3] == (200, {"generated_text": tiny["reference"][1]})  # the body, not ?data=
+    assert results[1][1] == {"error": "the body is nested deeper than option.max_body_depth=16", "code": 400}
+    assert results[2][1]["code"] == 400 and "over the model's 128 positions" in results[2][1]["error"]
+    log = server.log.read_text()
+    assert "a batch of 4 requests" in log, log[-3000:]
+    assert "batch_size" not in log or "Batch output size mismatch" not in log
+    assert "RecursionError" not in log and "Traceback" not in log, log[-3000:]
+    start = time.monotonic()
+    status, answer = _post(server.port, {"inputs": PROMPTS[2], "parameters": params})
+    assert (status, answer) == (200, {"generated_text": tiny["reference"][2]})
+    assert time.monotonic() - start < 20
+    # Alone, a hostile request is its own HTTP 400; a 1M-character one is refused without work.
+    start = time.monotonic()
+    status, answer = _post(server.port, {"inputs": "a" * 1_000_000})
+    assert status == 413 and "over option.max_body_bytes" in answer["error"]
+    status, answer = _post(server.port, DEEP)
+    assert status == 400 and "nested deeper" in answer["error"]
+    assert time.monotonic() - start < 20
+    # A batch_size header (a property, as DJL makes headers; here through SageMaker's custom attributes
+    # too) does not make a single request a batch of millions.
+    for header in ({"batch_size": "5000000"}, {"X-Amzn-SageMaker-Custom-Attributes": "batch_size=5000000"}):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.port}/invocations", method="POST",
+            data=json.dumps({"inputs": PROMPTS[2], "parameters": params}).encode(),
+            headers={"Content-Type": "application/json", **header})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            assert json.loads(response.read()) == {"generated_text": tiny["reference"][2]}
 
 
 @pytest.mark.parametrize("version", ["0.27.0", "0.36.0"])
