@@ -49,6 +49,16 @@ def _family_words(spec) -> list[str]:
     return [spec.family.name, spec.id, f"sm_{spec.family.sm.replace('.', '')}", spec.family.gpu]
 
 
+def test_production_lines_mix_families_with_and_without_cuda_compat(facts) -> None:
+    """What the test above proves for cuda-compat: production's DeepSpeed lines each hold families that need it
+    (older SageMaker drivers) and families that do not (djl0.27: g6 on; djl0.36: p6-b200)."""
+    needs: dict[str, set[bool]] = {}
+    for spec, _ in _rendered(facts, ROOT / "matrix.yaml"):
+        if spec.family.is_gpu:
+            needs.setdefault(spec.line, set()).add(spec.needs_compat)
+    assert needs and all(both == {True, False} for both in needs.values()), needs
+
+
 def test_families_of_a_line_differ_only_after_the_marked_line(gpu_lines) -> None:
     for line, images in gpu_lines.items():
         runtimes = {}
@@ -62,17 +72,17 @@ def test_families_of_a_line_differ_only_after_the_marked_line(gpu_lines) -> None
             assert not any(re.search(rf"\b{re.escape(w)}\b", before) for w in _family_words(spec)), spec.id
             assert "LABEL" not in before and "TORCH_CUDA_ARCH_LIST" not in before
             # below it: one step brings DeepSpeed's ops; the rest are small files, ENV and metadata
+            # (and, in a family whose drivers all run the CUDA natively, the removal of cuda-compat)
             runs = [s for s in re.split(r"\n(?=[A-Z]+ )", after) if s.startswith("RUN ")]
-            assert len(runs) == 1 and "from=deepspeed-ops" in runs[0], (spec.id, runs)
-            assert "pip " not in after and "apt-get" not in after, spec.id
+            purge = [r for r in runs if "apt-get purge -y cuda-compat-" in r]
+            assert len(purge) == (0 if spec.needs_compat else 1), (spec.id, runs)
+            assert len(runs) == 1 + len(purge) and "from=deepspeed-ops" in runs[0], (spec.id, runs)
+            assert "pip " not in after and after.count("apt-get") == len(purge), spec.id
             # the Python package (no op) and everything shared come before the marker
             assert "/tmp/wheels/deepspeed-" in before and "djl-serving.deb" in before and "torch.lock" in before
-        # the same text for every family whose host drivers need the same CUDA compat handling (the OS step
-        # keeps or purges cuda-compat: a decision of the core by driver, outside what this layering changes)
-        by_compat: dict[tuple, set[str]] = {}
-        for spec, _ in images:
-            by_compat.setdefault((spec.needs_compat, spec.compat_pin), set()).add(runtimes[spec.id])
-        assert all(len(texts) == 1 for texts in by_compat.values()), (line, sorted(runtimes))
+        # the same text for every family of the line, whether its host drivers need cuda-compat or not (the OS
+        # step installs the same package in each; a family that needs none removes it after the marker)
+        assert len(set(runtimes.values())) == 1, (line, sorted(runtimes))
         # the builder stage (DeepSpeed's Python wheel, no op) is the same text for every family too; only the
         # ops stage carries the SM
         builders = {_stage(f["Dockerfile"].decode(), "deepspeed-builder") for _, f in images}
