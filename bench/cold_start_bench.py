@@ -67,9 +67,10 @@ DIFFUSION = "Diffusion"
 # Milestones in the served container's log: (label, text that first marks it). DeepSpeed logs its accelerator
 # choice as it is imported (where the handler imports it), and Transformers' from_pretrained warns about
 # `torch_dtype` as it starts. A mark that a run does not print is left out.
-MILESTONES = (("the DJL stand-in started", "stand-in; engine="), ("its worker started", "starting 1 rank(s)"),
+MILESTONES = (("the DJL stand-in started", "stand-in; engine="), ("its worker(s) started", " rank(s)"),
               ("DeepSpeed imported (its accelerator log)", "Setting accelerator to"),
               ("from_pretrained called (its `torch_dtype` warning)", "`torch_dtype` is deprecated"),
+              ("DeepSpeed's shm all-reduce op JIT-compiled (CPU ranks)", "deepspeed_shm_comm_op built"),
               ("ready (model loaded)", "model loaded on"))
 
 PLAIN_LM = """
@@ -233,6 +234,11 @@ def _epoch(rfc3339: str) -> float:
         f"0.{frac or 0}")
 
 
+def _ratio(served_runs: list, plain_runs: list) -> float:
+    """The median over the rounds of served / plain of the same round."""
+    return statistics.median(s["total"] / p["total"] for s, p in zip(served_runs, plain_runs, strict=True))
+
+
 def _runs(values: list) -> str:
     return ", ".join(f"{x:.1f}" for x in values)
 
@@ -241,7 +247,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", default="lmi-local:djl0.32-cpu", help="the image to start (default: %(default)s)")
     parser.add_argument("--before", metavar="IMAGE", help="an earlier build of the image, served in the same rounds")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of every run, in turn (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every run, in turn (default: %(default)s)")
     parser.add_argument("--ways", default=",".join([*LM_WAYS, DIFFUSION]),
                         help="comma-separated ways to serve (default: all: %(default)s)")
     args = parser.parse_args()
@@ -317,6 +323,8 @@ def report(args, images: dict, ways: list, results: dict, sizes: dict, load: flo
              f"after a warm-up, every run in turn; 1-minute load average at the end: {load:.1f}.", ""]
     head = "| way | plain (median) | " + ("served before: first answer | ratio before | " if before else "") + \
         "served: `/ping` 200 | served: first answer | ratio (goal <= 1.2 for tp=1) | same answer |"
+    lines[-2] += (" A ratio is the median over the rounds of served / plain of the same round (the "
+                                  "two ran back to back, under the same load).")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for way in ways:
         base = results[("plain", DIFFUSION if way == DIFFUSION else "lm")]
@@ -326,16 +334,18 @@ def report(args, images: dict, ways: list, results: dict, sizes: dict, load: flo
         same = all(r["answer"] == base[0]["answer"] for r in after + results.get(("before", way), []))
         row = f"| {way} | {p:.1f} s ({_runs([r['total'] for r in base])}) | "
         if before:
-            b = med([r["total"] for r in results[("before", way)]])
-            row += f"{b:.1f} s ({_runs([r['total'] for r in results[('before', way)]])}) | {b / p:.2f} | "
+            runs = results[("before", way)]
+            row += (f"{med([r['total'] for r in runs]):.1f} s ({_runs([r['total'] for r in runs])}) | "
+                    f"{_ratio(runs, base):.2f} | ")
         row += (f"{med([r['ping'] for r in after]):.1f} s | {a:.1f} s ({_runs([r['total'] for r in after])}) | "
-                f"{a / p:.2f} | {'yes' if same else 'NO'} |")
+                f"{_ratio(after, base):.2f} | {'yes' if same else 'NO'} |")
         lines.append(row)
     first = "DeepSpeed tp=1"
     if first in ways:
-        lines += ["", f"Where the time goes, {first} (the median round of each; seconds since `docker run`; the "
-                  "served image's from its log's timestamps):", ""]
-        cols = [("plain Transformers", None)] + [(f"served {k}", k) for k in images]
+        lines += ["", f"Where the time goes, {first} before and after, and the other ways after (the median "
+                  "round of each; seconds since `docker run`; the served image's from its log's timestamps):", ""]
+        cols = [("plain Transformers", None)] + [(f"served {k}", k) for k in images] + [
+            (f"{w}, after", w) for w in ways if w != first]
         lines += ["| " + " | s | ".join(c for c, _ in cols) + " | s |", "|" + "---|" * (2 * len(cols))]
         columns = []
         plains = results[("plain", "lm")]
@@ -346,8 +356,8 @@ def report(args, images: dict, ways: list, results: dict, sizes: dict, load: flo
             rows.append((f"{name} done", acc))
         rows.append(("answered", p["total"]))
         columns.append(rows)
-        for key in images:
-            runs = results[(key, first)]
+        for key, way in [(k, first) for k in images] + [("after", w) for w in ways if w != first]:
+            runs = results[(key, way)]
             s = sorted(runs, key=lambda r: r["total"])[len(runs) // 2]
             columns.append(list(s["phases"].items()) + [("`/ping` 200", s["ping"]), ("first answer", s["total"])])
         for i in range(max(len(c) for c in columns)):
@@ -358,9 +368,10 @@ def report(args, images: dict, ways: list, results: dict, sizes: dict, load: flo
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Plain is one process in the same image (`--entrypoint python`); the served image runs "
               "the entrypoint, the DJL stand-in of tests/local/ (DJL Serving's Java side cannot be had here) and "
-              "the handler. tp=2 runs two CPU ranks (gloo) against one plain process: its ratio is the cost of "
-              "two ranks each reading the whole model and then partitioning it, not a speed-up. No GPU here: "
-              "nothing is measured on one. The served logs are kept in .lmi/cold-start/."]
+              "the handler. tp=2 runs two CPU ranks (gloo) against one plain process: each rank reads the whole "
+              "model and partitions it, and a CPU image JIT-compiles DeepSpeed's shm all-reduce op at every start "
+              "(it prebuilds no op). No GPU here: nothing is measured on one. The served logs are kept in "
+              ".lmi/cold-start/."]
     return "\n".join(lines) + "\n"
 
 
