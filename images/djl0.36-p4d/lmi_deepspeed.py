@@ -23,7 +23,8 @@ The DeepSpeed way loads a Transformers causal LM from a local directory and hand
 `deepspeed.init_inference`, which partitions its weights across the ranks (tensor parallelism): kernel
 injection where DeepSpeed has a policy for the architecture and the GPU's SM allows it, AutoTP otherwise
 (and always on CPU, where ranks talk over gloo), with an explicit tensor-slicing policy for GPT-2, which
-AutoTP declines.
+AutoTP declines. One rank without kernel injection has nothing to partition: the model is served as loaded
+(cast to the dtype, on the rank's device), and DeepSpeed is not imported.
 
 serving.properties options of the DeepSpeed way (DJL passes them without the `option.` prefix):
     option.model_id                 a local model directory (default: the model directory, /opt/ml/model), a
