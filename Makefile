@@ -164,12 +164,13 @@ bench: engine ## measure render and build speed into bench/results.md
 	$(BIN)/python bench/render_bench.py
 	$(BIN)/python bench/build_bench.py
 
-# Time to first answer of a ~1 GB random model through the local CPU image's entrypoint, beside plain Transformers
-# in the same image (needs the image: make build INSTANCE=cpu MATRIX=tests/matrix.local.yaml); results in
-# bench/results.md.
+# Time to first answer of a ~1 GB random model through the local CPU image's entrypoint, per way (DeepSpeed tp=1 and
+# tp=2, Accelerate, Diffusion with a ~0.7 GB pipeline), beside plain Transformers/Diffusers in the same image (needs
+# the image: make build INSTANCE=cpu MATRIX=tests/matrix.local.yaml; ~10 min on 2 cores); results in
+# bench/results.md. COLD_FLAGS="--before IMAGE" also serves an earlier build in the same rounds.
 .PHONY: bench-cold-start
-bench-cold-start: engine ## time to first answer of a ~1 GB model: the image's entrypoint vs plain Transformers
-	$(BIN)/python bench/cold_start_bench.py
+bench-cold-start: engine ## time to first answer per way: the image's entrypoint vs plain Transformers/Diffusers
+	$(BIN)/python bench/cold_start_bench.py $(COLD_FLAGS)
 
 bench-hostile: venv ## what hostile requests cost the handler before and after its bounds, into bench/results.md
 	$(BIN)/python bench/hostile_bench.py

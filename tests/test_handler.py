@@ -254,6 +254,26 @@ def test_one_rank_answers_as_plain_transformers_does(tiny) -> None:
     assert full == [{"generated_text": PROMPTS[0] + tiny["reference"][0]}]
 
 
+def test_one_rank_without_kernel_injection_never_imports_deepspeed(tiny) -> None:
+    """One rank and no kernel injection: DeepSpeed's init_inference would only cast the model to its dtype and
+    move it to the device, so the handler does that itself and does not import DeepSpeed (seconds of every
+    cold start). Run flat, as the image runs it, in a fresh interpreter; the answer is plain Transformers'."""
+    code = textwrap.dedent(f"""
+        import json, sys
+        import lmi_deepspeed
+        service = lmi_deepspeed.start({{"model_id": {tiny["dir"]!r}, "tensor_parallel_degree": "1"}})
+        body = json.dumps({{"inputs": {PROMPTS[0]!r}, "parameters": {{"max_new_tokens": {TOKENS}}}}}).encode()
+        answer = service.answer([lmi_deepspeed.Request(body, "application/json")])[0]
+        print(json.dumps({{"deepspeed": sorted(m for m in sys.modules if m.split(".")[0] == "deepspeed"),
+                          "module": type(service.engine.module).__name__, "answer": answer}}))
+    """)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(handler.__file__))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == {
+        "deepspeed": [], "module": "LlamaForCausalLM", "answer": {"generated_text": tiny["reference"][0]}}
+
+
 # --- ranks under mpirun, behind the DJL Serving stand-in -----------------------------------------------
 
 

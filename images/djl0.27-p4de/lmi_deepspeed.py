@@ -23,7 +23,8 @@ The DeepSpeed way loads a Transformers causal LM from a local directory and hand
 `deepspeed.init_inference`, which partitions its weights across the ranks (tensor parallelism): kernel
 injection where DeepSpeed has a policy for the architecture and the GPU's SM allows it, AutoTP otherwise
 (and always on CPU, where ranks talk over gloo), with an explicit tensor-slicing policy for GPT-2, which
-AutoTP declines.
+AutoTP declines. One rank without kernel injection has nothing to partition: the model is served as loaded
+(cast to the dtype, on the rank's device), and DeepSpeed is not imported.
 
 serving.properties options of the DeepSpeed way (DJL passes them without the `option.` prefix):
     option.model_id                 a local model directory (default: the model directory, /opt/ml/model), a
@@ -487,6 +488,13 @@ def _gpt2_after_slicing(model) -> None:
         block.attn.split_size = block.attn.c_attn.weight.shape[0] // 3
 
 
+@dataclass(frozen=True)
+class _Unpartitioned:
+    """A whole model on one rank, where DeepSpeed's InferenceEngine would hold it (`.module`)."""
+
+    module: object
+
+
 class Service:
     """The DeepSpeed way: one rank's part of a causal LM, loaded once, answering batches in step with the other
     ranks (which `Ranks` keeps in step)."""
@@ -499,7 +507,6 @@ class Service:
         self.injected = False
 
     def load(self) -> Service:
-        import deepspeed
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -510,6 +517,18 @@ class Service:
         tokenizer = load_tokenizer(o.model_dir)
         model = AutoModelForCausalLM.from_pretrained(o.model_dir, torch_dtype=dtype, trust_remote_code=False,
                                                      low_cpu_mem_usage=True).eval()
+        if not self.injected and o.tensor_parallel_degree == 1:
+            # Nothing for DeepSpeed to do: with one rank and no kernel injection, init_inference only casts the
+            # model to the dtype and moves it to the rank's device (0.18.9, InferenceEngine.__init__), which is
+            # done here without importing DeepSpeed (~6 s of imports on 2 cores: torch._dynamo, _inductor...).
+            device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+            self.engine = _Unpartitioned(model.to(device=device, dtype=dtype))
+            self.tokenizer = tokenizer
+            self.limits = make_limits(o, model_positions(config, tokenizer))
+            log.info("lmi_deepspeed: %s (%s) on 1 rank, %s, not partitioned", o.model_dir, config.model_type, o.dtype)
+            return self
+        import deepspeed
+
         kwargs = {"dtype": dtype, "replace_with_kernel_inject": self.injected}
         sliced = not self.injected and o.tensor_parallel_degree > 1 and config.model_type == "gpt2"
         if o.tensor_parallel_degree > 1:
@@ -686,12 +705,15 @@ def model_code(model_dir: str) -> list[str]:
     PYTHONPATH (before site-packages), so a module there named like one the process imports runs instead of
     it; model.py is DJL's own (0.36 imports it at the worker's start for its formatters; every version takes
     it as the entry point when none is set). Modules: NAME.py, NAME.pyc, NAME.*.so, a NAME/ package."""
-    names = importable_names()
     found = []
     try:
         entries = sorted(os.listdir(model_dir))
     except OSError:
         return []
+    if not any(e.endswith((".py", ".pyc", ".so", ".pyd")) or os.path.isdir(os.path.join(model_dir, e))
+               for e in entries):
+        return []  # no module at all: the names the process may import (~0.2 s to list) are not needed
+    names = importable_names()
     for entry in entries:
         path = os.path.join(model_dir, entry)
         if os.path.isdir(path):

@@ -185,7 +185,9 @@ class Ranks:
                 sock.settimeout(None)
                 return sock.makefile("rwb")
             except OSError:
-                time.sleep(0.2)
+                # DJL connects as soon as each rank logs "Python engine started." (PyProcess.startPythonProcess
+                # awaits a latch its ReaderThreads count down, v0.36.0): no poll interval of its own to mimic.
+                time.sleep(0.02)
         raise RuntimeError(f"rank {rank} did not listen within {LOAD_TIMEOUT_S:.0f} s")
 
     def call(self, properties, content, load=False):
