@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results_md import write_section  # noqa: E402
 from buildkit import engine, facts, matrix  # noqa: E402
+from buildkit.profiles import REGISTRY  # noqa: E402
 from buildkit.spec import resolve  # noqa: E402
 
 MATRIX = ROOT / "tests" / "matrix.gpu-local.yaml"
@@ -116,7 +117,7 @@ def kind(instruction: str) -> str:
 
 
 def main() -> None:
-    f = facts.load()
+    f = facts.load(REGISTRY)
     specs = resolve(matrix.load(MATRIX, f), f)
     rows, layer_rows, per_image, wrong_claims, cubins = [], [], {}, [], []
     for spec in specs:

@@ -58,7 +58,7 @@ def _matrix_path(args: argparse.Namespace) -> Path:
 
 
 def _load(args: argparse.Namespace) -> tuple[matrix.Matrix, list[ImageSpec]]:
-    f = facts.load()
+    f = facts.load(profiles.REGISTRY)
     m = matrix.load(_matrix_path(args), f)
     return m, resolve(m, f)
 
@@ -125,7 +125,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    f = facts.load()
+    f = facts.load(profiles.REGISTRY)
     driver = args.driver
     if driver is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)*", driver):
         raise UserError(f"--driver {driver!r}: not a driver version; write it as digits and dots, e.g. 535.54.03")
@@ -174,7 +174,7 @@ def _engine_parts(args: argparse.Namespace, profile) -> dict[str, str]:
     given = {k: getattr(args, k) for k in _flag_keys() if getattr(args, k) is not None}
     foreign = [k for k in given if k not in profile.COMPONENTS and k not in profile.OPTIONS]
     if foreign:
-        owners = {k: [n for n, p in profiles.PROFILES.items() if k in p.COMPONENTS or k in p.OPTIONS] for k in foreign}
+        owners = {k: profiles.REGISTRY.owners(k) for k in foreign}
         raise UserError(*(f"--{k.replace('_', '-')} belongs to engine {' or '.join(owners[k])}, not to "
                           f"{profile.NAME}; add --engine {owners[k][0]} or drop it" for k in foreign))
     missing = [k for k in profile.COMPONENTS if k not in given]
@@ -189,8 +189,7 @@ def _engine_parts(args: argparse.Namespace, profile) -> dict[str, str]:
 
 def _flag_keys() -> tuple[str, ...]:
     """Every profile's components, then its options: one flag each on `lmi check` (components also `lmi uri`)."""
-    options = (o for p in profiles.PROFILES.values() for o in p.OPTIONS)
-    return tuple(dict.fromkeys((*profiles.component_keys(), *options)))
+    return profiles.REGISTRY.option_keys()
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -275,13 +274,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_facts_verify(args: argparse.Namespace) -> int:
     from . import verify
 
-    f = facts.load()
+    f = facts.load(profiles.REGISTRY)
     m = matrix.load(_matrix_path(args), f)
     pins = sorted({f"{name}=={version}" for image in m.images for name, version in image.libraries.items()}
                   | {pin for image in m.images for pin in image.pip})
     print(f"reading {verify.index_url()} ...")
     drift, checked = verify.verify(f, pins)
-    more, counted = verify.verify_derived(wheels=getattr(args, "wheels", False))
+    more, counted = verify.verify_derived(profiles=profiles.REGISTRY, wheels=getattr(args, "wheels", False))
     drift, checked = drift + more, checked + counted
     for line in drift:
         print(f"drift: {line}")
@@ -297,21 +296,22 @@ def cmd_facts_verify(args: argparse.Namespace) -> int:
 def cmd_facts_add(args: argparse.Namespace) -> int:
     from . import upstream
 
-    added = upstream.add(args.component, args.version)
-    print(upstream._said(added))
+    added = upstream.add(args.component, args.version, profiles=profiles.REGISTRY)
+    print(upstream.said(added))
     return EXIT_FAIL if added.release_missing else EXIT_OK  # a release entry it could not write: said above
 
 
 def _wheel_components() -> tuple[str, ...]:
     from . import upstream
 
-    return upstream.components()
+    return upstream.components(profiles.REGISTRY)
 
 
 def cmd_facts_upstream(args: argparse.Namespace) -> int:
     from . import upstream
 
-    for line in upstream.run(data_dir=args.data_dir, matrix_path=_matrix_path(args) if args.add_line else None):
+    for line in upstream.run(profiles=profiles.REGISTRY, data_dir=args.data_dir,
+                             matrix_path=_matrix_path(args) if args.add_line else None):
         print(line)
     return EXIT_OK
 
@@ -444,7 +444,7 @@ def cmd_ci_matrix(args: argparse.Namespace) -> int:
 
 def cmd_index_merge(args: argparse.Namespace) -> int:
     merged = ci.merge_index(Path(args.index), args.fragments, [_address(u) for u in args.fetch or []],
-                            [_address(u) for u in args.publish or []], args.repository,
+                            [_address(u) for u in args.publish or []], args.repository, profiles.REGISTRY,
                             say=lambda line: print(line, file=sys.stderr))
     print(f"{args.index}: {len(merged['images'])} image(s), {len(args.fragments)} fragment(s) merged; "
           "AVAILABLE_IMAGES.md beside it")
@@ -512,7 +512,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     _, specs = _selected(args)
     print(f"pushing {len(specs)} image(s) to {address.url}")
     done = publish.push(specs, address, Path(args.index), index_artifact=not args.no_index_artifact,
-                        matrix_path=_matrix_path(args))
+                        matrix_path=_matrix_path(args), known=facts.load(profiles.REGISTRY))
     for p in done:
         print(f"{p.spec.id}: {p.address.ref(p.spec.repository, digest=p.digest)}")
     print(f"index: {args.index} ({len(done)} image(s) recorded); AVAILABLE_IMAGES.md beside it")
@@ -523,7 +523,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     source = _address(args.source)
     targets = [_address(t) for t in args.to]
     _, specs = _selected(args)
-    for line in publish.promote(specs, source, targets, Path(args.index), index_artifact=not args.no_index_artifact):
+    for line in publish.promote(specs, source, targets, Path(args.index), index_artifact=not args.no_index_artifact,
+                                profiles=profiles.REGISTRY):
         print(line)
     return EXIT_OK
 
@@ -539,7 +540,7 @@ def _revision(text: str) -> int:
 def _instance(text: str) -> facts.InstanceType:
     """--instance as a family (g5) or an instance type (ml.g5.12xlarge, g5.12xlarge): facts.instance_type."""
     try:
-        return facts.instance_type(text, facts.load())
+        return facts.instance_type(text, facts.load(profiles.REGISTRY))
     except ValueError as exc:
         raise UserError(f"--instance: {exc}") from None
 
@@ -548,11 +549,11 @@ def cmd_uri(args: argparse.Namespace) -> int:
     wanted = {k: getattr(args, k) for k in (*profiles.component_keys(), *index.FILTERS)}
     instance = _instance(args.instance)
     family = instance.family
-    data = index.load(args.index)
-    entry, reg = index.lookup(data, family, region=args.region, registry=args.registry,
+    data = index.load(args.index, profiles.REGISTRY)
+    entry, reg = index.lookup(data, profiles.REGISTRY, family, region=args.region, registry=args.registry,
                               revision=args.revision, engine=args.engine, asked=instance.name, **wanted)
     chose = args.engine or any(wanted[k] for k in profiles.component_keys())
-    others = [e for e in index.engines([i for i in data["images"] if i["family"] == family])
+    others = [e for e in index.engines([i for i in data["images"] if i["family"] == family], profiles.REGISTRY)
               if e != entry["engine"]]
     if others and not chose:
         print(f"note: {family} also has images of engine {', '.join(others)} (choose with --engine)",
@@ -591,7 +592,7 @@ def cmd_sbom(args: argparse.Namespace) -> int:
                                 spec.repository, None)[0]
     else:
         address = _address(args.registry)
-        listed = [e for e in index.load(args.index)["images"] if e["id"] == spec.id
+        listed = [e for e in index.load(args.index, profiles.REGISTRY)["images"] if e["id"] == spec.id
                   and any(r["url"] == address.url for r in e.get("registries", []))]
         if not listed:
             raise UserError(f"{spec.id}: the index {args.index} lists no image of it in {address.url}; check "
@@ -618,7 +619,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         raise UserError(f"--allowlist {args.allowlist}: no such file; omit it to use {gate.DEFAULT_ALLOWLIST.name} "
                         "beside the matrix")
     results = gate.run(specs, _address(args.registry), Path(args.index), allowlist, args.floor,
-                       no_scan_gate=args.no_scan_gate, timeout_s=args.scan_timeout)
+                       no_scan_gate=args.no_scan_gate, timeout_s=args.scan_timeout, profiles=profiles.REGISTRY)
     failed = [spec.id for spec, verdict in results if not verdict["passed"]]
     if failed:
         print(f"gate: {len(failed)} of {len(results)} image(s) may not be promoted: {', '.join(failed)} "

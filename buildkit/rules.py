@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import profiles, versions
+from . import versions
 from .facts import Facts, Family, Toolkit, TorchRelease, WheelVariant, coverage, sm_name, variant_name
 
 
@@ -28,7 +28,7 @@ class Combo:
     cuda: str | None
     python: str
     os: str
-    engine: str = profiles.DEFAULT
+    engine: str  # the profile's name (the matrix's `engine:`)
     parts: tuple[tuple[str, str], ...] = ()  # the profile's matrix keys -> values
     torch_cuda: str | None = None
     driver: str | None = None
@@ -188,7 +188,7 @@ def _wheel_fix(ctx: Ctx) -> str:
 
 def _nvcc(ctx: Ctx) -> None:
     c, f, fam, tk = ctx.combo, ctx.facts, ctx.family, ctx.toolkit
-    if fam is None or not fam.is_gpu or tk is None or not profiles.get(c.engine).COMPILES:
+    if fam is None or not fam.is_gpu or tk is None or not f.profiles.get(c.engine).COMPILES:
         return
     if fam.sm not in tk.nvcc_archs:
         able = [v for v, t in f.toolkits.items() if fam.sm in t.nvcc_archs]
@@ -280,7 +280,7 @@ def _base(ctx: Ctx) -> None:
     if tk is None or system is None:
         return
     if c.custom_bases:
-        carry = (f"they must carry CUDA {tk.version}'s nvcc and libraries" if profiles.get(c.engine).COMPILES else
+        carry = (f"they must carry CUDA {tk.version}'s nvcc and libraries" if f.profiles.get(c.engine).COMPILES else
                  f"the engine compiles nothing and torch's wheels bring CUDA {tk.version}'s libraries")
         ctx.verdict.notes.append(f"base images named by the matrix: not checked against nvidia/cuda tags; {carry}")
         return
@@ -307,7 +307,7 @@ LAST: tuple[Callable[[Ctx], None], ...] = (_family_notes,)
 
 
 def _engine_cpu(ctx: Ctx) -> None:
-    profile, fam = profiles.get(ctx.combo.engine), ctx.family
+    profile, fam = ctx.facts.profiles.get(ctx.combo.engine), ctx.family
     if fam is not None and not fam.is_gpu and not profile.CPU:
         ctx.error("engine-cpu", "family", f"the {profile.NAME} engine has no CPU build",
                   profile.CPU_SOURCE, f"excluding {fam.name} from this line")
@@ -315,7 +315,7 @@ def _engine_cpu(ctx: Ctx) -> None:
 
 def evaluate(combo: Combo, facts: Facts) -> Verdict:
     """The core's rules, then the profile's (buildkit/profiles/<engine>.py RULES), on one context."""
-    profile = profiles.get(combo.engine)
+    profile = facts.profiles.get(combo.engine)
     ctx = Ctx(combo=combo, facts=facts, verdict=Verdict(), engine=facts.engines[combo.engine])
     for rule in (*RULES, _engine_cpu, *profile.RULES, *LAST):
         rule(ctx)

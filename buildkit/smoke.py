@@ -26,7 +26,6 @@ import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -35,80 +34,17 @@ from typing import TYPE_CHECKING
 
 from . import __version__, engine
 from .errors import UserError
+from .interface import CHECK_DIR, CHECK_MODULE, MODEL_DIR, Client, ServingWay  # the profiles' serving ways
 
-if TYPE_CHECKING:  # not imported at run time: the profiles' smoke modules import this one
+if TYPE_CHECKING:
     from .spec import ImageSpec
 
 TIERS = ("cpu", "gpu", "serving")
 RECORD_SCHEMA = 1
 RECORD_DIR = Path(".lmi/smoke")
 CHECKER = Path(__file__).with_name("incheck.py")  # the in-image checks, kept out of the image
-CHECK_DIR = "/opt/lmi-check"  # where test containers see it, read-only, with the profiles' checks beside it
-CHECK_MODULE = f"{CHECK_DIR}/lmi_check.py"
-MODEL_DIR = "/opt/ml/model"  # where the serving tier mounts its tiny model (SageMaker's model directory)
 RUN_LABEL = "io.lmi.smoke-run"
 ENTRYPOINT = "/usr/local/bin/dockerd-entrypoint.sh"
-
-
-def tiny_model_command(prompt: str, max_new_tokens: int, heads: int = 8) -> list[str]:
-    """Run in the image: save incheck's tiny Llama at MODEL_DIR and print plain Transformers' greedy continuation
-    of `prompt` ({"reference": [text]})."""
-    return ["python", CHECK_MODULE, "--make-tiny-model", MODEL_DIR, "--prompt", prompt,
-            "--max-new-tokens", str(max_new_tokens), "--heads", str(heads)]
-
-
-class Client:
-    """A running serving container, asked from inside (it has no network but its own loopback)."""
-
-    def __init__(self, container) -> None:
-        self.container = container
-
-    def post(self, payload: dict, *curl: str) -> tuple[str, str]:
-        """POST JSON to /invocations on port 8080 (extra curl arguments after it): (HTTP status, body)."""
-        _, out = self.container.exec_run(["curl", "-sS", "-X", "POST", "-H", "Content-Type: application/json",
-                                          "-d", json.dumps(payload), "-w", "\n%{http_code}", *curl,
-                                          "http://127.0.0.1:8080/invocations"])
-        body, _, status = out.decode(errors="replace").rpartition("\n")
-        return status, body
-
-    def run(self, argv: list[str]) -> tuple[int, str]:
-        """Run a command in the container: (exit code, stdout and stderr)."""
-        code, out = self.container.exec_run(argv)
-        return code, out.decode(errors="replace")
-
-
-@dataclass(frozen=True)
-class Ask:
-    """One serving check: a request to the running server and the check of its answer,
-    `ask(client, reference, ranks) -> (passed, message)` (`reference`: what the tiny model's command printed)."""
-
-    check: str
-    ask: Callable[[Client, object, int], tuple[bool, str]]
-
-
-@dataclass(frozen=True)
-class Setup:
-    """How one way starts: its ranks, the files written beside the tiny model, the serving container's env."""
-
-    ranks: int = 1
-    files: Mapping[str, str] = field(default_factory=dict)
-    env: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ServingWay:
-    """One way a profile's image serves, and the serving checks that report it."""
-
-    name: str
-    model: tuple[str, ...]  # run in the image with MODEL_DIR mounted writable: make the model, print its reference
-    setup: Callable[..., Setup]  # setup(spec, gpu, gpus) -> Setup
-    asks: tuple[Ask, ...]
-    ping: str | None = None  # a check of its own for GET /ping (else a /ping that never answers fails the asks)
-    needs_gpu: bool = False  # skipped, with the reason, where no GPU is usable
-
-    @property
-    def checks(self) -> tuple[str, ...]:
-        return ((self.ping,) if self.ping else ()) + tuple(a.check for a in self.asks)
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from . import profiles, versions
+from . import versions
 from .errors import UserError, where
 from .facts import Facts, Family, OperatingSystem, sm_name
+from .interface import Profile
 from .matrix import Image, Matrix
 from .rules import evaluate
 
@@ -78,10 +79,8 @@ class ImageSpec:
     tag_suffix: str = ""
     toolkit_compat_pin: str | None = None
     wheel_platform: str = "x86_64-manylinux_2_17"  # the wheels that run on the image's OS and arch
-
-    @property
-    def profile(self):
-        return profiles.of(self)
+    # its profile (buildkit/interface.py Profile), from the registry the facts were loaded with
+    profile: Profile = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     @property
     def versions(self) -> dict[str, str]:
@@ -180,7 +179,7 @@ def resolve(matrix: Matrix, facts: Facts) -> list[ImageSpec]:
 
 def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
     combo, family = image.combo, facts.families[image.family]
-    profile = profiles.get(combo.engine)
+    profile = facts.profiles.get(combo.engine)
     system = facts.systems[combo.os]
     toolkit = facts.toolkits.get(combo.cuda) if family.is_gpu else None
     release = facts.torch_release(combo.torch)
@@ -204,7 +203,7 @@ def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
         notes=tuple(verdict.notes),
         checks=image.checks, size_budget_gb=image.size_budget_gb, tag_suffix=image.tag_suffix,
         toolkit_compat_pin=toolkit.compat_pin if toolkit else None,
-        wheel_platform=system.wheel_platform(family.arch),
+        wheel_platform=system.wheel_platform(family.arch), profile=profile,
     )
 
 

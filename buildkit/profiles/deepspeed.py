@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import versions
 from ..facts import sm_name
-from ..smoke import Ask, Client, ServingWay, Setup, tiny_model_command
+from ..interface import Ask, Client, ServingWay, Setup, tiny_model_command
 
 NAME = "deepspeed"
 COMPONENTS = ("djl", "deepspeed")

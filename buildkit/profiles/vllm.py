@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import versions
 from ..facts import ArchEntry, coverage, sm_name
-from ..smoke import Ask, Client, ServingWay, Setup, tiny_model_command
+from ..interface import Ask, Client, ServingWay, Setup, tiny_model_command
 
 NAME = "vllm"
 COMPONENTS = ("vllm",)
