@@ -1,12 +1,15 @@
-"""Engine profiles (buildkit/profiles): the core names no engine, every registered profile is complete, and each
-profile's lines validate, lock and render as its facts say. The tests of one profile's own behaviour live with
+"""Profiles (buildkit/profiles): the dependency direction holds (import-linter's contracts, and an upward import
+breaks them), every registered profile is complete, and each profile's lines validate, lock and render as its
+facts say. The tests of one profile's own behaviour live with
 the module that tests that behaviour (test_rules, test_render, test_handler...); these run for every profile."""
 
 from __future__ import annotations
 
 import json
-import re
+import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,35 +17,70 @@ from conftest import ROOT
 
 from buildkit import lock, matrix, profiles, render
 from buildkit.errors import UserError
+from buildkit.interface import Profile
 from buildkit.rules import Combo, evaluate
 from buildkit.spec import resolve
 
-# The core: every module of the package but the profiles and the files they ship into images.
-SHIPPED = {"lmi_deepspeed.py", "lmi_accelerate.py", "lmi_diffusion.py", "lmi_source.py", "lmi_stream.py", "sm_vllm.py"}
-ENGINE_WORDS = re.compile("|".join(sorted({*profiles.PROFILES, *profiles.component_keys()})), re.IGNORECASE)
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")  # import-linter, a dev dependency
 
 
-def _core_files() -> list[Path]:
-    package = ROOT / "buildkit"
-    return [p for p in sorted(package.rglob("*.py"))
-            if "profiles" not in p.relative_to(package).parts and p.name not in SHIPPED]
+def _lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """import-linter over the package under `root` with the contracts of `root`/pyproject.toml."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache", "--no-logo"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
 
 
-def test_the_core_names_no_engine() -> None:
-    """The done-when of issue #19: `grep -il deepspeed` (or any engine or component name) over the core finds
-    nothing; the core meets engines only through buildkit/profiles."""
-    assert len(_core_files()) > 20
-    found = [f"{p.relative_to(ROOT)}:{n}: {line.strip()[:100]}" for p in _core_files()
-             for n, line in enumerate(p.read_text().splitlines(), 1) if ENGINE_WORDS.search(line)]
-    assert not found, "\n".join(found)
-    for name in ("Dockerfile.j2", "entrypoint.sh.j2"):  # the core templates too
-        assert not ENGINE_WORDS.search((ROOT / "templates" / name).read_text()), name
+def test_the_import_contracts_hold() -> None:
+    """The dependency direction of pyproject.toml's [tool.importlinter] (also run by `make lint`): the CLI above
+    the profiles above the commands above the core above the bottom; no core module imports a profile; a profile
+    imports no command; the profiles are independent; no import cycle."""
+    result = _lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Contracts: 5 kept, 0 broken." in result.stdout, result.stdout
 
 
-def test_grep_agrees() -> None:
-    """The same as the issue asks it, with grep itself."""
-    result = subprocess.run(["grep", "-il", "deepspeed", *map(str, _core_files())], capture_output=True, text=True)
-    assert result.returncode == 1 and result.stdout == "", result.stdout
+@pytest.mark.parametrize(("module", "injected", "broken"), [
+    ("facts.py", "from . import profiles", ("cli above profiles", "the core and the bottom import no profile")),
+    ("rules.py", "from . import spec", ("cli above profiles",)),  # an upward import inside the core
+    ("profiles/vllm.py", "from .. import smoke", ("a profile imports the core and the bottom only",)),
+    ("profiles/vllm.py", "from . import deepspeed", ("the profiles are independent",)),
+    ("index.py", "from . import publish", ("no import cycle",)),  # publish imports index
+])
+def test_an_upward_import_breaks_them(tmp_path, module, injected, broken) -> None:
+    """A copy of the package with one import added fails the contracts it breaks (where the import also
+    closes a longer chain, others may break too)."""
+    shutil.copytree(ROOT / "buildkit", tmp_path / "buildkit", ignore=shutil.ignore_patterns("__pycache__", "data"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    target = tmp_path / "buildkit" / module
+    text = target.read_text()
+    head, sep, rest = text.partition("\nfrom __future__ import annotations\n")
+    target.write_text(head + sep + injected + "  # noqa\n" + rest if sep else injected + "\n" + text)
+    result = _lint_imports(tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for name in broken:
+        verdict = [line for line in lines if line.startswith(name)]
+        assert verdict and " BROKEN" in verdict[0] and " KEPT" not in verdict[0], (name, result.stdout)
+    assert "Contracts: 5 kept" not in result.stdout
+
+
+def test_the_index_loads_no_profile() -> None:
+    """`import buildkit.index` (behind the public image_uri()) loads no profile and no smoke runner."""
+    code = "import buildkit.index, json, sys; print(json.dumps(sorted(m for m in sys.modules if 'buildkit' in m)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    loaded = json.loads(out)
+    assert "buildkit.index" in loaded and "buildkit.interface" in loaded
+    assert not [m for m in loaded if m.startswith(("buildkit.profiles", "buildkit.smoke", "buildkit.engine"))], loaded
+
+
+def test_every_profile_has_every_member_of_the_interface() -> None:
+    """At run time too (mypy checks the types in `make lint`): each member the Profile protocol declares."""
+    members = {n for n in dir(Profile) if not n.startswith("_")}
+    assert {"NAME", "RULES", "LAYERS", "ALONE", "OPTION_HELP", "labels", "claims", "lock_problem"} <= members
+    for p in profiles.PROFILES.values():
+        assert not [m for m in sorted(members) if not hasattr(p, m)], p.NAME
 
 
 @pytest.mark.parametrize("name", sorted(profiles.PROFILES))
