@@ -8,10 +8,8 @@ says its own (buildkit/errors.py: LmiError.exit_code). Errors are one line each,
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
-import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -30,14 +28,14 @@ from . import (
     publish,
     registry,
     render,
+    rules,
     smoke,
-    versions,
 )
 from .errors import LmiError, UserError
 from .facts import sm_name
 from .progress import progress_for
 from .rules import Combo, evaluate
-from .spec import ImageSpec, resolve
+from .spec import ImageSpec, resolve, select
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -63,32 +61,16 @@ def _load(args: argparse.Namespace) -> tuple[matrix.Matrix, list[ImageSpec]]:
     return m, resolve(m, f)
 
 
-def select(specs: list[ImageSpec], instances: Sequence[str], patterns: Sequence[str]) -> list[ImageSpec]:
-    """Images whose family is one of `instances` (if any) and whose id matches a glob (if any)."""
-    families = {s.family.name for s in specs}
-    instances = [_instance(i).family for i in instances]  # ml.g5.12xlarge selects the g5 images
-    for name in instances:
-        if name not in families:
-            raise UserError(f"--instance {name}: no image of the matrix is for that family; "
-                            f"{versions.did_you_mean(name, sorted(families))}")
-    chosen = [s for s in specs if (not instances or s.family.name in instances)
-              and (not patterns or any(fnmatch.fnmatchcase(s.id, p) for p in patterns))]
-    if not chosen:
-        wanted = " ".join([*(f"--instance {i}" for i in instances), *patterns])
-        raise UserError(f"no image matches {wanted}; `lmi matrix` lists the image ids")
-    return chosen
-
-
 def _selected(args: argparse.Namespace) -> tuple[matrix.Matrix, list[ImageSpec]]:
+    """The matrix and its images that --instance (a family or an instance type of it) and the patterns select."""
     m, specs = _load(args)
-    return m, select(specs, args.instance or [], args.patterns or [])
+    return m, select(specs, [_instance(i).family for i in args.instance or []], args.patterns or [])
 
 
 def _warn(specs: list[ImageSpec]) -> None:
-    """What each engine's profile warns about for its images (e.g. a download without a recorded checksum)."""
-    for name, profile in profiles.PROFILES.items():
-        for line in profile.warnings([s for s in specs if s.engine.name == name]):
-            print(f"warning: {line}", file=sys.stderr)
+    """What each profile warns about for its images (e.g. a download without a recorded checksum)."""
+    for line in profiles.REGISTRY.warnings(specs):
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -126,70 +108,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     f = facts.load(profiles.REGISTRY)
-    driver = args.driver
-    if driver is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)*", driver):
-        raise UserError(f"--driver {driver!r}: not a driver version; write it as digits and dots, e.g. 535.54.03")
-    if args.inference_ami:
-        if args.inference_ami not in f.amis:
-            raise UserError(f"--inference-ami {args.inference_ami!r}: unknown; "
-                            f"{versions.did_you_mean(args.inference_ami, f.amis)}")
-        driver = f.amis[args.inference_ami]
-    profile = profiles.get(args.engine)
-    parts = _engine_parts(args, profile)
+    driver = rules.host_driver(f, args.driver, args.inference_ami)
+    given = {k: getattr(args, k) for k in profiles.REGISTRY.option_keys() if getattr(args, k) is not None}
+    parts = profiles.REGISTRY.parts(args.engine, given)
     family = _instance(args.instance).family  # ml.g5.12xlarge checks g5
     cpu = family == "cpu"
-    combo = Combo.of(profile.NAME, family, args.torch, None if cpu else args.cuda, args.python, args.os,
+    combo = Combo.of(args.engine, family, args.torch, None if cpu else args.cuda, args.python, args.os,
                      torch_cuda=None if cpu else args.torch_cuda, driver=driver, **parts)
     verdict = evaluate(combo, f)
     if args.json:
-        combination = {"family": combo.family, "engine": combo.engine, **dict(combo.parts), "torch": combo.torch,
-                       "cuda": combo.cuda, "python": combo.python, "os": combo.os, "torch_cuda": combo.torch_cuda,
-                       "driver": combo.driver}
-        print(json.dumps({
-            "valid": verdict.ok, "combination": {k: v for k, v in combination.items() if v is not None},
-            "errors": [{"rule": e.rule, "message": e.message, "source": e.source, "try": e.fix}
-                       for e in verdict.errors],
-            "notes": verdict.notes, "observations": verdict.observations,
-            "cuda_compat": verdict.needs_compat, "host_driver": verdict.driver,
-            "torch_variant": verdict.wheel_variant, "torch_cuda_arch_list": verdict.arch_list,
-        }, indent=2))
+        print(json.dumps(rules.verdict_json(combo, verdict), indent=2))
         return EXIT_OK if verdict.ok else EXIT_USAGE
     if not verdict.ok:
         for e in verdict.errors:
             print(f"error: {e.text()}", file=sys.stderr)
         return EXIT_USAGE
-    cuda = f"CUDA {f.toolkits[combo.cuda].patch}" if combo.cuda else "CPU"
-    engine_parts = ", ".join(f"{profile.TITLES[k]} {combo.part(k)}" for k in profile.COMPONENTS)
-    summary = (f"ok: {combo.family} can run {engine_parts}, "
-               f"torch {combo.torch}+{verdict.wheel_variant}, {cuda}, Python {combo.python}, {combo.os}")
-    print(summary + (f" ({'; '.join(verdict.notes)})" if verdict.notes else ""))
+    print(rules.summary(combo, verdict, f))
     if args.verbose:
         for line in verdict.observations:
             print(f"observed: {line}")
     return EXIT_OK
-
-
-def _engine_parts(args: argparse.Namespace, profile) -> dict[str, str]:
-    """The --<component> and --<option> values for the chosen engine: all its components, none of another's."""
-    given = {k: getattr(args, k) for k in _flag_keys() if getattr(args, k) is not None}
-    foreign = [k for k in given if k not in profile.COMPONENTS and k not in profile.OPTIONS]
-    if foreign:
-        owners = {k: profiles.REGISTRY.owners(k) for k in foreign}
-        raise UserError(*(f"--{k.replace('_', '-')} belongs to engine {' or '.join(owners[k])}, not to "
-                          f"{profile.NAME}; add --engine {owners[k][0]} or drop it" for k in foreign))
-    missing = [k for k in profile.COMPONENTS if k not in given]
-    if missing:
-        raise UserError(f"engine {profile.NAME} needs {', '.join('--' + k for k in missing)} (its components: "
-                        f"{', '.join('--' + k for k in profile.COMPONENTS)})")
-    for k, allowed in profile.OPTIONS.items():
-        if k in given and given[k] not in allowed:
-            raise UserError(f"--{k.replace('_', '-')} {given[k]!r}: not one of {', '.join(allowed)}")
-    return given
-
-
-def _flag_keys() -> tuple[str, ...]:
-    """Every profile's components, then its options: one flag each on `lmi check` (components also `lmi uri`)."""
-    return profiles.REGISTRY.option_keys()
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -223,10 +161,9 @@ def cmd_lock(args: argparse.Namespace) -> int:
     from . import locker
 
     m, specs = _selected(args)
-    path = lock.lock_path(m.path)
-    current = lock.load(path)
     if args.check:
-        stale, unresolved = lock.problems(specs, current, m.build_args)
+        path = lock.lock_path(m.path)
+        stale, unresolved = lock.problems(specs, lock.load(path), m.build_args)
         for line in unresolved:
             print(f"warning: {line} (its images cannot be built until it is)", file=sys.stderr)
         if stale:
@@ -239,18 +176,10 @@ def cmd_lock(args: argparse.Namespace) -> int:
         else:
             print(f"ok: the dependency sets of {len(specs)} images are locked in {path} for their current inputs")
         return EXIT_OK
-    wanted = lock.plan(specs, m.build_args)
-    index_url = args.pip_index_url or os.environ.get("LMI_PIP_INDEX_URL")
-    find_links = [Path(args.wheelhouse)] if args.wheelhouse else []
-    sets, failed = locker.update(current, wanted, upgrade=args.upgrade, index_url=index_url, find_links=find_links,
-                                 say=print)
-    whole = not args.instance and not args.patterns
-    if whole:  # sets no image of the matrix uses any more
-        sets = {k: v for k, v in sets.items() if k in wanted}
-    locker.write(lock.LockFile(path, sets))
-    renderer = render.for_matrix(m)
-    contexts = [renderer.render(s) for s in specs]
-    changed = render.write(contexts, m.output, prune=False)
+    path, changed, failed = locker.relock(
+        m, specs, whole=not args.instance and not args.patterns, upgrade=args.upgrade,
+        index_url=args.pip_index_url or os.environ.get("LMI_PIP_INDEX_URL"),
+        find_links=[Path(args.wheelhouse)] if args.wheelhouse else [], say=print)
     print(f"wrote {path}; re-rendered {len(changed)} context(s) in {m.output}")
     for line in failed:
         print(f"error: {path}: {line}", file=sys.stderr)
@@ -276,8 +205,7 @@ def cmd_facts_verify(args: argparse.Namespace) -> int:
 
     f = facts.load(profiles.REGISTRY)
     m = matrix.load(_matrix_path(args), f)
-    pins = sorted({f"{name}=={version}" for image in m.images for name, version in image.libraries.items()}
-                  | {pin for image in m.images for pin in image.pip})
+    pins = verify.matrix_pins(m)
     print(f"reading {verify.index_url()} ...")
     drift, checked = verify.verify(f, pins)
     more, counted = verify.verify_derived(profiles=profiles.REGISTRY, wheels=getattr(args, "wheels", False))
@@ -323,36 +251,11 @@ def cmd_engine(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _prefix(option: str, value: str | None) -> str | None:
-    """A registry prefix option (--registry, --base-mirror), refused in one line when outside its grammar."""
-    problem = value and matrix.prefix_problem(value)
-    if problem:
-        raise UserError(f"{option} {value!r}: {problem}")
-    return value
-
-
 def _build_options(args: argparse.Namespace, m: matrix.Matrix) -> build.BuildOptions:
-    extra = {}
-    for pair in args.build_arg or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"--build-arg {pair!r}: expected KEY=VALUE")
-        problem = matrix.build_arg_problem(key, value)
-        if problem:
-            raise UserError(f"--build-arg: {problem}")
-        extra[key] = value
-    index_url = args.pip_index_url or os.environ.get("LMI_PIP_INDEX_URL")
-    if index_url and any(ord(c) < 32 or ord(c) == 127 for c in index_url):
-        raise UserError("--pip-index-url (or $LMI_PIP_INDEX_URL) holds a control character (a line break?); "
-                        "remove it")
-    return build.BuildOptions(
-        jobs=args.jobs, force=getattr(args, "force", False),
-        base_mirror=_prefix("--base-mirror", args.base_mirror) or m.base_mirror, pip_index_url=index_url,
-        wheelhouse=Path(args.wheelhouse) if args.wheelhouse else None,
-        ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None, build_args=extra,
-        registry=_prefix("--registry", args.registry),
-        pin_bases=args.pin_bases,
-    )
+    return build.options(m, build_args=args.build_arg or [], base_mirror=args.base_mirror, registry=args.registry,
+                         pip_index_url=args.pip_index_url or os.environ.get("LMI_PIP_INDEX_URL"),
+                         wheelhouse=args.wheelhouse, ca_bundle=args.ca_bundle, jobs=args.jobs,
+                         force=getattr(args, "force", False), pin_bases=args.pin_bases)
 
 
 def _planned_for_build(args: argparse.Namespace, client: engine.Client | None, require_locks: bool = False):
@@ -365,23 +268,8 @@ def _planned_for_build(args: argparse.Namespace, client: engine.Client | None, r
     options = _build_options(args, m)
     planned = build.plan(m, specs, options, client)
     if require_locks:
-        _refuse_unlocked(lock.load(lock.lock_path(m.path)), m.build_args, planned)
+        lock.refuse_unlocked(lock.load(lock.lock_path(m.path)), m.build_args, planned)
     return m, options, planned
-
-
-def _refuse_unlocked(locks: lock.LockFile, build_args: dict[str, str], planned) -> None:
-    """Every build installs from its context's locks: one without them cannot be built."""
-    why = {"missing": "it has no lock set", "stale": "its lock set is stale"}
-    lines = []
-    for p, ctx in planned:
-        if lock.is_locked(ctx.files):
-            continue
-        state, found, _ = locks.status(p.spec, build_args)
-        reason = f"not locked: {found.unresolved[:200]}" if state == "unresolved" else why[state]
-        lines.append(f"{locks.path}: image {p.spec.id}: {reason}; run `lmi lock` (make lock) where its package "
-                     "indexes are reachable, then build")
-    if lines:
-        raise UserError(*lines)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -454,21 +342,13 @@ def cmd_index_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    tiers = tuple(t.strip() for t in args.tier.split(",") if t.strip())
-    unknown = [t for t in tiers if t not in smoke.TIERS]
-    if unknown or not tiers:
-        raise UserError(f"--tier {args.tier}: unknown tier {', '.join(unknown) or '(none)'}; "
-                        f"choose from {', '.join(smoke.TIERS)}")
-    _prefix("--registry", args.registry)
+    tiers = smoke.tiers_of(args.tier)
+    build.prefix("--registry", args.registry)
     m, specs = _selected(args)
     if args.image and len(specs) != 1:
         raise UserError(f"--image {args.image} tests one image, but the selection has {len(specs)}; "
                         "select exactly one with --instance or a pattern")
-    gpu, reason = False, "--gpu off"
-    if args.gpu != "off" and {"gpu", "serving"} & set(tiers):  # serving uses the GPUs where usable too
-        gpu, reason = smoke.gpu_runtime()
-        if args.gpu == "required" and not gpu:
-            raise UserError(f"--gpu required, but no GPU runtime is usable here: {reason}")
+    gpu, reason = smoke.gpu_for(args.gpu, tiers)
     runner = smoke.Runner(check_timeout=args.check_timeout, serving_timeout=args.serving_timeout)
     records = []
     try:
@@ -548,25 +428,15 @@ def _instance(text: str) -> facts.InstanceType:
 def cmd_uri(args: argparse.Namespace) -> int:
     wanted = {k: getattr(args, k) for k in (*profiles.component_keys(), *index.FILTERS)}
     instance = _instance(args.instance)
-    family = instance.family
-    data = index.load(args.index, profiles.REGISTRY)
-    entry, reg = index.lookup(data, profiles.REGISTRY, family, region=args.region, registry=args.registry,
-                              revision=args.revision, engine=args.engine, asked=instance.name, **wanted)
-    chose = args.engine or any(wanted[k] for k in profiles.component_keys())
-    others = [e for e in index.engines([i for i in data["images"] if i["family"] == family], profiles.REGISTRY)
-              if e != entry["engine"]]
-    if others and not chose:
-        print(f"note: {family} also has images of engine {', '.join(others)} (choose with --engine)",
+    entry, reg, others = index.answer(index.load(args.index, profiles.REGISTRY), profiles.REGISTRY, instance,
+                                      region=args.region, registry=args.registry, revision=args.revision,
+                                      engine=args.engine, **wanted)
+    if others:
+        print(f"note: {instance.family} also has images of engine {', '.join(others)} (choose with --engine)",
               file=sys.stderr)
     size = index.instance_facts(instance)
     if args.json:
-        print(json.dumps({"uri": reg["uri"], "registry": reg["url"], "region": reg.get("region"), "id": entry["id"],
-                          "engine": entry["engine"], "tag": entry["tag"], "revision": entry.get("revision"),
-                          "host": entry.get("host"),
-                          "digest": entry["digest"], "components": entry["components"],
-                          "sbom": entry.get("sbom"), "provenance": entry.get("provenance"), "gate": entry.get("gate"),
-                          **({"instance": size} if size else {})},
-                         indent=2))
+        print(json.dumps(index.uri_json(entry, reg, size), indent=2))
     else:
         if entry.get("host"):
             print(f"{entry['tag']}: {entry['host']['summary']}", file=sys.stderr)
@@ -592,12 +462,7 @@ def cmd_sbom(args: argparse.Namespace) -> int:
                                 spec.repository, None)[0]
     else:
         address = _address(args.registry)
-        listed = [e for e in index.load(args.index, profiles.REGISTRY)["images"] if e["id"] == spec.id
-                  and any(r["url"] == address.url for r in e.get("registries", []))]
-        if not listed:
-            raise UserError(f"{spec.id}: the index {args.index} lists no image of it in {address.url}; check "
-                            "--index and --registry, or use --local for the image in the engine")
-        entry = max(listed, key=lambda e: e.get("built") or "")
+        entry = index.published(index.load(args.index, profiles.REGISTRY), spec.id, address.url, args.index)
         target = publish.Target(address, engine.detect_client().path if address.kind == "ecr" else "docker")
         target.prepare(set())
         kind = "provenance" if args.provenance else "sbom"
@@ -680,12 +545,9 @@ def _parser() -> argparse.ArgumentParser:
     for name, hint in (("instance", "g5"), ("cuda", "12.4"), ("torch", "2.4.0"), ("python", "3.10"),
                        ("os", "ubuntu22.04")):
         p.add_argument(f"--{name}", required=name != "cuda", metavar=hint.upper() if name == "os" else hint)
-    for name in _flag_keys():  # every profile's components and options; the chosen engine's are required
-        owners = [p_.NAME for p_ in profiles.PROFILES.values() if name in p_.COMPONENTS or name in p_.OPTIONS]
-        choices = sorted({v for p_ in profiles.PROFILES.values() for v in p_.OPTIONS.get(name, ())})
-        helps = {p_.OPTION_HELP.get(name) for p_ in profiles.PROFILES.values()} - {None}
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="|".join(choices) or "VERSION",
-                       help="; ".join(sorted(helps)) or f"a component of engine {' and '.join(owners)}")
+    for name in profiles.REGISTRY.option_keys():  # every profile's components and options (the engine's required)
+        metavar, text = profiles.REGISTRY.option_flag(name)
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar=metavar, help=text)
     p.add_argument("--torch-cuda", metavar="12.8", help="torch wheel CUDA variant, when not the toolkit's")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--driver", metavar="535.54.03", help="host driver (default: SageMaker's for the family)")

@@ -231,6 +231,37 @@ def lookup(index: dict, profiles: Registry, instance: str, region: str | None = 
                     f"{'in region ' + region if region else 'to ' + str(registry)}; it is in: {', '.join(where)}")
 
 
+def answer(index: dict, profiles: Registry, instance, *, region: str | None, registry: str | None,
+           revision: int | None, engine: str | None, **wanted: str | None) -> tuple[dict, dict, list[str]]:
+    """`lmi uri`: (entry, its registry entry, the family's other engines worth a note: where no engine and no
+    component was asked for and the family has images of other engines)."""
+    entry, reg = lookup(index, profiles, instance.family, region=region, registry=registry, revision=revision,
+                        engine=engine, asked=instance.name, **wanted)
+    chose = engine or any(wanted.get(k) for k in profiles.component_keys())
+    others = [e for e in engines([i for i in index["images"] if i["family"] == instance.family], profiles)
+              if e != entry["engine"]]
+    return entry, reg, [] if chose else others
+
+
+def uri_json(entry: dict, reg: dict, size: dict | None) -> dict:
+    """`lmi uri --json`."""
+    return {"uri": reg["uri"], "registry": reg["url"], "region": reg.get("region"), "id": entry["id"],
+            "engine": entry["engine"], "tag": entry["tag"], "revision": entry.get("revision"),
+            "host": entry.get("host"), "digest": entry["digest"], "components": entry["components"],
+            "sbom": entry.get("sbom"), "provenance": entry.get("provenance"), "gate": entry.get("gate"),
+            **({"instance": size} if size else {})}
+
+
+def published(index: dict, spec_id: str, url: str, source: str) -> dict:
+    """The newest entry of image `spec_id` published in registry `url` (`lmi sbom`), else a UserError."""
+    listed = [e for e in index["images"]
+              if e["id"] == spec_id and any(r["url"] == url for r in e.get("registries", []))]
+    if not listed:
+        raise UserError(f"{spec_id}: the index {source} lists no image of it in {url}; check --index and --registry, "
+                        "or use --local for the image in the engine")
+    return max(listed, key=lambda e: e.get("built") or "")
+
+
 def instance_facts(instance) -> dict | None:
     """What `lmi uri` says of an instance size (a facts.InstanceType): its GPUs and the tensor_parallel_degree
     that uses them all (LMI's `max`), or None for a bare family or a CPU one."""

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .errors import UserError
+
 # --- the serving-test vocabulary (buildkit/smoke.py runs it; a profile's SERVING_WAYS are made of it) ---------
 
 CHECK_DIR = "/opt/lmi-check"  # where test containers see the checker, read-only, with the profiles' checks beside it
@@ -213,3 +215,33 @@ class Registry:
     def owners(self, key: str) -> list[str]:
         """The profiles that have `key` as a component or an option."""
         return [n for n, p in self.by_name.items() if key in p.COMPONENTS or key in p.OPTIONS]
+
+    def option_flag(self, key: str) -> tuple[str, str]:
+        """(metavar, help) of `lmi check --<key>`: an option's values and meaning, or the profiles of a component."""
+        choices = sorted({v for p in self.by_name.values() for v in p.OPTIONS.get(key, ())})
+        helps = sorted(h for h in (p.OPTION_HELP.get(key) for p in self.by_name.values()) if h is not None)
+        return ("|".join(choices) or "VERSION",
+                "; ".join(dict.fromkeys(helps)) or f"a component of engine {' and '.join(self.owners(key))}")
+
+    def parts(self, name: str, given: Mapping[str, str]) -> dict[str, str]:
+        """The component and option values given for profile `name` (`lmi check --<key>`): all its components,
+        none of another's, each option one of its values; else a UserError naming the flags."""
+        profile = self.get(name)
+        foreign = [k for k in given if k not in profile.COMPONENTS and k not in profile.OPTIONS]
+        if foreign:
+            raise UserError(*(f"--{k.replace('_', '-')} belongs to engine {' or '.join(self.owners(k))}, not to "
+                              f"{profile.NAME}; add --engine {self.owners(k)[0]} or drop it" for k in foreign))
+        missing = [k for k in profile.COMPONENTS if k not in given]
+        if missing:
+            raise UserError(f"engine {profile.NAME} needs {', '.join('--' + k for k in missing)} (its components: "
+                            f"{', '.join('--' + k for k in profile.COMPONENTS)})")
+        for k, allowed in profile.OPTIONS.items():
+            if k in given and given[k] not in allowed:
+                raise UserError(f"--{k.replace('_', '-')} {given[k]!r}: not one of {', '.join(allowed)}")
+        return dict(given)
+
+    def warnings(self, specs: Iterable[Any]) -> list[str]:
+        """What each profile warns about for its images (e.g. a download without a recorded checksum)."""
+        specs = list(specs)
+        return [line for name, p in self.by_name.items() for line in p.warnings([s for s in specs
+                                                                                 if s.engine.name == name])]

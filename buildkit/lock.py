@@ -358,3 +358,18 @@ def problems(specs: Iterable, lockfile: LockFile, build_args: Mapping[str, str] 
         elif state == "unresolved":
             unresolved.append(f"{lockfile.path}: set {key} is not locked: {found.unresolved}")
     return stale, unresolved
+
+
+def refuse_unlocked(locks: LockFile, build_args: Mapping[str, str], planned) -> None:
+    """Every build installs from its context's locks: one without them cannot be built (a UserError naming each)."""
+    why = {"missing": "it has no lock set", "stale": "its lock set is stale"}
+    lines = []
+    for p, ctx in planned:
+        if is_locked(ctx.files):
+            continue
+        state, found, _ = locks.status(p.spec, build_args)
+        reason = f"not locked: {found.unresolved[:200]}" if state == "unresolved" else why[state]
+        lines.append(f"{locks.path}: image {p.spec.id}: {reason}; run `lmi lock` (make lock) where its package "
+                     "indexes are reachable, then build")
+    if lines:
+        raise UserError(*lines)

@@ -10,10 +10,12 @@ the torch wheel variant, the arch list for source-built code, and what the profi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import versions
+from .errors import UserError
 from .facts import Facts, Family, Toolkit, TorchRelease, WheelVariant, coverage, sm_name, variant_name
 
 
@@ -321,3 +323,39 @@ def evaluate(combo: Combo, facts: Facts) -> Verdict:
         rule(ctx)
     return ctx.verdict
 
+
+def host_driver(facts: Facts, driver: str | None, inference_ami: str | None) -> str | None:
+    """The host driver `lmi check` checks against: --driver as given (digits and dots), or the driver of the
+    SageMaker InferenceAmiVersion named; None: the family's default."""
+    if driver is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)*", driver):
+        raise UserError(f"--driver {driver!r}: not a driver version; write it as digits and dots, e.g. 535.54.03")
+    if inference_ami:
+        if inference_ami not in facts.amis:
+            raise UserError(f"--inference-ami {inference_ami!r}: unknown; "
+                            f"{versions.did_you_mean(inference_ami, facts.amis)}")
+        return facts.amis[inference_ami]
+    return driver
+
+
+def verdict_json(combo: Combo, verdict: Verdict) -> dict:
+    """`lmi check --json`: the combination as checked and what the rules said of it."""
+    combination = {"family": combo.family, "engine": combo.engine, **dict(combo.parts), "torch": combo.torch,
+                   "cuda": combo.cuda, "python": combo.python, "os": combo.os, "torch_cuda": combo.torch_cuda,
+                   "driver": combo.driver}
+    return {
+        "valid": verdict.ok, "combination": {k: v for k, v in combination.items() if v is not None},
+        "errors": [{"rule": e.rule, "message": e.message, "source": e.source, "try": e.fix} for e in verdict.errors],
+        "notes": verdict.notes, "observations": verdict.observations,
+        "cuda_compat": verdict.needs_compat, "host_driver": verdict.driver,
+        "torch_variant": verdict.wheel_variant, "torch_cuda_arch_list": verdict.arch_list,
+    }
+
+
+def summary(combo: Combo, verdict: Verdict, facts: Facts) -> str:
+    """`lmi check`'s one line for a valid combination (its notes in parentheses)."""
+    profile = facts.profiles.get(combo.engine)
+    cuda = f"CUDA {facts.toolkits[combo.cuda].patch}" if combo.cuda else "CPU"
+    parts = ", ".join(f"{profile.TITLES[k]} {combo.part(k)}" for k in profile.COMPONENTS)
+    line = (f"ok: {combo.family} can run {parts}, "
+            f"torch {combo.torch}+{verdict.wheel_variant}, {cuda}, Python {combo.python}, {combo.os}")
+    return line + (f" ({'; '.join(verdict.notes)})" if verdict.notes else "")

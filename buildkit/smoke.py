@@ -96,6 +96,25 @@ def generate(spec: ImageSpec, tiers: tuple[str, ...]) -> list[Check]:
     return checks
 
 
+def tiers_of(text: str) -> tuple[str, ...]:
+    """--tier as a tuple of known tiers (comma-separated), else a UserError naming the unknown ones."""
+    tiers = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in tiers if t not in TIERS]
+    if unknown or not tiers:
+        raise UserError(f"--tier {text}: unknown tier {', '.join(unknown) or '(none)'}; choose from {', '.join(TIERS)}")
+    return tiers
+
+
+def gpu_for(mode: str, tiers: tuple[str, ...]) -> tuple[bool, str]:
+    """--gpu auto|required|off: whether the gpu and serving tiers use GPUs here, and why not."""
+    if mode == "off" or not {"gpu", "serving"} & set(tiers):  # serving uses the GPUs where usable too
+        return False, "--gpu off"
+    gpu, reason = gpu_runtime()
+    if mode == "required" and not gpu:
+        raise UserError(f"--gpu required, but no GPU runtime is usable here: {reason}")
+    return gpu, reason
+
+
 # --- GPU runtime detection -----------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ import fnmatch
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from . import versions
@@ -205,6 +205,21 @@ def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
         toolkit_compat_pin=toolkit.compat_pin if toolkit else None,
         wheel_platform=system.wheel_platform(family.arch), profile=profile,
     )
+
+
+def select(specs: list[ImageSpec], families: Sequence[str], patterns: Sequence[str]) -> list[ImageSpec]:
+    """Images whose family is one of `families` (if any) and whose id matches a glob (if any)."""
+    known = {s.family.name for s in specs}
+    for name in families:
+        if name not in known:
+            raise UserError(f"--instance {name}: no image of the matrix is for that family; "
+                            f"{versions.did_you_mean(name, sorted(known))}")
+    chosen = [s for s in specs if (not families or s.family.name in families)
+              and (not patterns or any(fnmatch.fnmatchcase(s.id, p) for p in patterns))]
+    if not chosen:
+        wanted = " ".join([*(f"--instance {i}" for i in families), *patterns])
+        raise UserError(f"no image matches {wanted}; `lmi matrix` lists the image ids")
+    return chosen
 
 
 def _newness(spec: ImageSpec) -> tuple:

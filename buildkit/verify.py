@@ -69,6 +69,12 @@ def _released(files: list[str]) -> set[Version]:
     return versions
 
 
+def matrix_pins(m) -> list[str]:
+    """name==version of every library and pip pin the matrix's images install (what `lmi facts verify` checks)."""
+    return sorted({f"{name}=={version}" for image in m.images for name, version in image.libraries.items()}
+                  | {pin for image in m.images for pin in image.pip})
+
+
 def verify(facts: Facts, requirements: list[str], base: str | None = None) -> tuple[list[str], int]:
     """(drift lines, facts checked). `requirements` are name==version pins the matrix installs."""
     engines = {name: profile.index_versions(facts.engines[name]) for name, profile in facts.profiles.items()}
