@@ -416,3 +416,17 @@ def select_shard(items: list, shard: str | None) -> list:
     index, count = int(match.group(1)), int(match.group(2))
     return [item for i, item in enumerate(items) if i % count == index - 1]
 
+
+def planned(m: Matrix, specs: list[ImageSpec], options: BuildOptions, client: Client | None, shard: str | None,
+            require_locks: bool = False) -> list[tuple[PlannedImage, Context]]:
+    """The shard's specs planned as they will be built (`plan`). With require_locks, an image whose context has no
+    current lock is refused before anything is built."""
+    from . import lock
+
+    specs = select_shard(specs, shard)
+    if not specs:
+        raise UserError(f"shard {shard} has no images; use fewer shards")
+    out = plan(m, specs, options, client)
+    if require_locks:
+        lock.refuse_unlocked(lock.load(lock.lock_path(m.path)), m.build_args, out)
+    return out

@@ -26,6 +26,7 @@ import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -462,3 +463,29 @@ def junit(records: list[Record], path: Path) -> None:
     ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
 
 
+def run(images: list[tuple[ImageSpec, str]], tiers: tuple[str, ...], gpu: bool, reason: str, records: list[Record],
+        *, check_timeout: float, serving_timeout: float, junit_path: Path | None, verbose: bool,
+        say: Callable[[str], None]) -> None:
+    """`lmi test`: smoke-test each (spec, image reference) in turn into `records`, saying each failed check (every
+    check if verbose); the test containers are removed and the JUnit file written even when interrupted."""
+    runner = Runner(check_timeout=check_timeout, serving_timeout=serving_timeout)
+    try:
+        for spec, image in images:
+            say(f"testing {spec.id} ({image}): tiers {', '.join(tiers)}")
+            record = smoke_image(runner, image, spec, tiers, gpu, reason)
+            records.append(record)
+            for o in record.outcomes:
+                if o["passed"] is False or verbose:
+                    state = {True: "pass", False: "FAIL", None: "skip"}[o["passed"]]
+                    say(f"  {state} {o['tier']}/{o['name']}: {o['message']}")
+    finally:
+        runner.cleanup()
+        if junit_path and records:
+            junit(records, junit_path)
+
+
+def summary_rows(records: list[Record]) -> list[list[str]]:
+    """One row per record: image, result, passed, failed and skipped checks, image id."""
+    return [[r.spec_id, "passed" if r.passed else "FAILED", str(sum(o["passed"] is True for o in r.outcomes)),
+             str(sum(o["passed"] is False for o in r.outcomes)), str(sum(o["passed"] is None for o in r.outcomes)),
+             r.image_id.split(":")[-1][:12]] for r in records]
