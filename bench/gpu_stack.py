@@ -137,7 +137,7 @@ def main() -> None:
         twice = {name: n for n, name in libs if name in RUNTIME_FLAVOR_LIBS}
         biggest = ", ".join(f"{name} {n / GB:.2f}" for n, name in libs[:6])
         wrong_claims.append((spec.id, wrong_op_claim(ref, spec)))
-        archs = cubin_archs(ref, engine.mirrored(spec.engine.builder_image, "lmi-local"))
+        archs = cubin_archs(ref, engine.mirrored(spec.stack.builder_image, "lmi-local"))
         cubins.append((spec.id, ", ".join(f"{op}: {a}" for op, a in sorted(archs.items()))))
         rows.append((spec.id, spec.family.sm, total.group(1) + " s" if total else "see log",
                      f"{compile_s / 60:.1f} min" if compile_s else "cached", f"{torch_s:.0f} s", f"{size / GB:.2f} GB",

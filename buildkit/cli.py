@@ -88,7 +88,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         print(json.dumps([s.claims() for s in specs], indent=2, sort_keys=True))
         return EXIT_OK
     rows = [[s.id, s.family.name, f"{s.family.gpu} {sm_name(s.family.sm)}" if s.family.is_gpu else "-",
-             s.cuda_patch or "-", f"{s.torch}+{s.wheel_variant}", s.engine.name,
+             s.cuda_patch or "-", f"{s.torch}+{s.wheel_variant}", s.stack.name,
              ",".join(f"{k}={v}" for k, v in s.versions.items()), s.python, s.os.name,
              "yes" if s.needs_compat else "no"] for s in specs]
     print(_table(rows, ["ID", "FAMILY", "GPU", "CUDA", "TORCH", "ENGINE", "VERSIONS", "PYTHON", "OS", "COMPAT"]))

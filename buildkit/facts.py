@@ -229,7 +229,7 @@ class Facts:
     torch_wheel_index: str
     systems: dict[str, OperatingSystem]
     sources: dict[str, dict[str, str]] = field(repr=False)
-    engines: dict[str, object] = field(default_factory=dict)  # profile name -> its facts (buildkit/profiles)
+    stacks: dict[str, object] = field(default_factory=dict)  # profile name -> its stack's facts (buildkit/profiles)
     profiles: Registry = field(default_factory=lambda: Registry(()), repr=False, compare=False)  # load's registry
 
     def source(self, topic: str, key: str) -> str:
@@ -332,6 +332,6 @@ def load(profiles: Registry) -> Facts:
             "torch": torch["sources"],
             "os": osd["sources"],
         },
-        engines={name: p.load_facts({stem: _read(stem) for stem in p.DATA}) for name, p in profiles.items()},
+        stacks={name: p.load_facts({stem: _read(stem) for stem in p.DATA}) for name, p in profiles.items()},
         profiles=profiles,
     )

@@ -478,7 +478,7 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: 
             origin["driver"] = driver[1]
         combo = Combo(
             family=fam, torch=vals.get("torch"), cuda=vals.get("cuda") if gpu else None, python=vals.get("python"),
-            os=vals.get("os"), engine=engine,
+            os=vals.get("os"), profile=engine,
             parts=tuple((k, vals[k]) for k in profile.COMPONENTS if vals.get(k)) + tuple(options.items()),
             torch_cuda=vals.get("torch_cuda") if gpu else None, driver=driver[0] if driver else None,
             custom_bases=bool(bases) and gpu,

@@ -61,7 +61,7 @@ class Published:
             "id": s.id, "family": s.family.name, "gpu": s.family.gpu, "sm": s.family.sm, "arch": s.family.arch,
             "repository": s.repository, "tag": self.full_tag, "revision": self.revision, "tags": sorted(self.tags),
             "aliases": [s.tag, *s.aliases],
-            "engine": s.engine.name,
+            "engine": s.stack.name,
             "components": {**s.versions, "torch": s.torch, "cuda": s.cuda_patch, "python": s.python, "os": s.os.name,
                            **s.libraries},
             "torch_variant": s.wheel_variant, "cuda_compat": s.needs_compat, "host": host_entry(s, known),

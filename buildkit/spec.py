@@ -55,7 +55,7 @@ class ImageSpec:
     line: str
     family: Family
     repository: str
-    engine: object  # the profile's spec (buildkit/profiles/<name>.py Spec): its versions and what it builds
+    stack: object  # its serving stack: the profile's spec (buildkit/profiles/<name>.py Spec), its versions and builds
     torch: str
     cuda: str | None  # toolkit major.minor; None for CPU images
     cuda_patch: str | None
@@ -83,9 +83,14 @@ class ImageSpec:
     profile: Profile = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     @property
+    def engine(self) -> object:
+        """The stack under its former name, read by the profiles' templates until they say spec.stack."""
+        return self.stack
+
+    @property
     def versions(self) -> dict[str, str]:
         """The engine's versioned components, by matrix key (e.g. what `lmi uri` filters on)."""
-        return dict(self.engine.versions)
+        return dict(self.stack.versions)
 
     @property
     def tag(self) -> str:
@@ -104,7 +109,7 @@ class ImageSpec:
 
     @property
     def bases(self) -> tuple[str, ...]:
-        return (*self.engine.bases, self.runtime_image)
+        return (*self.stack.bases, self.runtime_image)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -179,7 +184,7 @@ def resolve(matrix: Matrix, facts: Facts) -> list[ImageSpec]:
 
 def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
     combo, family = image.combo, facts.families[image.family]
-    profile = facts.profiles.get(combo.engine)
+    profile = facts.profiles.get(combo.profile)
     system = facts.systems[combo.os]
     toolkit = facts.toolkits.get(combo.cuda) if family.is_gpu else None
     release = facts.torch_release(combo.torch)
@@ -190,7 +195,7 @@ def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
         image.bases["runtime"] if image.bases else toolkit.base_image("base", system.ubuntu))
     return ImageSpec(
         id=image.id, line=image.line, family=family, repository=repository,
-        engine=profile.engine_spec(image, facts, facts.engines[combo.engine], verdict, toolkit, system),
+        stack=profile.stack_spec(image, facts, facts.stacks[combo.profile], verdict, toolkit, system),
         torch=combo.torch,
         cuda=toolkit.version if toolkit else None, cuda_patch=toolkit.patch if toolkit else None,
         python=combo.python, os=system, libraries=dict(image.libraries), pip=image.pip,
@@ -223,7 +228,7 @@ def select(specs: list[ImageSpec], families: Sequence[str], patterns: Sequence[s
 
 
 def _newness(spec: ImageSpec) -> tuple:
-    return (spec.engine.name, spec.profile.newness(spec), versions.key(spec.torch), versions.key(spec.cuda or "0"),
+    return (spec.stack.name, spec.profile.newness(spec), versions.key(spec.torch), versions.key(spec.cuda or "0"),
             spec.id)
 
 

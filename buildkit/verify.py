@@ -77,7 +77,7 @@ def matrix_pins(m) -> list[str]:
 
 def verify(facts: Facts, requirements: list[str], base: str | None = None) -> tuple[list[str], int]:
     """(drift lines, facts checked). `requirements` are name==version pins the matrix installs."""
-    engines = {name: profile.index_versions(facts.engines[name]) for name, profile in facts.profiles.items()}
+    engines = {name: profile.index_versions(facts.stacks[name]) for name, profile in facts.profiles.items()}
     projects = {"torch", *(project for listed in engines.values() for project in listed),
                 *(Requirement(r).name for r in requirements)}
     with ThreadPoolExecutor(max_workers=4) as pool:

@@ -249,7 +249,7 @@ def index_with(path: Path, spec, digest: str, url: str) -> None:
     address = registry.parse(url)
     entry = {"id": spec.id, "family": spec.family.name, "repository": spec.repository, "tag": spec.tag,
              "tags": [spec.tag], "digest": digest, "built": "2026-12-01T00:00:00Z",
-             "engine": spec.engine.name,
+             "engine": spec.stack.name,
              "components": {**spec.versions, "torch": spec.torch, "cuda": None, "python": spec.python,
                             "os": spec.os.name},
              "smoke": {"passed": True}, "registries": [{"url": url, "kind": address.kind, "region": address.region,

@@ -168,8 +168,8 @@ def test_an_entry_records_its_engine_and_versions_by_matrix_key(tmp_path) -> Non
                           tiers=["cpu"], passed=True, outcomes=[], started="s", finished="f")
     address = registry.parse("oci://r.example/ml")
     entries = []
-    for name in sorted({s.engine.name for s in specs}):
-        spec = next(s for s in specs if s.engine.name == name and s.family.name == "g6e")
+    for name in sorted({s.stack.name for s in specs}):
+        spec = next(s for s in specs if s.stack.name == name and s.family.name == "g6e")
         digest = "sha256:" + hashlib.sha256(spec.id.encode()).hexdigest()
         e = publish.Published(spec, record.image_id, digest, address, [spec.tag], None, "2026", record,
                               f"{spec.tag}-r1", 1).entry(f)
@@ -307,6 +307,6 @@ def test_base_mirrors_and_provenance_follow_the_profiles_bases() -> None:
         args = build.host_args(spec, options, {}, None)
         assert {k: v for k, v in args.items() if k.endswith("_IMAGE")} == {
             f"{role.upper()}_IMAGE": engine.mirrored(ref, "mirror.example/hub") for role, ref in roles.items()}
-        seen.add((spec.engine.name, tuple(roles)))
+        seen.add((spec.stack.name, tuple(roles)))
     assert ("deepspeed", ("builder", "runtime")) in seen and ("deepspeed", ("runtime",)) in seen  # GPU, CPU
     assert ("vllm", ("runtime",)) in seen

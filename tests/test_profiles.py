@@ -173,13 +173,13 @@ def test_vllm_refusals_name_rule_and_source(facts) -> None:
 
 def test_vllm_line_of_the_production_matrix(facts) -> None:
     m = matrix.load(ROOT / "matrix.yaml", facts)
-    specs = [s for s in resolve(m, facts) if s.engine.name == "vllm"]
+    specs = [s for s in resolve(m, facts) if s.stack.name == "vllm"]
     assert specs and {s.family.name for s in specs} == {
         name for name, fam in facts.families.items() if fam.is_gpu and fam.sm != "7.0"} & {
         i.family for i in m.images}
     renderer = render.for_matrix(m)
     for spec in specs:
-        assert spec.tag.startswith(f"vllm{spec.engine.vllm}-torch2.14.0-cu130-")
+        assert spec.tag.startswith(f"vllm{spec.stack.vllm}-torch2.14.0-cu130-")
         assert set(spec.aliases) <= {f"vllm0.33-{spec.family.name}", f"vllm-{spec.family.name}-latest"}
         assert spec.bases == (spec.runtime_image,) and spec.arch_list is None  # nothing is compiled
         assert spec.driver and spec.labels["io.lmi.host-driver"] == spec.driver  # the AMI the line names

@@ -198,7 +198,7 @@ def test_facts_add_reads_torch_then_vllm_and_writes_loadable_data(world) -> None
     assert new["releases"]["0.33.0"] == old["releases"]["0.33.0"] and new["aws_sagemaker"] == old["aws_sagemaker"]
     f = facts_mod.load(REGISTRY)
     assert "2.90.0" in f.torch_versions and f.torch["2.90"].variants["cu130"].archs["x86_64"]
-    release = f.engines["vllm"].releases["0.91.0"]
+    release = f.stacks["vllm"].releases["0.91.0"]
     assert release.torch == "2.90.0" and release.torch_variant == "cu130" and release.min_glibc == "2.28"
     # coverage from the derived SMs: a V100 (7.0) has no code, an A10G (8.6) runs the sm_80 cubins, an H100
     # (9.0) has no general cubin (9.0a is arch-specific, kept apart) and JITs the compute_90 PTX

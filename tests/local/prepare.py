@@ -81,7 +81,7 @@ def ensure_base(image: str, mirror: str) -> str:
 
 def standin_facts(version: str) -> dict:
     """What the stand-in reads to behave as DJL Serving <version> does (buildkit/data/djl.yaml, behaviour)."""
-    return {"version": version, "behaviour": facts.load(REGISTRY).engines["deepspeed"].djl_behaviour_at(version)}
+    return {"version": version, "behaviour": facts.load(REGISTRY).stacks["deepspeed"].djl_behaviour_at(version)}
 
 
 def standin_deb(version: str, out_dir: Path = PACKAGES) -> Path:
