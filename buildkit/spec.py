@@ -83,11 +83,6 @@ class ImageSpec:
     profile: Profile = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     @property
-    def engine(self) -> object:
-        """The stack under its former name, read by the profiles' templates until they say spec.stack."""
-        return self.stack
-
-    @property
     def versions(self) -> dict[str, str]:
         """The engine's versioned components, by matrix key (e.g. what `lmi uri` filters on)."""
         return dict(self.stack.versions)
