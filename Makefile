@@ -82,8 +82,10 @@ validate: venv ## check the matrix against the compatibility rules
 plan: venv ## image ids, tags and content hashes
 	$(LMI) plan $(SELECT)
 
-lint: venv ## ruff, the render and lock gates, and hadolint on every rendered Dockerfile
+lint: venv ## ruff, the import contracts, the profiles' type check, the render and lock gates, hadolint
 	$(BIN)/ruff check buildkit tests bench
+	$(BIN)/lint-imports --no-cache --no-logo
+	$(BIN)/mypy
 	$(BIN)/lmi render --check
 	$(BIN)/lmi lock --check
 	$(BIN)/lmi --matrix tests/matrix.local.yaml lock --check

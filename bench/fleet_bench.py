@@ -79,7 +79,7 @@ def before_layers(rev: str = BEFORE_REV) -> dict[str, list[tuple[str, int]]]:
 
 def production_gpu_families(f) -> tuple[str, int, list[str]]:
     """The production DeepSpeed line with the most GPU families: (line, count, their SMs)."""
-    specs = [s for s in resolve(matrix.load(PRODUCTION, f), f) if s.engine.name == "deepspeed" and s.family.is_gpu]
+    specs = [s for s in resolve(matrix.load(PRODUCTION, f), f) if s.stack.name == "deepspeed" and s.family.is_gpu]
     lines: dict[str, list[str]] = {}
     for s in specs:
         lines.setdefault(s.line, []).append(s.family.sm)
@@ -95,7 +95,7 @@ def row(label: str, n: dict[str, float]) -> str:
 
 def main() -> None:
     f = facts.load()
-    specs = [s for s in resolve(matrix.load(MATRIX, f), f) if s.engine.name == "deepspeed" and s.family.is_gpu]
+    specs = [s for s in resolve(matrix.load(MATRIX, f), f) if s.stack.name == "deepspeed" and s.family.is_gpu]
     after_layers = {s.id: [(diff, b) for diff, b, _ in layers(f"{s.repository}:{s.tag}")] for s in specs}
     line, families, sms = production_gpu_families(f)
     before, after = fleet(before_layers(), families), fleet(after_layers, families)

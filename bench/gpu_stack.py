@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.results_md import write_section  # noqa: E402
-from buildkit import engine, facts, matrix, smoke  # noqa: E402
+from buildkit import engine, facts, interface, matrix, smoke  # noqa: E402
+from buildkit.profiles import REGISTRY  # noqa: E402
 from buildkit.spec import resolve  # noqa: E402
 
 MATRIX = ROOT / "tests" / "matrix.gpu-local.yaml"
@@ -82,8 +83,8 @@ def wrong_op_claim(ref: str, spec) -> str:
             (Path(tmp) / name).write_bytes(source.read_bytes())
             (Path(tmp) / name).chmod(0o644)
         out = subprocess.run([engine.detect_client().path, "run", "--rm", "--network=none", "-v",
-                              f"{tmp}:{smoke.CHECK_DIR}:ro", ref, "python", smoke.CHECK_MODULE, "--profile",
-                              f"{smoke.CHECK_DIR}/{spec.profile.CHECKER.name}", "--claims-json",
+                              f"{tmp}:{interface.CHECK_DIR}:ro", ref, "python", interface.CHECK_MODULE, "--profile",
+                              f"{interface.CHECK_DIR}/{spec.profile.CHECKER.name}", "--claims-json",
                               json.dumps({**claims, "deepspeed_ops": wrong}), "--checks-json", json.dumps(record)],
                              capture_output=True, text=True)
     event = json.loads(out.stdout.strip().splitlines()[-1])
@@ -117,10 +118,10 @@ def op_load(ref: str, spec, devel: str) -> list[dict]:
                               '&& chmod 644 /out/libcuda.so.1'], capture_output=True, text=True, check=True)
         out = subprocess.run([docker, "run", "--rm", "--network=none", "-v", f"{tmp}:/stub:ro", "-e",
                               "LD_LIBRARY_PATH=/stub", "-e", "DS_ACCELERATOR=cuda", "--entrypoint", "python", ref,
-                              "-c", _LOAD, json.dumps(list(spec.engine.ds_ops_built))],
+                              "-c", _LOAD, json.dumps(list(spec.stack.ds_ops_built))],
                              capture_output=True, text=True)
     loaded = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode or len(loaded) != len(spec.engine.ds_ops_built) or not all(
+    if out.returncode or len(loaded) != len(spec.stack.ds_ops_built) or not all(
             "site-packages/deepspeed/ops/" in d["file"] and d["installed"] for d in loaded):
         raise SystemExit(f"{ref}: the prebuilt ops did not load from the image: {loaded} {out.stderr[-2000:]}")
     return loaded
@@ -161,7 +162,7 @@ def kind(instruction: str) -> str:
 
 
 def main() -> None:
-    f = facts.load()
+    f = facts.load(REGISTRY)
     specs = resolve(matrix.load(MATRIX, f), f)
     rows, layer_rows, per_image, wrong_claims, cubins, loads = [], [], {}, [], [], []
     for spec in specs:
@@ -181,7 +182,7 @@ def main() -> None:
         twice = {name: n for n, name in libs if name in RUNTIME_FLAVOR_LIBS}
         biggest = ", ".join(f"{name} {n / GB:.2f}" for n, name in libs[:6])
         wrong_claims.append((spec.id, wrong_op_claim(ref, spec)))
-        devel = engine.mirrored(spec.engine.builder_image, "lmi-local")
+        devel = engine.mirrored(spec.stack.builder_image, "lmi-local")
         loads.append((spec.id, op_load(ref, spec, devel)))
         archs = cubin_archs(ref, devel)
         cubins.append((spec.id, ", ".join(f"{op}: {a}" for op, a in sorted(archs.items()))))

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results_md import write_section  # noqa: E402
 from buildkit import facts, matrix, render  # noqa: E402
+from buildkit.profiles import REGISTRY  # noqa: E402
 from buildkit.spec import resolve  # noqa: E402
 
 MARKER = "## CLI speed (issue #29)"
@@ -58,7 +59,7 @@ BOOT = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if not type(f)
 def in_process(out: Path) -> tuple[float, int]:
     facts.load.cache_clear()  # cold: read and parse the data files every time
     start = time.perf_counter()
-    f = facts.load()
+    f = facts.load(REGISTRY)
     m = matrix.load(ROOT / "matrix.yaml", f)
     specs = resolve(m, f)
     renderer = render.for_matrix(m)
@@ -94,7 +95,7 @@ def extract(rev: str, into: Path) -> Path:
 
 
 def gpu_ids() -> list[str]:
-    f = facts.load()
+    f = facts.load(REGISTRY)
     return [s.id for s in resolve(matrix.load(ROOT / "matrix.yaml", f), f) if s.line == LINE and s.family.is_gpu]
 
 

@@ -46,6 +46,7 @@ import yaml  # noqa: E402
 
 from bench.results_md import write_section  # noqa: E402
 from buildkit import cli, facts, matrix, rules, upstream, verify, versions, wheelfacts  # noqa: E402
+from buildkit.profiles import REGISTRY  # noqa: E402
 
 SCRATCH = ROOT / ".lmi" / "upstream-bench"
 MARKER = "## Upstream releases to locked lines (issue #27)"
@@ -128,7 +129,7 @@ def release_to_line(work: Path, matrix_path: Path) -> tuple[list, list[str], lis
     steps: list = []
     cache = work / "cache"  # cold: the wheels come from the index
     report = timed("find new releases, fetch and read their wheels, write facts and the line", steps,
-                   upstream.run, data_dir=work / "data", matrix_path=matrix_path, cache=cache)
+                   upstream.run, profiles=REGISTRY, data_dir=work / "data", matrix_path=matrix_path, cache=cache)
     lines = re.findall(r"matrix: line (\S+) added", "\n".join(report))
     outputs = []
     for line in lines:
@@ -164,15 +165,15 @@ def earlier_line(work: Path, matrix_path: Path, version: str = "0.32.0", torch: 
     forget(work, version, torch)
     steps: list = []
     cache = work / "cache-earlier"  # cold
-    said = [upstream._said(timed(f"lmi facts add torch {torch} (fetch + read)", steps, upstream.add, "torch", torch,
-                                 cache=cache, data_dir=work / "data")),
-            upstream._said(timed(f"lmi facts add vllm {version} (fetch + read)", steps, upstream.add, "vllm",
-                                 version, cache=cache, data_dir=work / "data"))]
+    said = [upstream.said(timed(f"lmi facts add torch {torch} (fetch + read)", steps, upstream.add, "torch", torch,
+                                 profiles=REGISTRY, cache=cache, data_dir=work / "data")),
+            upstream.said(timed(f"lmi facts add vllm {version} (fetch + read)", steps, upstream.add, "vllm",
+                                 version, profiles=REGISTRY, cache=cache, data_dir=work / "data"))]
     release = yaml.safe_load(upstream.data_path("vllm", work / "data").read_text())["releases"][version]
     start = time.perf_counter()
-    text, line = upstream.matrix_line(matrix_path.read_text(), "vllm", version, release)
+    text, line = upstream.matrix_line(matrix_path.read_text(), "vllm", version, release, REGISTRY)
     matrix_path.write_text(text)
-    refused = upstream.refused_families(matrix_path, line)
+    refused = upstream.refused_families(matrix_path, line, REGISTRY)
     matrix_path.write_text(upstream.with_excludes(text, line, refused))
     steps.append(("the matrix line, the rules' refusals as its excludes", time.perf_counter() - start))
     outputs = []
@@ -185,7 +186,7 @@ def earlier_line(work: Path, matrix_path: Path, version: str = "0.32.0", torch: 
 
 
 def verdicts(matrix_path: Path, line: str) -> list[str]:
-    f = facts.load()
+    f = facts.load(REGISTRY)
     rows = []
     for image in matrix.load(matrix_path, f).images:
         if image.line == line:
@@ -234,8 +235,8 @@ def newest_torch_line(work: Path, matrix_path: Path) -> tuple:
     forget_torch(work, newest)
     before = yaml.safe_load(upstream.data_path("torch", work / "data").read_text())
     assert newest not in before["derived"], newest
-    said = [upstream._said(timed(f"lmi facts add torch {newest} (fetch + read)", steps, upstream.add, "torch",
-                                 newest, cache=work / "cache-newest", data_dir=work / "data"))]
+    said = [upstream.said(timed(f"lmi facts add torch {newest} (fetch + read)", steps, upstream.add, "torch",
+                                 newest, profiles=REGISTRY, cache=work / "cache-newest", data_dir=work / "data"))]
     data = yaml.safe_load(upstream.data_path("torch", work / "data").read_text())
     minor = ".".join(newest.split(".")[:2])
     entry, record = data["releases"][minor], data["derived"][newest]
@@ -260,7 +261,7 @@ def newest_torch_line(work: Path, matrix_path: Path) -> tuple:
         f"  # torch {newest} (the index's newest), added by upstream_bench.py: a copy of {model} with it\n" + \
         "".join("  " + row for row in upstream._dump({name: line}).splitlines(keepends=True))
     matrix_path.write_text(text)
-    refused = upstream.refused_families(matrix_path, name)
+    refused = upstream.refused_families(matrix_path, name, REGISTRY)
     matrix_path.write_text(upstream.with_excludes(text, name, refused))
     steps.append(("the matrix line, the rules' refusals as its excludes", time.perf_counter() - start))
     outputs = []
@@ -285,7 +286,7 @@ def newest_torch_line(work: Path, matrix_path: Path) -> tuple:
                        f"({', '.join(pins)})")
     # each family of the line: its SM, how the derived arch list reaches it (facts.coverage, as the rules ask),
     # whether the wheel has that SM's own cubin outside the list, and the rules' verdict
-    f = facts.load()
+    f = facts.load(REGISTRY)
     entries = tuple(facts.ArchEntry.parse(a) for a in record["arch_list"].split(";"))
     cubins = record.get("extra_cubins", "").split(";")
     rows = []
@@ -335,7 +336,7 @@ def main() -> int:
     rows = cross_check(tool)
     cross_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    drift, checked = verify.verify_derived(wheels=True)
+    drift, checked = verify.verify_derived(profiles=REGISTRY, wheels=True)
     verify_s = time.perf_counter() - t0
     work, matrix_path = scratch()
     steps, report, outputs = release_to_line(work, matrix_path)

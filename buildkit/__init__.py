@@ -13,5 +13,6 @@ def image_uri(instance: str, region: str | None = None, *, engine: str | None = 
     (`lmi matrix` shows them) and torch and cuda, each a version or its prefix. Raises
     buildkit.errors.UserError, saying what does exist, when nothing matches."""
     from .index import image_uri as lookup
+    from .profiles import REGISTRY  # the public face assembles the registry, as the CLI does
 
-    return lookup(instance, region=region, engine=engine, torch=torch, cuda=cuda, index=index, **components)
+    return lookup(REGISTRY, instance, region=region, engine=engine, torch=torch, cuda=cuda, index=index, **components)

@@ -26,10 +26,11 @@ def documents(docker: str, image: str, spec, subject_name: str, digest: str | No
               matrix_path: Path | None = None) -> tuple[bytes, bytes | None]:
     """(SBOM, provenance) of the local `image`, pushed as subject_name@digest. Without a digest (an image
     not pushed yet) there is an SBOM only: provenance needs its subject."""
-    inv = sbom.inventory(docker, image)
+    inv = sbom.inventory(docker, image, (spec.profile,))
     facts = sbom.image_facts(docker, image)
     bases = provenance.bases(docker, image, spec)
-    bom = sbom.build(inv, facts, subject_name, digest, bases.get(spec.runtime_image, {}).get("digest"))
+    bom = sbom.build(inv, facts, subject_name, digest, bases.get(spec.runtime_image, {}).get("digest"),
+                     profiles=(spec.profile,))
     if digest is None:
         return bom.encode(), None
     statement = provenance.statement(

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import cache, engine, render
+from . import cache, engine, matrix, render
 from .engine import Client
 from .errors import UserError
 from .matrix import Matrix
@@ -51,6 +51,39 @@ class BuildOptions:
     registry: str | None = None  # image name prefix, e.g. 127.0.0.1:5000/team
     log_dir: Path = Path(".lmi/logs")
     pin_bases: bool = False  # build from the digest each base tag points at now (it enters the hash)
+
+
+def prefix(option: str, value: str | None) -> str | None:
+    """A registry prefix option (--registry, --base-mirror), refused in one line when outside its grammar."""
+    problem = value and matrix.prefix_problem(value)
+    if problem:
+        raise UserError(f"{option} {value!r}: {problem}")
+    return value
+
+
+def options(m: Matrix, *, build_args: list[str], pip_index_url: str | None, base_mirror: str | None,
+            registry: str | None, wheelhouse: str | None, ca_bundle: str | None, jobs: int = 1, force: bool = False,
+            pin_bases: bool = False) -> BuildOptions:
+    """The options of `lmi build`/`plan`/`bake`/`ci-matrix`, each checked: KEY=VALUE build arguments within the
+    matrix's grammar, an index URL without control characters, registry prefixes within theirs."""
+    extra = {}
+    for pair in build_args:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--build-arg {pair!r}: expected KEY=VALUE")
+        problem = matrix.build_arg_problem(key, value)
+        if problem:
+            raise UserError(f"--build-arg: {problem}")
+        extra[key] = value
+    if pip_index_url and any(ord(c) < 32 or ord(c) == 127 for c in pip_index_url):
+        raise UserError("--pip-index-url (or $LMI_PIP_INDEX_URL) holds a control character (a line break?); "
+                        "remove it")
+    return BuildOptions(
+        jobs=jobs, force=force, base_mirror=prefix("--base-mirror", base_mirror) or m.base_mirror,
+        pip_index_url=pip_index_url, wheelhouse=Path(wheelhouse) if wheelhouse else None,
+        ca_bundle=Path(ca_bundle) if ca_bundle else None, build_args=extra,
+        registry=prefix("--registry", registry), pin_bases=pin_bases,
+    )
 
 
 @dataclass
@@ -383,3 +416,17 @@ def select_shard(items: list, shard: str | None) -> list:
     index, count = int(match.group(1)), int(match.group(2))
     return [item for i, item in enumerate(items) if i % count == index - 1]
 
+
+def planned(m: Matrix, specs: list[ImageSpec], options: BuildOptions, client: Client | None, shard: str | None,
+            require_locks: bool = False) -> list[tuple[PlannedImage, Context]]:
+    """The shard's specs planned as they will be built (`plan`). With require_locks, an image whose context has no
+    current lock is refused before anything is built."""
+    from . import lock
+
+    specs = select_shard(specs, shard)
+    if not specs:
+        raise UserError(f"shard {shard} has no images; use fewer shards")
+    out = plan(m, specs, options, client)
+    if require_locks:
+        lock.refuse_unlocked(lock.load(lock.lock_path(m.path)), m.build_args, out)
+    return out

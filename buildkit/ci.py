@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import index, publish
 from .errors import UserError
+from .interface import Registry
 from .registry import Address, OciClient, RegistryError
 from .spec import PlannedImage, content_hash
 
@@ -107,20 +108,20 @@ def job_matrix(planned: list[PlannedImage]) -> dict:
 
 
 def merge_index(index_path: Path, fragments: list[str], fetch: list[Address], publish_to: list[Address],
-                repository: str, attempts: int = 3, say=print) -> dict:
+                repository: str, profiles: Registry, attempts: int = 3, say=print) -> dict:
     """Merge index fragments (one per CI job) into `index_path`, starting from what `fetch` publishes, and
     publish the result. Read, merge and replace happen under the index's lock, and the publish is a
     compare-and-swap on what was fetched: an index that moved meanwhile is merged in again, never dropped."""
     for attempt in range(1, attempts + 1):
         read_at: dict[str, str | None] = {}
         with index.locked(index_path):
-            merged = index.load(index_path, missing_ok=True)
+            merged = index.load(index_path, profiles, missing_ok=True)
             for address in fetch:
-                published, read_at[address.url] = publish.fetch_index_at(address, repository)
-                merged = index.merge(merged, published["images"], address.url)
+                published, read_at[address.url] = publish.fetch_index_at(address, repository, profiles)
+                merged = index.merge(merged, published["images"], profiles, address.url)
             for fragment in fragments:
-                merged = index.merge(merged, index.load(fragment)["images"], str(fragment))
-            index.write(index_path, merged)
+                merged = index.merge(merged, index.load(fragment, profiles)["images"], profiles, str(fragment))
+            index.write(index_path, merged, profiles)
             try:
                 publish.publish_index(index_path, publish_to, repository, read_at)
                 return merged

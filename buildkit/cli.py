@@ -8,19 +8,17 @@ says its own (buildkit/errors.py: LmiError.exit_code). Errors are one line each,
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
-import re
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import (
-    __version__,
     build,
     ci,
+    cli_parser,
     engine,
     facts,
     index,
@@ -30,14 +28,14 @@ from . import (
     publish,
     registry,
     render,
+    rules,
     smoke,
-    versions,
 )
 from .errors import LmiError, UserError
 from .facts import sm_name
 from .progress import progress_for
 from .rules import Combo, evaluate
-from .spec import ImageSpec, resolve
+from .spec import ImageSpec, resolve, select
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -58,37 +56,21 @@ def _matrix_path(args: argparse.Namespace) -> Path:
 
 
 def _load(args: argparse.Namespace) -> tuple[matrix.Matrix, list[ImageSpec]]:
-    f = facts.load()
+    f = facts.load(profiles.REGISTRY)
     m = matrix.load(_matrix_path(args), f)
     return m, resolve(m, f)
 
 
-def select(specs: list[ImageSpec], instances: Sequence[str], patterns: Sequence[str]) -> list[ImageSpec]:
-    """Images whose family is one of `instances` (if any) and whose id matches a glob (if any)."""
-    families = {s.family.name for s in specs}
-    instances = [_instance(i).family for i in instances]  # ml.g5.12xlarge selects the g5 images
-    for name in instances:
-        if name not in families:
-            raise UserError(f"--instance {name}: no image of the matrix is for that family; "
-                            f"{versions.did_you_mean(name, sorted(families))}")
-    chosen = [s for s in specs if (not instances or s.family.name in instances)
-              and (not patterns or any(fnmatch.fnmatchcase(s.id, p) for p in patterns))]
-    if not chosen:
-        wanted = " ".join([*(f"--instance {i}" for i in instances), *patterns])
-        raise UserError(f"no image matches {wanted}; `lmi matrix` lists the image ids")
-    return chosen
-
-
 def _selected(args: argparse.Namespace) -> tuple[matrix.Matrix, list[ImageSpec]]:
+    """The matrix and its images that --instance (a family or an instance type of it) and the patterns select."""
     m, specs = _load(args)
-    return m, select(specs, args.instance or [], args.patterns or [])
+    return m, select(specs, [_instance(i).family for i in args.instance or []], args.patterns or [])
 
 
 def _warn(specs: list[ImageSpec]) -> None:
-    """What each engine's profile warns about for its images (e.g. a download without a recorded checksum)."""
-    for name, profile in profiles.PROFILES.items():
-        for line in profile.warnings([s for s in specs if s.engine.name == name]):
-            print(f"warning: {line}", file=sys.stderr)
+    """What each profile warns about for its images (e.g. a download without a recorded checksum)."""
+    for line in profiles.REGISTRY.warnings(specs):
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -106,7 +88,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         print(json.dumps([s.claims() for s in specs], indent=2, sort_keys=True))
         return EXIT_OK
     rows = [[s.id, s.family.name, f"{s.family.gpu} {sm_name(s.family.sm)}" if s.family.is_gpu else "-",
-             s.cuda_patch or "-", f"{s.torch}+{s.wheel_variant}", s.engine.name,
+             s.cuda_patch or "-", f"{s.torch}+{s.wheel_variant}", s.stack.name,
              ",".join(f"{k}={v}" for k, v in s.versions.items()), s.python, s.os.name,
              "yes" if s.needs_compat else "no"] for s in specs]
     print(_table(rows, ["ID", "FAMILY", "GPU", "CUDA", "TORCH", "ENGINE", "VERSIONS", "PYTHON", "OS", "COMPAT"]))
@@ -125,72 +107,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    f = facts.load()
-    driver = args.driver
-    if driver is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)*", driver):
-        raise UserError(f"--driver {driver!r}: not a driver version; write it as digits and dots, e.g. 535.54.03")
-    if args.inference_ami:
-        if args.inference_ami not in f.amis:
-            raise UserError(f"--inference-ami {args.inference_ami!r}: unknown; "
-                            f"{versions.did_you_mean(args.inference_ami, f.amis)}")
-        driver = f.amis[args.inference_ami]
-    profile = profiles.get(args.engine)
-    parts = _engine_parts(args, profile)
+    f = facts.load(profiles.REGISTRY)
+    driver = rules.host_driver(f, args.driver, args.inference_ami)
+    given = {k: getattr(args, k) for k in profiles.REGISTRY.option_keys() if getattr(args, k) is not None}
+    parts = profiles.REGISTRY.parts(args.engine, given)
     family = _instance(args.instance).family  # ml.g5.12xlarge checks g5
     cpu = family == "cpu"
-    combo = Combo.of(profile.NAME, family, args.torch, None if cpu else args.cuda, args.python, args.os,
+    combo = Combo.of(args.engine, family, args.torch, None if cpu else args.cuda, args.python, args.os,
                      torch_cuda=None if cpu else args.torch_cuda, driver=driver, **parts)
     verdict = evaluate(combo, f)
     if args.json:
-        combination = {"family": combo.family, "engine": combo.engine, **dict(combo.parts), "torch": combo.torch,
-                       "cuda": combo.cuda, "python": combo.python, "os": combo.os, "torch_cuda": combo.torch_cuda,
-                       "driver": combo.driver}
-        print(json.dumps({
-            "valid": verdict.ok, "combination": {k: v for k, v in combination.items() if v is not None},
-            "errors": [{"rule": e.rule, "message": e.message, "source": e.source, "try": e.fix}
-                       for e in verdict.errors],
-            "notes": verdict.notes, "observations": verdict.observations,
-            "cuda_compat": verdict.needs_compat, "host_driver": verdict.driver,
-            "torch_variant": verdict.wheel_variant, "torch_cuda_arch_list": verdict.arch_list,
-        }, indent=2))
+        print(json.dumps(rules.verdict_json(combo, verdict), indent=2))
         return EXIT_OK if verdict.ok else EXIT_USAGE
     if not verdict.ok:
         for e in verdict.errors:
             print(f"error: {e.text()}", file=sys.stderr)
         return EXIT_USAGE
-    cuda = f"CUDA {f.toolkits[combo.cuda].patch}" if combo.cuda else "CPU"
-    engine_parts = ", ".join(f"{profile.TITLES[k]} {combo.part(k)}" for k in profile.COMPONENTS)
-    summary = (f"ok: {combo.family} can run {engine_parts}, "
-               f"torch {combo.torch}+{verdict.wheel_variant}, {cuda}, Python {combo.python}, {combo.os}")
-    print(summary + (f" ({'; '.join(verdict.notes)})" if verdict.notes else ""))
+    print(rules.summary(combo, verdict, f))
     if args.verbose:
         for line in verdict.observations:
             print(f"observed: {line}")
     return EXIT_OK
-
-
-def _engine_parts(args: argparse.Namespace, profile) -> dict[str, str]:
-    """The --<component> and --<option> values for the chosen engine: all its components, none of another's."""
-    given = {k: getattr(args, k) for k in _flag_keys() if getattr(args, k) is not None}
-    foreign = [k for k in given if k not in profile.COMPONENTS and k not in profile.OPTIONS]
-    if foreign:
-        owners = {k: [n for n, p in profiles.PROFILES.items() if k in p.COMPONENTS or k in p.OPTIONS] for k in foreign}
-        raise UserError(*(f"--{k.replace('_', '-')} belongs to engine {' or '.join(owners[k])}, not to "
-                          f"{profile.NAME}; add --engine {owners[k][0]} or drop it" for k in foreign))
-    missing = [k for k in profile.COMPONENTS if k not in given]
-    if missing:
-        raise UserError(f"engine {profile.NAME} needs {', '.join('--' + k for k in missing)} (its components: "
-                        f"{', '.join('--' + k for k in profile.COMPONENTS)})")
-    for k, allowed in profile.OPTIONS.items():
-        if k in given and given[k] not in allowed:
-            raise UserError(f"--{k.replace('_', '-')} {given[k]!r}: not one of {', '.join(allowed)}")
-    return given
-
-
-def _flag_keys() -> tuple[str, ...]:
-    """Every profile's components, then its options: one flag each on `lmi check` (components also `lmi uri`)."""
-    options = (o for p in profiles.PROFILES.values() for o in p.OPTIONS)
-    return tuple(dict.fromkeys((*profiles.component_keys(), *options)))
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -224,10 +161,9 @@ def cmd_lock(args: argparse.Namespace) -> int:
     from . import locker
 
     m, specs = _selected(args)
-    path = lock.lock_path(m.path)
-    current = lock.load(path)
     if args.check:
-        stale, unresolved = lock.problems(specs, current, m.build_args)
+        path = lock.lock_path(m.path)
+        stale, unresolved = lock.problems(specs, lock.load(path), m.build_args)
         for line in unresolved:
             print(f"warning: {line} (its images cannot be built until it is)", file=sys.stderr)
         if stale:
@@ -240,18 +176,10 @@ def cmd_lock(args: argparse.Namespace) -> int:
         else:
             print(f"ok: the dependency sets of {len(specs)} images are locked in {path} for their current inputs")
         return EXIT_OK
-    wanted = lock.plan(specs, m.build_args)
-    index_url = args.pip_index_url or os.environ.get("LMI_PIP_INDEX_URL")
-    find_links = [Path(args.wheelhouse)] if args.wheelhouse else []
-    sets, failed = locker.update(current, wanted, upgrade=args.upgrade, index_url=index_url, find_links=find_links,
-                                 say=print)
-    whole = not args.instance and not args.patterns
-    if whole:  # sets no image of the matrix uses any more
-        sets = {k: v for k, v in sets.items() if k in wanted}
-    locker.write(lock.LockFile(path, sets))
-    renderer = render.for_matrix(m)
-    contexts = [renderer.render(s) for s in specs]
-    changed = render.write(contexts, m.output, prune=False)
+    path, changed, failed = locker.relock(
+        m, specs, whole=not args.instance and not args.patterns, upgrade=args.upgrade,
+        index_url=args.pip_index_url or os.environ.get("LMI_PIP_INDEX_URL"),
+        find_links=[Path(args.wheelhouse)] if args.wheelhouse else [], say=print)
     print(f"wrote {path}; re-rendered {len(changed)} context(s) in {m.output}")
     for line in failed:
         print(f"error: {path}: {line}", file=sys.stderr)
@@ -275,13 +203,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_facts_verify(args: argparse.Namespace) -> int:
     from . import verify
 
-    f = facts.load()
+    f = facts.load(profiles.REGISTRY)
     m = matrix.load(_matrix_path(args), f)
-    pins = sorted({f"{name}=={version}" for image in m.images for name, version in image.libraries.items()}
-                  | {pin for image in m.images for pin in image.pip})
+    pins = verify.matrix_pins(m)
     print(f"reading {verify.index_url()} ...")
     drift, checked = verify.verify(f, pins)
-    more, counted = verify.verify_derived(wheels=getattr(args, "wheels", False))
+    more, counted = verify.verify_derived(profiles=profiles.REGISTRY, wheels=getattr(args, "wheels", False))
     drift, checked = drift + more, checked + counted
     for line in drift:
         print(f"drift: {line}")
@@ -297,21 +224,16 @@ def cmd_facts_verify(args: argparse.Namespace) -> int:
 def cmd_facts_add(args: argparse.Namespace) -> int:
     from . import upstream
 
-    added = upstream.add(args.component, args.version)
-    print(upstream._said(added))
+    added = upstream.add(args.component, args.version, profiles=profiles.REGISTRY)
+    print(upstream.said(added))
     return EXIT_FAIL if added.release_missing else EXIT_OK  # a release entry it could not write: said above
-
-
-def _wheel_components() -> tuple[str, ...]:
-    from . import upstream
-
-    return upstream.components()
 
 
 def cmd_facts_upstream(args: argparse.Namespace) -> int:
     from . import upstream
 
-    for line in upstream.run(data_dir=args.data_dir, matrix_path=_matrix_path(args) if args.add_line else None):
+    for line in upstream.run(profiles=profiles.REGISTRY, data_dir=args.data_dir,
+                             matrix_path=_matrix_path(args) if args.add_line else None):
         print(line)
     return EXIT_OK
 
@@ -323,65 +245,19 @@ def cmd_engine(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _prefix(option: str, value: str | None) -> str | None:
-    """A registry prefix option (--registry, --base-mirror), refused in one line when outside its grammar."""
-    problem = value and matrix.prefix_problem(value)
-    if problem:
-        raise UserError(f"{option} {value!r}: {problem}")
-    return value
-
-
 def _build_options(args: argparse.Namespace, m: matrix.Matrix) -> build.BuildOptions:
-    extra = {}
-    for pair in args.build_arg or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"--build-arg {pair!r}: expected KEY=VALUE")
-        problem = matrix.build_arg_problem(key, value)
-        if problem:
-            raise UserError(f"--build-arg: {problem}")
-        extra[key] = value
-    index_url = args.pip_index_url or os.environ.get("LMI_PIP_INDEX_URL")
-    if index_url and any(ord(c) < 32 or ord(c) == 127 for c in index_url):
-        raise UserError("--pip-index-url (or $LMI_PIP_INDEX_URL) holds a control character (a line break?); "
-                        "remove it")
-    return build.BuildOptions(
-        jobs=args.jobs, force=getattr(args, "force", False),
-        base_mirror=_prefix("--base-mirror", args.base_mirror) or m.base_mirror, pip_index_url=index_url,
-        wheelhouse=Path(args.wheelhouse) if args.wheelhouse else None,
-        ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None, build_args=extra,
-        registry=_prefix("--registry", args.registry),
-        pin_bases=args.pin_bases,
-    )
+    return build.options(m, build_args=args.build_arg or [], base_mirror=args.base_mirror, registry=args.registry,
+                         pip_index_url=args.pip_index_url or os.environ.get("LMI_PIP_INDEX_URL"),
+                         wheelhouse=args.wheelhouse, ca_bundle=args.ca_bundle, jobs=args.jobs,
+                         force=getattr(args, "force", False), pin_bases=args.pin_bases)
 
 
 def _planned_for_build(args: argparse.Namespace, client: engine.Client | None, require_locks: bool = False):
     """Selected specs, planned as they will be built (build.plan). With require_locks, an image whose context
     has no current lock is refused before anything is built."""
     m, specs = _selected(args)
-    specs = build.select_shard(specs, getattr(args, "shard", None))
-    if not specs:
-        raise UserError(f"shard {args.shard} has no images; use fewer shards")
     options = _build_options(args, m)
-    planned = build.plan(m, specs, options, client)
-    if require_locks:
-        _refuse_unlocked(lock.load(lock.lock_path(m.path)), m.build_args, planned)
-    return m, options, planned
-
-
-def _refuse_unlocked(locks: lock.LockFile, build_args: dict[str, str], planned) -> None:
-    """Every build installs from its context's locks: one without them cannot be built."""
-    why = {"missing": "it has no lock set", "stale": "its lock set is stale"}
-    lines = []
-    for p, ctx in planned:
-        if lock.is_locked(ctx.files):
-            continue
-        state, found, _ = locks.status(p.spec, build_args)
-        reason = f"not locked: {found.unresolved[:200]}" if state == "unresolved" else why[state]
-        lines.append(f"{locks.path}: image {p.spec.id}: {reason}; run `lmi lock` (make lock) where its package "
-                     "indexes are reachable, then build")
-    if lines:
-        raise UserError(*lines)
+    return m, options, build.planned(m, specs, options, client, getattr(args, "shard", None), require_locks)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -444,7 +320,7 @@ def cmd_ci_matrix(args: argparse.Namespace) -> int:
 
 def cmd_index_merge(args: argparse.Namespace) -> int:
     merged = ci.merge_index(Path(args.index), args.fragments, [_address(u) for u in args.fetch or []],
-                            [_address(u) for u in args.publish or []], args.repository,
+                            [_address(u) for u in args.publish or []], args.repository, profiles.REGISTRY,
                             say=lambda line: print(line, file=sys.stderr))
     print(f"{args.index}: {len(merged['images'])} image(s), {len(args.fragments)} fragment(s) merged; "
           "AVAILABLE_IMAGES.md beside it")
@@ -454,44 +330,23 @@ def cmd_index_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    tiers = tuple(t.strip() for t in args.tier.split(",") if t.strip())
-    unknown = [t for t in tiers if t not in smoke.TIERS]
-    if unknown or not tiers:
-        raise UserError(f"--tier {args.tier}: unknown tier {', '.join(unknown) or '(none)'}; "
-                        f"choose from {', '.join(smoke.TIERS)}")
-    _prefix("--registry", args.registry)
+    tiers = smoke.tiers_of(args.tier)
+    build.prefix("--registry", args.registry)
     m, specs = _selected(args)
     if args.image and len(specs) != 1:
         raise UserError(f"--image {args.image} tests one image, but the selection has {len(specs)}; "
                         "select exactly one with --instance or a pattern")
-    gpu, reason = False, "--gpu off"
-    if args.gpu != "off" and {"gpu", "serving"} & set(tiers):  # serving uses the GPUs where usable too
-        gpu, reason = smoke.gpu_runtime()
-        if args.gpu == "required" and not gpu:
-            raise UserError(f"--gpu required, but no GPU runtime is usable here: {reason}")
-    runner = smoke.Runner(check_timeout=args.check_timeout, serving_timeout=args.serving_timeout)
-    records = []
+    gpu, reason = smoke.gpu_for(args.gpu, tiers)
+    images = [(spec, args.image or f"{build.repository(spec, args.registry)}:{spec.tag}") for spec in specs]
+    records: list[smoke.Record] = []
     try:
-        for spec in specs:
-            image = args.image or f"{build.repository(spec, args.registry)}:{spec.tag}"
-            print(f"testing {spec.id} ({image}): tiers {', '.join(tiers)}", flush=True)
-            record = smoke.smoke_image(runner, image, spec, tiers, gpu, reason)
-            records.append(record)
-            for o in record.outcomes:
-                if o["passed"] is False or args.verbose:
-                    state = {True: "pass", False: "FAIL", None: "skip"}[o["passed"]]
-                    print(f"  {state} {o['tier']}/{o['name']}: {o['message']}")
+        smoke.run(images, tiers, gpu, reason, records, check_timeout=args.check_timeout,
+                  serving_timeout=args.serving_timeout, junit_path=Path(args.junit) if args.junit else None,
+                  verbose=args.verbose, say=lambda line: print(line, flush=True))
     except KeyboardInterrupt:
         print("interrupted: removing the test containers", file=sys.stderr)
         return 130
-    finally:
-        runner.cleanup()
-        if args.junit and records:
-            smoke.junit(records, Path(args.junit))
-    rows = [[r.spec_id, "passed" if r.passed else "FAILED", str(sum(o["passed"] is True for o in r.outcomes)),
-             str(sum(o["passed"] is False for o in r.outcomes)), str(sum(o["passed"] is None for o in r.outcomes)),
-             r.image_id.split(":")[-1][:12]] for r in records]
-    print(_table(rows, ["IMAGE", "RESULT", "PASSED", "FAILED", "SKIPPED", "IMAGE ID"]))
+    print(_table(smoke.summary_rows(records), ["IMAGE", "RESULT", "PASSED", "FAILED", "SKIPPED", "IMAGE ID"]))
     print(f"records: {smoke.RECORD_DIR}/<image id>.json" + (f"; JUnit: {args.junit}" if args.junit else ""))
     return EXIT_OK if all(r.passed for r in records) else EXIT_FAIL
 
@@ -512,7 +367,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     _, specs = _selected(args)
     print(f"pushing {len(specs)} image(s) to {address.url}")
     done = publish.push(specs, address, Path(args.index), index_artifact=not args.no_index_artifact,
-                        matrix_path=_matrix_path(args))
+                        matrix_path=_matrix_path(args), known=facts.load(profiles.REGISTRY))
     for p in done:
         print(f"{p.spec.id}: {p.address.ref(p.spec.repository, digest=p.digest)}")
     print(f"index: {args.index} ({len(done)} image(s) recorded); AVAILABLE_IMAGES.md beside it")
@@ -523,23 +378,16 @@ def cmd_promote(args: argparse.Namespace) -> int:
     source = _address(args.source)
     targets = [_address(t) for t in args.to]
     _, specs = _selected(args)
-    for line in publish.promote(specs, source, targets, Path(args.index), index_artifact=not args.no_index_artifact):
+    for line in publish.promote(specs, source, targets, Path(args.index), index_artifact=not args.no_index_artifact,
+                                profiles=profiles.REGISTRY):
         print(line)
     return EXIT_OK
-
-
-def _revision(text: str) -> int:
-    """--revision N: a positive number, as in <tag>-rN (an `rN` is taken too)."""
-    digits = text[1:] if text[:1] == "r" else text
-    if not (digits.isascii() and digits.isdigit() and 0 < int(digits) < 10**9):
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a revision: give N of <tag>-rN, e.g. 2")
-    return int(digits)
 
 
 def _instance(text: str) -> facts.InstanceType:
     """--instance as a family (g5) or an instance type (ml.g5.12xlarge, g5.12xlarge): facts.instance_type."""
     try:
-        return facts.instance_type(text, facts.load())
+        return facts.instance_type(text, facts.load(profiles.REGISTRY))
     except ValueError as exc:
         raise UserError(f"--instance: {exc}") from None
 
@@ -547,25 +395,15 @@ def _instance(text: str) -> facts.InstanceType:
 def cmd_uri(args: argparse.Namespace) -> int:
     wanted = {k: getattr(args, k) for k in (*profiles.component_keys(), *index.FILTERS)}
     instance = _instance(args.instance)
-    family = instance.family
-    data = index.load(args.index)
-    entry, reg = index.lookup(data, family, region=args.region, registry=args.registry,
-                              revision=args.revision, engine=args.engine, asked=instance.name, **wanted)
-    chose = args.engine or any(wanted[k] for k in profiles.component_keys())
-    others = [e for e in index.engines([i for i in data["images"] if i["family"] == family])
-              if e != entry["engine"]]
-    if others and not chose:
-        print(f"note: {family} also has images of engine {', '.join(others)} (choose with --engine)",
+    entry, reg, others = index.answer(index.load(args.index, profiles.REGISTRY), profiles.REGISTRY, instance,
+                                      region=args.region, registry=args.registry, revision=args.revision,
+                                      engine=args.engine, **wanted)
+    if others:
+        print(f"note: {instance.family} also has images of engine {', '.join(others)} (choose with --engine)",
               file=sys.stderr)
     size = index.instance_facts(instance)
     if args.json:
-        print(json.dumps({"uri": reg["uri"], "registry": reg["url"], "region": reg.get("region"), "id": entry["id"],
-                          "engine": entry["engine"], "tag": entry["tag"], "revision": entry.get("revision"),
-                          "host": entry.get("host"),
-                          "digest": entry["digest"], "components": entry["components"],
-                          "sbom": entry.get("sbom"), "provenance": entry.get("provenance"), "gate": entry.get("gate"),
-                          **({"instance": size} if size else {})},
-                         indent=2))
+        print(json.dumps(index.uri_json(entry, reg, size), indent=2))
     else:
         if entry.get("host"):
             print(f"{entry['tag']}: {entry['host']['summary']}", file=sys.stderr)
@@ -591,12 +429,7 @@ def cmd_sbom(args: argparse.Namespace) -> int:
                                 spec.repository, None)[0]
     else:
         address = _address(args.registry)
-        listed = [e for e in index.load(args.index)["images"] if e["id"] == spec.id
-                  and any(r["url"] == address.url for r in e.get("registries", []))]
-        if not listed:
-            raise UserError(f"{spec.id}: the index {args.index} lists no image of it in {address.url}; check "
-                            "--index and --registry, or use --local for the image in the engine")
-        entry = max(listed, key=lambda e: e.get("built") or "")
+        entry = index.published(index.load(args.index, profiles.REGISTRY), spec.id, address.url, args.index)
         target = publish.Target(address, engine.detect_client().path if address.kind == "ecr" else "docker")
         target.prepare(set())
         kind = "provenance" if args.provenance else "sbom"
@@ -618,7 +451,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         raise UserError(f"--allowlist {args.allowlist}: no such file; omit it to use {gate.DEFAULT_ALLOWLIST.name} "
                         "beside the matrix")
     results = gate.run(specs, _address(args.registry), Path(args.index), allowlist, args.floor,
-                       no_scan_gate=args.no_scan_gate, timeout_s=args.scan_timeout)
+                       no_scan_gate=args.no_scan_gate, timeout_s=args.scan_timeout, profiles=profiles.REGISTRY)
     failed = [spec.id for spec, verdict in results if not verdict["passed"]]
     if failed:
         print(f"gate: {len(failed)} of {len(results)} image(s) may not be promoted: {', '.join(failed)} "
@@ -628,210 +461,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# --- argument parsing ----------------------------------------------------------------------------
-
-
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--matrix", default=argparse.SUPPRESS, metavar="PATH",
-                        help="matrix file (default: $LMI_MATRIX or ./matrix.yaml)")
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show tracebacks on errors")
-    selectors = argparse.ArgumentParser(add_help=False)
-    selectors.add_argument("--instance", action="append", metavar="FAMILY",
-                           help="select a family (repeatable; an instance type, ml.g5.12xlarge, selects its family)")
-    selectors.add_argument("patterns", nargs="*", metavar="PATTERN", help="glob patterns on image ids")
-
-    parser = argparse.ArgumentParser(prog="lmi", parents=[common],
-                                     description="Build LMI container images for AWS GPU instances from one matrix.")
-    parser.add_argument("--version", action="version", version=f"lmi {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("matrix", parents=[common, selectors], help="list the images of the matrix")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_matrix)
-
-    p = sub.add_parser("validate", parents=[common], help="check every image against the compatibility rules")
-    p.add_argument("-v", "--verbose", action="store_true", help="also print each image's notes")
-    p.set_defaults(func=cmd_validate)
-
-    p = sub.add_parser("facts", parents=[common], help="facts about the facts: `lmi facts verify` against the index")
-    facts_sub = p.add_subparsers(dest="facts_command", required=True, metavar="ACTION")
-    q = facts_sub.add_parser("verify", parents=[common], help="re-derive torch wheels/Pythons, the engines' "
-                             "releases and library versions from the package index; report drift")
-    q.add_argument("--wheels", action="store_true", help="also re-derive the derived records from their wheels "
-                   "(fetched by sha256 into .lmi/upstream/)")
-    q.set_defaults(func=cmd_facts_verify)
-    q = facts_sub.add_parser("add", parents=[common], help="read a release's facts from its wheel on the package "
-                             "index into buildkit/data")
-    q.add_argument("component", choices=_wheel_components())
-    q.add_argument("version")
-    q.set_defaults(func=cmd_facts_add)
-    q = facts_sub.add_parser("upstream", parents=[common], help="add the facts of every release newer than the "
-                             "data's (and, with --add-line, a matrix line per new engine release)")
-    q.add_argument("--add-line", action="store_true", help="append a line per new engine release to the matrix")
-    q.add_argument("--data-dir", type=Path, default=None, help=argparse.SUPPRESS)
-    q.set_defaults(func=cmd_facts_upstream)
-
-    p = sub.add_parser("check", parents=[common], help="can I build this combination? (no matrix needed)")
-    p.add_argument("--engine", choices=sorted(profiles.PROFILES), default=profiles.DEFAULT,
-                   help=f"the serving engine (default: {profiles.DEFAULT})")
-    for name, hint in (("instance", "g5"), ("cuda", "12.4"), ("torch", "2.4.0"), ("python", "3.10"),
-                       ("os", "ubuntu22.04")):
-        p.add_argument(f"--{name}", required=name != "cuda", metavar=hint.upper() if name == "os" else hint)
-    for name in _flag_keys():  # every profile's components and options; the chosen engine's are required
-        owners = [p_.NAME for p_ in profiles.PROFILES.values() if name in p_.COMPONENTS or name in p_.OPTIONS]
-        choices = sorted({v for p_ in profiles.PROFILES.values() for v in p_.OPTIONS.get(name, ())})
-        helps = {p_.OPTION_HELP.get(name) for p_ in profiles.PROFILES.values()} - {None}
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="|".join(choices) or "VERSION",
-                       help="; ".join(sorted(helps)) or f"a component of engine {' and '.join(owners)}")
-    p.add_argument("--torch-cuda", metavar="12.8", help="torch wheel CUDA variant, when not the toolkit's")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--driver", metavar="535.54.03", help="host driver (default: SageMaker's for the family)")
-    group.add_argument("--inference-ami", metavar="NAME", help="SageMaker InferenceAmiVersion of the endpoint")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true", help="also print what AWS shipped (observations)")
-    p.set_defaults(func=cmd_check)
-
-    p = sub.add_parser("render", parents=[common, selectors], help="render build contexts into images/")
-    p.add_argument("--out", metavar="DIR", help="render into DIR instead of the matrix's output")
-    p.add_argument("--check", action="store_true", help="exit 1 when the contexts differ from a fresh render")
-    p.set_defaults(func=cmd_render)
-
-    p = sub.add_parser("lock", parents=[common, selectors],
-                       help="resolve every image's Python dependencies, hashed, into the matrix's lock file")
-    p.add_argument("--check", action="store_true", help="exit 1 when a set is missing or stale (offline)")
-    p.add_argument("--upgrade", action="store_true", help="resolve again even the sets that are current")
-    p.add_argument("--wheelhouse", metavar="DIR", help="a folder of wheels to resolve from too (and hash)")
-    p.add_argument("--pip-index-url", metavar="URL", help="the package index (default: uv's, PyPI); one with "
-                   "credentials is better given as $LMI_PIP_INDEX_URL")
-    p.set_defaults(func=cmd_lock)
-
-    engine_opts = argparse.ArgumentParser(add_help=False)
-    engine_opts.add_argument("--docker", metavar="PATH", help="docker CLI to build with (default: detected; "
-                             "also $DOCKER)")
-    build_opts = argparse.ArgumentParser(add_help=False)
-    build_opts.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="parallel builds")
-    build_opts.add_argument("--registry", metavar="HOST/PREFIX", help="name images for this registry")
-    build_opts.add_argument("--base-mirror", metavar="PREFIX", help="pull base images through this prefix")
-    build_opts.add_argument("--pip-index-url", metavar="URL",
-                            help="package index used inside the builds; one with credentials is better given as "
-                                 "$LMI_PIP_INDEX_URL (not in argv); either way they reach builds as a secret only")
-    build_opts.add_argument("--wheelhouse", metavar="DIR", help="wheels to prefer, mounted into the builds")
-    build_opts.add_argument("--ca-bundle", metavar="FILE",
-                            help=f"CA bundle passed as a BuildKit secret (default: {build.DEFAULT_CA_BUNDLE})")
-    build_opts.add_argument("--build-arg", action="append", metavar="KEY=VALUE", help="extra build argument")
-    build_opts.add_argument("--shard", metavar="I/N", help="build only the I-th of N slices of the selection")
-    build_opts.add_argument("--pin-bases", action="store_true",
-                            help="use the digest each base tag points at now (a new base digest changes the hash)")
-
-    p = sub.add_parser("plan", parents=[common, selectors, build_opts],
-                       help="image ids, tags and content hashes (as `lmi build` with the same options labels them)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_plan)
-
-    p = sub.add_parser("engine", parents=[common, engine_opts],
-                       help="make sure a docker engine answers (installs and starts Debian's docker.io if needed)")
-    p.set_defaults(func=cmd_engine)
-
-    p = sub.add_parser("build", parents=[common, selectors, engine_opts, build_opts],
-                       help="build the selected images with BuildKit")
-    p.add_argument("--force", action="store_true", help="rebuild even when the content-hash tag exists")
-    p.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
-    p.set_defaults(func=cmd_build)
-
-    p = sub.add_parser("test", parents=[common, selectors], help="smoke-test built images (cpu, gpu, serving)")
-    p.add_argument("--tier", default="cpu,gpu,serving", help="comma-separated tiers (default: all)")
-    p.add_argument("--gpu", choices=("auto", "required", "off"), default="auto",
-                   help="auto: run the gpu tier where a GPU runtime is usable; required: fail without one")
-    p.add_argument("--image", metavar="REF", help="test this image instead of the selected spec's tag")
-    p.add_argument("--registry", metavar="HOST/PREFIX", help="the images are named for this registry")
-    p.add_argument("--junit", metavar="FILE", help="write JUnit XML for CI")
-    p.add_argument("--check-timeout", type=float, default=300.0, metavar="S", help="seconds per check")
-    p.add_argument("--serving-timeout", type=float, default=600.0, metavar="S",
-                   help="seconds for the model to load and /ping to answer (the ranks JIT-compile on CPU images)")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every check, not only failures")
-    p.set_defaults(func=cmd_test)
-
-    p = sub.add_parser("registry", parents=[common], help="start the embedded local registry on 127.0.0.1:5000")
-    p.set_defaults(func=cmd_registry)
-
-    index_opt = argparse.ArgumentParser(add_help=False)
-    index_opt.add_argument("--index", default=str(index.DEFAULT_INDEX), metavar="PATH",
-                           help="release index (default: images.json)")
-    p = sub.add_parser("push", parents=[common, selectors, index_opt],
-                       help="push smoke-tested images with immutable tags and record them in the index")
-    p.add_argument("--registry", metavar="URL", help=f"ecr://ACCOUNT/REGION[/PREFIX] or oci://HOST[:PORT][/PREFIX] "
-                                                     f"(default: {registry.DEFAULT_REGISTRY})")
-    p.add_argument("--no-index-artifact", action="store_true",
-                   help="write the index file only (CI jobs whose fragments are merged later)")
-    p.set_defaults(func=cmd_push)
-
-    p = sub.add_parser("promote", parents=[common, selectors, index_opt],
-                       help="copy published images by digest to other registries or regions")
-    p.add_argument("--from", dest="source", required=True, metavar="URL", help="registry to copy from")
-    p.add_argument("--to", action="append", required=True, metavar="URL", help="registry to copy to (repeatable)")
-    p.add_argument("--no-index-artifact", action="store_true", help="write the index file only")
-    p.set_defaults(func=cmd_promote)
-
-    p = sub.add_parser("uri", parents=[common], help="the digest-pinned URI to pull for an instance family")
-    p.add_argument("--instance", required=True, metavar="TYPE",
-                   help="an instance type (ml.g5.12xlarge, g5.12xlarge: also prints its GPUs and the "
-                        "tensor_parallel_degree that uses them) or a family (g5)")
-    p.add_argument("--region", metavar="REGION")
-    p.add_argument("--registry", metavar="URL", help="only URIs in this registry")
-    p.add_argument("--engine", choices=sorted(profiles.PROFILES),
-                   help=f"only images of this engine (default: any; where several fit, {profiles.DEFAULT})")
-    for name in (*profiles.component_keys(), *index.FILTERS):
-        p.add_argument(f"--{name}", metavar="VERSION", help="a version or its prefix (0.27 matches 0.27.0)")
-    p.add_argument("--revision", type=_revision, metavar="N",
-                   help="that revision of the component tuple (its <tag>-rN; default: the newest)")
-    p.add_argument("--index", default=str(index.DEFAULT_INDEX), metavar="PATH|URL")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_uri)
-
-    p = sub.add_parser("sbom", parents=[common, selectors, index_opt],
-                       help="print or save an image's SBOM (CycloneDX 1.5) or provenance (in-toto, SLSA v1)")
-    p.add_argument("--registry", metavar="URL",
-                   help=f"where the image is published (default: {registry.DEFAULT_REGISTRY})")
-    p.add_argument("--provenance", action="store_true", help="the provenance statement instead of the SBOM")
-    p.add_argument("--local", action="store_true", help="make the SBOM now from the image in the engine")
-    p.add_argument("-o", "--output", metavar="FILE", help="save to FILE instead of printing")
-    p.set_defaults(func=cmd_sbom)
-
-    p = sub.add_parser("gate", parents=[common, selectors, index_opt],
-                       help="the release gate: read the registry's scan findings, record a verdict in the index")
-    p.add_argument("--registry", metavar="URL", required=True, help="the staging registry the images were pushed to")
-    p.add_argument("--floor", default="HIGH", metavar="SEVERITY",
-                   help="fail on fixable ACTIVE findings at or above this (default: HIGH)")
-    p.add_argument("--allowlist", metavar="FILE",
-                   help="accepted findings (default: scan-allowlist.yaml beside the matrix)")
-    p.add_argument("--scan-timeout", type=float, default=1800.0, metavar="S",
-                   help="seconds to wait for a scan to complete (then fail closed)")
-    p.add_argument("--no-scan-gate", action="store_true",
-                   help="promote without a scan (a plain OCI registry has no scanner); recorded in the index")
-    p.set_defaults(func=cmd_gate)
-
-    p = sub.add_parser("bake", parents=[common, selectors, build_opts],
-                       help="print a docker buildx bake file for the selected images")
-    p.set_defaults(func=cmd_bake)
-
-    p = sub.add_parser("ci-matrix", parents=[common, selectors, build_opts], help="JSON for a CI job matrix")
-    p.add_argument("--compact", action="store_true", help="one line (for $GITHUB_OUTPUT)")
-    p.add_argument("--changed-since", metavar="GIT_REF", help="only images whose content hash differs from GIT_REF")
-    p.add_argument("--unpublished-in", metavar="URL", help="only images whose content-hash tag is not in URL")
-    p.set_defaults(func=cmd_ci_matrix)
-
-    p = sub.add_parser("index", parents=[common], help="release index maintenance")
-    index_sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
-    q = index_sub.add_parser("merge", parents=[common], help="merge index fragments (e.g. one per CI job)")
-    q.add_argument("fragments", nargs="*", metavar="FRAGMENT")
-    q.add_argument("--index", default=str(index.DEFAULT_INDEX), metavar="PATH")
-    q.add_argument("--fetch", action="append", metavar="URL", help="first merge the index published in URL")
-    q.add_argument("--publish", action="append", metavar="URL", help="then publish the result beside the images")
-    q.add_argument("--repository", default="lmi-inference", help="image repository the index lives in")
-    q.set_defaults(func=cmd_index_merge)
-    return parser
+    return cli_parser.parser(sys.modules[__name__])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

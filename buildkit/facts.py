@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from . import versions
+from .interface import Registry
 
 DATA_DIR = Path(__file__).parent / "data"
 # libyaml's parser where PyYAML was built with it (the wheels are): the same safe constructor and resolver,
@@ -228,7 +229,8 @@ class Facts:
     torch_wheel_index: str
     systems: dict[str, OperatingSystem]
     sources: dict[str, dict[str, str]] = field(repr=False)
-    engines: dict[str, object] = field(default_factory=dict)  # profile name -> its facts (buildkit/profiles)
+    stacks: dict[str, object] = field(default_factory=dict)  # profile name -> its stack's facts (buildkit/profiles)
+    profiles: Registry = field(default_factory=lambda: Registry(()), repr=False, compare=False)  # load's registry
 
     def source(self, topic: str, key: str) -> str:
         """The recorded source of a fact: topic is the data file's stem, key its `sources` entry."""
@@ -253,9 +255,9 @@ def _read(name: str) -> dict:
 
 
 @functools.cache
-def load() -> Facts:
-    from . import profiles  # each profile reads its own facts file(s)
-
+def load(profiles: Registry) -> Facts:
+    """The facts of buildkit/data, with each profile's own (read by the profile from its DATA files). The
+    registry comes from the top (buildkit.profiles.REGISTRY, passed down by the CLI) and travels with the facts."""
     inst, cuda, torch, osd = (_read(n) for n in ("instances", "cuda", "torch", "os"))
     families = {
         name: Family(
@@ -330,5 +332,6 @@ def load() -> Facts:
             "torch": torch["sources"],
             "os": osd["sources"],
         },
-        engines={name: p.load_facts({stem: _read(stem) for stem in p.DATA}) for name, p in profiles.PROFILES.items()},
+        stacks={name: p.load_facts({stem: _read(stem) for stem in p.DATA}) for name, p in profiles.items()},
+        profiles=profiles,
     )

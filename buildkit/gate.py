@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import yamlio
 from .errors import LmiError, UserError, where
+from .interface import Registry
 
 SEVERITIES = ("INFORMATIONAL", "LOW", "MEDIUM", "HIGH", "CRITICAL")
 FIXABLE = {"YES", "PARTIAL"}
@@ -260,7 +261,7 @@ def _now() -> str:
 
 def run(specs: list, address, index_path: Path, allowlist: Path = DEFAULT_ALLOWLIST, floor: str = "HIGH",
         no_scan_gate: bool = False, timeout_s: float = 1800, interval_s: float = 15,
-        say=print) -> list[tuple[object, dict]]:
+        say=print, *, profiles: Registry) -> list[tuple[object, dict]]:
     """Gate each image as published in `address` (by the digest its index entry records); write each
     verdict into its index entry. Returns (spec, verdict) pairs; the caller fails when one did not pass."""
     from . import index
@@ -269,7 +270,7 @@ def run(specs: list, address, index_path: Path, allowlist: Path = DEFAULT_ALLOWL
     if floor not in SEVERITIES:
         raise UserError(f"--floor {floor}: use one of {', '.join(SEVERITIES)}")
     allow, expired = load_allowlist(allowlist)
-    known = index.load(index_path)
+    known = index.load(index_path, profiles)
     chosen = []
     for spec in specs:
         listed = [e for e in known["images"] if e["id"] == spec.id
@@ -304,7 +305,7 @@ def run(specs: list, address, index_path: Path, allowlist: Path = DEFAULT_ALLOWL
             say(describe(spec.id, verdict))
         results.append((spec, verdict))
         entry = {**entry, "gate": verdict}
-        index.update(index_path, [entry], source=f"the gate of {spec.id}")
+        index.update(index_path, [entry], profiles, source=f"the gate of {spec.id}")
     for a in expired:
         say(f"{a.where}: allowlist entry {a.id} expired on {a.expires} (owner {a.owner}): the gate fails until it "
             "is reviewed (renew `expires` with a reason) or removed")

@@ -27,7 +27,6 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from . import profiles
 from .errors import UserError
 
 SCHEMA = 1
@@ -41,7 +40,7 @@ def file_of(layer: str) -> str:
 
 def files_of(spec) -> dict[str, str]:
     """layer -> lock file, in install order, for one image spec (the templates' `lock_files`)."""
-    return {layer: file_of(layer) for layer in (*CORE_LAYERS, *profiles.of(spec).LAYERS)}
+    return {layer: file_of(layer) for layer in (*CORE_LAYERS, *spec.profile.LAYERS)}
 MAX_BYTES = 32 << 20  # a lock file is text; refuse anything that is plainly not one
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
@@ -87,7 +86,7 @@ class Inputs:
 def inputs_of(spec, build_args: Mapping[str, str] | None = None) -> Inputs:
     """The dependency set of one image spec. `build_args` are the matrix's: a TORCH_INDEX_URL there
     replaces the variant's index (the local matrix takes torch from a wheelhouse instead)."""
-    profile = profiles.of(spec)
+    profile = spec.profile
     problem = profile.lock_problem(spec)
     if problem:
         raise UserError(problem)
@@ -359,3 +358,18 @@ def problems(specs: Iterable, lockfile: LockFile, build_args: Mapping[str, str] 
         elif state == "unresolved":
             unresolved.append(f"{lockfile.path}: set {key} is not locked: {found.unresolved}")
     return stale, unresolved
+
+
+def refuse_unlocked(locks: LockFile, build_args: Mapping[str, str], planned) -> None:
+    """Every build installs from its context's locks: one without them cannot be built (a UserError naming each)."""
+    why = {"missing": "it has no lock set", "stale": "its lock set is stale"}
+    lines = []
+    for p, ctx in planned:
+        if is_locked(ctx.files):
+            continue
+        state, found, _ = locks.status(p.spec, build_args)
+        reason = f"not locked: {found.unresolved[:200]}" if state == "unresolved" else why[state]
+        lines.append(f"{locks.path}: image {p.spec.id}: {reason}; run `lmi lock` (make lock) where its package "
+                     "indexes are reachable, then build")
+    if lines:
+        raise UserError(*lines)

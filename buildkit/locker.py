@@ -24,7 +24,7 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import build, fsutil, lock
+from . import build, fsutil, lock, render
 from .errors import UserError
 
 try:
@@ -159,3 +159,20 @@ def update(current: lock.LockFile, wanted: dict[str, tuple[lock.Inputs, list[str
 def write(lockfile: lock.LockFile) -> None:
     """Replace the lock file atomically, keeping its mode."""
     fsutil.replace_text(lockfile.path, lockfile.dumps())
+
+
+def relock(m, specs: list, *, whole: bool, upgrade: bool, index_url: str | None, find_links: Sequence[Path],
+           say: Callable[[str], None]) -> tuple[Path, list[str], list[str]]:
+    """`lmi lock`: resolve the dependency sets of `specs` into the matrix's lock file (with `whole`, the sets no
+    image of the matrix uses any more are dropped), then re-render their contexts. (lock file, changed contexts,
+    sets that could not be locked)."""
+    path = lock.lock_path(m.path)
+    wanted = lock.plan(specs, m.build_args)
+    sets, failed = update(lock.load(path), wanted, upgrade=upgrade, index_url=index_url, find_links=find_links,
+                          say=say)
+    if whole:
+        sets = {k: v for k, v in sets.items() if k in wanted}
+    write(lock.LockFile(path, sets))
+    renderer = render.for_matrix(m)
+    changed = render.write([renderer.render(s) for s in specs], m.output, prune=False)
+    return path, changed, failed

@@ -24,9 +24,10 @@ from typing import Any
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
-from . import profiles, versions
+from . import versions
 from .errors import UserError, where
 from .facts import Facts
+from .interface import Profile, Registry
 from .rules import Combo
 from .yamlio import LocDict, LocList, load_file
 
@@ -46,7 +47,7 @@ IMAGE_REF = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?(?:/[a-z0-9
                        r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
 
 
-def _keys(profile) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+def _keys(profile: Profile) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """(versioned keys, every line key, override keys) of a line of `profile`."""
     versioned = (*profile.COMPONENTS, *COMPONENTS, *profile.LIBRARIES)
     return (versioned, (*LINE_KEYS, *profile.COMPONENTS, *profile.LIBRARIES, *profile.OPTIONS),
@@ -199,7 +200,7 @@ def load(path: Path, facts: Facts) -> Matrix:
 
     images: list[Image] = []
     for name, body in (lines or {}).items():
-        images.extend(_line(name, body, lines.line_of(name), fleet, p, budget, facts.amis))
+        images.extend(_line(name, body, lines.line_of(name), fleet, p, budget, facts.amis, facts.profiles))
     seen: dict[str, Image] = {}
     for image in images:
         if image.id in seen:
@@ -367,7 +368,7 @@ def _checks(node: LocDict, what: str, p: _Problems) -> tuple[dict, ...]:
 
 
 def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: float | None,
-          amis: dict[str, str]) -> list[Image]:
+          amis: dict[str, str], profiles: Registry) -> list[Image]:
     what = f"line '{name}'"
     if not _NAME.fullmatch(name):
         p.add(line, f"{what}: line names are lowercase letters, digits and . _ - (they become image ids)")
@@ -377,11 +378,11 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: 
         if not p.lines:
             p.add(line, f"{what} is empty; give its engine and components (see docs/matrix.md)")
         return []
-    engine = _string(body, "engine", what, p, version=False) if "engine" in body else profiles.DEFAULT
-    if engine not in profiles.PROFILES:
+    engine = _string(body, "engine", what, p, version=False) if "engine" in body else profiles.default
+    if engine not in profiles:
         if engine:
-            p.add(body.line_of("engine"), f"{what}: engine '{engine}' is not one of {', '.join(profiles.PROFILES)}; "
-                                          f"{versions.did_you_mean(engine, profiles.PROFILES)}")
+            p.add(body.line_of("engine"), f"{what}: engine '{engine}' is not one of {', '.join(profiles)}; "
+                                          f"{versions.did_you_mean(engine, list(profiles))}")
         return []
     profile = profiles.get(engine)
     versioned, line_keys, override_keys = _keys(profile)
@@ -477,7 +478,7 @@ def _line(name: str, body: Any, line: int, fleet: _Fleet, p: _Problems, budget: 
             origin["driver"] = driver[1]
         combo = Combo(
             family=fam, torch=vals.get("torch"), cuda=vals.get("cuda") if gpu else None, python=vals.get("python"),
-            os=vals.get("os"), engine=engine,
+            os=vals.get("os"), profile=engine,
             parts=tuple((k, vals[k]) for k in profile.COMPONENTS if vals.get(k)) + tuple(options.items()),
             torch_cuda=vals.get("torch_cuda") if gpu else None, driver=driver[0] if driver else None,
             custom_bases=bool(bases) and gpu,

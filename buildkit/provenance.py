@@ -68,7 +68,7 @@ def _inspect(docker: str, ref: str) -> dict | None:
 def base_roles(spec) -> dict[str, str]:
     """The base images of a spec by role: the profile's build stages' bases (its BASES before the runtime, e.g.
     a builder; a CPU image may have none of them), then the runtime. Each is the build argument <ROLE>_IMAGE."""
-    return {**dict(zip(spec.profile.BASES[:-1], spec.engine.bases, strict=False)), "runtime": spec.runtime_image}
+    return {**dict(zip(spec.profile.BASES[:-1], spec.stack.bases, strict=False)), "runtime": spec.runtime_image}
 
 
 def bases(docker: str, image: str, spec) -> dict[str, dict]:

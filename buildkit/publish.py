@@ -27,6 +27,7 @@ from pathlib import Path
 from . import attest, engine, gate, index, smoke, versions
 from . import facts as facts_mod
 from .errors import LmiError, UserError
+from .interface import Registry
 from .registry import Address, AuthError, Ecr, OciClient, RegistryError
 from .registry.tags import ecr_tags, oci_tags
 from .spec import ImageSpec, hash_tag, is_alias, revision_tag, revisions
@@ -54,16 +55,16 @@ class Published:
     revision: int
     attestations: dict | None = None  # {"sbom": digest, "provenance": digest}: OCI referrers of `digest`
 
-    def entry(self) -> dict:
+    def entry(self, known: facts_mod.Facts) -> dict:
         s = self.spec
         return {
             "id": s.id, "family": s.family.name, "gpu": s.family.gpu, "sm": s.family.sm, "arch": s.family.arch,
             "repository": s.repository, "tag": self.full_tag, "revision": self.revision, "tags": sorted(self.tags),
             "aliases": [s.tag, *s.aliases],
-            "engine": s.engine.name,
+            "engine": s.stack.name,
             "components": {**s.versions, "torch": s.torch, "cuda": s.cuda_patch, "python": s.python, "os": s.os.name,
                            **s.libraries},
-            "torch_variant": s.wheel_variant, "cuda_compat": s.needs_compat, "host": host_entry(s),
+            "torch_variant": s.wheel_variant, "cuda_compat": s.needs_compat, "host": host_entry(s, known),
             "image_id": self.image_id, "digest": self.digest, "content_hash": self.content_hash,
             "built": self.built,
             "smoke": {"passed": self.record.passed, "tiers": self.record.tiers, "finished": self.record.finished},
@@ -72,12 +73,12 @@ class Published:
         }
 
 
-def host_entry(spec: ImageSpec, known: facts_mod.Facts | None = None) -> dict:
+def host_entry(spec: ImageSpec, known: facts_mod.Facts) -> dict:
     """Which host drivers and SageMaker InferenceAmiVersions the image runs on, natively or through its
     cuda-compat (only an image that keeps cuda-compat runs on the older branches), from buildkit/data."""
     if spec.cuda is None:
         return {"summary": "CPU image: runs on any host, no NVIDIA driver needed"}
-    f = known or facts_mod.load()
+    f = known
     tk = f.toolkits[spec.cuda]
     floor = max(tk.min_driver, spec.family.min_driver or "0", key=versions.key)
     branches = list(tk.compat_branches) if spec.needs_compat else []
@@ -225,7 +226,9 @@ def local_image(sdk, spec: ImageSpec, address: Address):
 
 def push(specs: list[ImageSpec], address: Address, index_path: Path, log_dir: Path = Path(".lmi/logs"),
          record_dir: Path = smoke.RECORD_DIR, retries: int = 3, index_artifact: bool = True,
-         matrix_path: Path | None = None) -> list[Published]:
+         matrix_path: Path | None = None, *, known: facts_mod.Facts) -> list[Published]:
+    """Push the smoke-tested images of `specs` and record them in the index (`known`: the facts they were
+    resolved with; their registry of profiles reads the index)."""
     client = engine.detect_client()
     sdk = engine.sdk()
     images = []
@@ -287,14 +290,15 @@ def push(specs: list[ImageSpec], address: Address, index_path: Path, log_dir: Pa
                                        img.attrs.get("Created", ""), record, p.full_tag, p.revision, attached))
     except (RegistryError, AuthError) as exc:
         raise PublishError(str(exc), "the index is unchanged; run the same command again to complete") from None
-    _update_index(index_path, [p.entry() for p in published], [target] if index_artifact else [],
-                  {s.repository for s in specs})
+    _update_index(index_path, [p.entry(known) for p in published], [target] if index_artifact else [],
+                  {s.repository for s in specs}, known.profiles)
     return published
 
 
-def _update_index(index_path: Path, entries: list[dict], targets: list[Target], repositories: set[str]) -> None:
+def _update_index(index_path: Path, entries: list[dict], targets: list[Target], repositories: set[str],
+                  profiles: Registry) -> None:
     """Write the index file, then publish it beside the images (a mutable `index-latest` artifact tag)."""
-    index.update(index_path, entries)
+    index.update(index_path, entries, profiles)
     for target in targets:
         for repo in sorted(repositories):
             try:
@@ -322,14 +326,14 @@ def _docker_push(client: engine.Client, ref: str, log: Path, retries: int) -> No
 
 
 def promote(specs: list[ImageSpec], source: Address, targets: list[Address], index_path: Path,
-            record_dir: Path = smoke.RECORD_DIR, index_artifact: bool = True) -> list[str]:
+            record_dir: Path = smoke.RECORD_DIR, index_artifact: bool = True, *, profiles: Registry) -> list[str]:
     """Copy each image by digest from `source` to every target, with all its tags: the image the bare tuple
     tag names in `source` (its newest revision), under the same revision tag. No rebuild: the same digest
     everywhere. The index gains the new URIs once every copy succeeded."""
     client = engine.detect_client()
     src = Target(source, client.path)
     dsts = [Target(t, client.path) for t in targets]
-    known = index.load(index_path, missing_ok=True)
+    known = index.load(index_path, profiles, missing_ok=True)
     done, entries = [], []
     try:
         src.prepare(set())
@@ -376,7 +380,7 @@ def promote(specs: list[ImageSpec], source: Address, targets: list[Address], ind
     except (RegistryError, AuthError) as exc:
         raise PublishError(str(exc), "the index is unchanged; run the same command again to complete") from None
     if entries:
-        _update_index(index_path, entries, dsts if index_artifact else [], {s.repository for s in specs})
+        _update_index(index_path, entries, dsts if index_artifact else [], {s.repository for s in specs}, profiles)
     return done
 
 
@@ -393,12 +397,12 @@ class IndexMoved(PublishError):
     """index-latest changed between reading it and publishing over it."""
 
 
-def fetch_index(address: Address, repository: str) -> dict:
+def fetch_index(address: Address, repository: str, profiles: Registry) -> dict:
     """The release index published beside the images (an empty one if none is there yet)."""
-    return fetch_index_at(address, repository)[0]
+    return fetch_index_at(address, repository, profiles)[0]
 
 
-def fetch_index_at(address: Address, repository: str) -> tuple[dict, str | None]:
+def fetch_index_at(address: Address, repository: str, profiles: Registry) -> tuple[dict, str | None]:
     """The published index and the manifest digest it was read at (None: none published yet)."""
     target = _index_target(address)
     target.prepare(set())
@@ -415,7 +419,7 @@ def fetch_index_at(address: Address, repository: str) -> tuple[dict, str | None]
         if "sha256:" + hashlib.sha256(blob).hexdigest() != layer:
             raise PublishError(f"{address.url}: the release index blob does not match its digest {layer}; "
                                "refusing a tampered or damaged index")
-        return index.checked(json.loads(blob), f"{address.url} ({repository}:{INDEX_TAG})"), found[0]
+        return index.checked(json.loads(blob), f"{address.url} ({repository}:{INDEX_TAG})", profiles), found[0]
     except (RegistryError, AuthError) as exc:
         raise PublishError(f"{address.url}: cannot fetch the release index: {exc}") from None
 

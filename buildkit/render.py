@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import lock, profiles
+from . import lock
 from .errors import UserError
 from .matrix import Matrix
 from .spec import ImageSpec, PlannedImage, content_hash
@@ -92,7 +92,7 @@ class Renderer:
     def render(self, spec: ImageSpec) -> Context:
         import jinja2
 
-        profile = profiles.of(spec)
+        profile = spec.profile
         files = {}
         for name, template in sorted({"Dockerfile": profile.DOCKERFILE, **profile.TEMPLATES}.items()):
             try:

@@ -10,25 +10,27 @@ the torch wheel variant, the arch list for source-built code, and what the profi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import profiles, versions
+from . import versions
+from .errors import UserError
 from .facts import Facts, Family, Toolkit, TorchRelease, WheelVariant, coverage, sm_name, variant_name
 
 
 @dataclass(frozen=True)
 class Combo:
-    """One image's components. `engine` names its profile, and `parts` holds the profile's components and
-    options (`part(name)`); `cuda` is None for CPU images; `torch_cuda` selects a torch wheel variant other
-    than the toolkit's (e.g. cu128 on a 12.9 base); `driver` overrides the host driver."""
+    """One image's components. `profile` names its profile (the matrix's `engine:`), and `parts` holds the
+    profile's components and options (`part(name)`); `cuda` is None for CPU images; `torch_cuda` selects a torch
+    wheel variant other than the toolkit's (e.g. cu128 on a 12.9 base); `driver` overrides the host driver."""
 
     family: str
     torch: str
     cuda: str | None
     python: str
     os: str
-    engine: str = profiles.DEFAULT
+    profile: str  # the profile's name (the matrix's `engine:`)
     parts: tuple[tuple[str, str], ...] = ()  # the profile's matrix keys -> values
     torch_cuda: str | None = None
     driver: str | None = None
@@ -38,13 +40,13 @@ class Combo:
         return dict(self.parts).get(name)
 
     @classmethod
-    def of(cls, engine: str, family: str, torch: str, cuda: str | None, python: str, os: str,
+    def of(cls, profile: str, family: str, torch: str, cuda: str | None, python: str, os: str,
            **parts_and_options) -> Combo:
         """A combo from keywords: the core's fields and the profile's components/options by name."""
         core = {k: parts_and_options.pop(k) for k in ("torch_cuda", "driver", "custom_bases")
                 if k in parts_and_options}
         parts = tuple((k, v) for k, v in parts_and_options.items() if v is not None)
-        return cls(family=family, torch=torch, cuda=cuda, python=python, os=os, engine=engine, parts=parts, **core)
+        return cls(family=family, torch=torch, cuda=cuda, python=python, os=os, profile=profile, parts=parts, **core)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Verdict:
     wheel_variant: str = "cpu"
     arch_list: str | None = None  # TORCH_CUDA_ARCH_LIST for source-built code: the family's SM only
     ptx_only: bool = False  # the wheel reaches the SM only through PTX JIT
-    engine: dict = field(default_factory=dict)  # what the profile's rules record for its spec
+    stack: dict = field(default_factory=dict)  # what the profile's rules record for its stack's spec
 
     @property
     def ok(self) -> bool:
@@ -83,7 +85,7 @@ class Ctx:
     combo: Combo
     facts: Facts
     verdict: Verdict
-    engine: object = None  # the profile's facts (buildkit/profiles/<name>.py `Facts`)
+    stack: object = None  # the profile's facts (buildkit/profiles/<name>.py `Facts`)
     family: Family | None = None
     toolkit: Toolkit | None = None
     torch: TorchRelease | None = None
@@ -188,7 +190,7 @@ def _wheel_fix(ctx: Ctx) -> str:
 
 def _nvcc(ctx: Ctx) -> None:
     c, f, fam, tk = ctx.combo, ctx.facts, ctx.family, ctx.toolkit
-    if fam is None or not fam.is_gpu or tk is None or not profiles.get(c.engine).COMPILES:
+    if fam is None or not fam.is_gpu or tk is None or not f.profiles.get(c.profile).COMPILES:
         return
     if fam.sm not in tk.nvcc_archs:
         able = [v for v, t in f.toolkits.items() if fam.sm in t.nvcc_archs]
@@ -280,7 +282,7 @@ def _base(ctx: Ctx) -> None:
     if tk is None or system is None:
         return
     if c.custom_bases:
-        carry = (f"they must carry CUDA {tk.version}'s nvcc and libraries" if profiles.get(c.engine).COMPILES else
+        carry = (f"they must carry CUDA {tk.version}'s nvcc and libraries" if f.profiles.get(c.profile).COMPILES else
                  f"the engine compiles nothing and torch's wheels bring CUDA {tk.version}'s libraries")
         ctx.verdict.notes.append(f"base images named by the matrix: not checked against nvidia/cuda tags; {carry}")
         return
@@ -307,7 +309,7 @@ LAST: tuple[Callable[[Ctx], None], ...] = (_family_notes,)
 
 
 def _engine_cpu(ctx: Ctx) -> None:
-    profile, fam = profiles.get(ctx.combo.engine), ctx.family
+    profile, fam = ctx.facts.profiles.get(ctx.combo.profile), ctx.family
     if fam is not None and not fam.is_gpu and not profile.CPU:
         ctx.error("engine-cpu", "family", f"the {profile.NAME} engine has no CPU build",
                   profile.CPU_SOURCE, f"excluding {fam.name} from this line")
@@ -315,9 +317,45 @@ def _engine_cpu(ctx: Ctx) -> None:
 
 def evaluate(combo: Combo, facts: Facts) -> Verdict:
     """The core's rules, then the profile's (buildkit/profiles/<engine>.py RULES), on one context."""
-    profile = profiles.get(combo.engine)
-    ctx = Ctx(combo=combo, facts=facts, verdict=Verdict(), engine=facts.engines[combo.engine])
+    profile = facts.profiles.get(combo.profile)
+    ctx = Ctx(combo=combo, facts=facts, verdict=Verdict(), stack=facts.stacks[combo.profile])
     for rule in (*RULES, _engine_cpu, *profile.RULES, *LAST):
         rule(ctx)
     return ctx.verdict
 
+
+def host_driver(facts: Facts, driver: str | None, inference_ami: str | None) -> str | None:
+    """The host driver `lmi check` checks against: --driver as given (digits and dots), or the driver of the
+    SageMaker InferenceAmiVersion named; None: the family's default."""
+    if driver is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)*", driver):
+        raise UserError(f"--driver {driver!r}: not a driver version; write it as digits and dots, e.g. 535.54.03")
+    if inference_ami:
+        if inference_ami not in facts.amis:
+            raise UserError(f"--inference-ami {inference_ami!r}: unknown; "
+                            f"{versions.did_you_mean(inference_ami, facts.amis)}")
+        return facts.amis[inference_ami]
+    return driver
+
+
+def verdict_json(combo: Combo, verdict: Verdict) -> dict:
+    """`lmi check --json`: the combination as checked and what the rules said of it."""
+    combination = {"family": combo.family, "engine": combo.profile, **dict(combo.parts), "torch": combo.torch,
+                   "cuda": combo.cuda, "python": combo.python, "os": combo.os, "torch_cuda": combo.torch_cuda,
+                   "driver": combo.driver}
+    return {
+        "valid": verdict.ok, "combination": {k: v for k, v in combination.items() if v is not None},
+        "errors": [{"rule": e.rule, "message": e.message, "source": e.source, "try": e.fix} for e in verdict.errors],
+        "notes": verdict.notes, "observations": verdict.observations,
+        "cuda_compat": verdict.needs_compat, "host_driver": verdict.driver,
+        "torch_variant": verdict.wheel_variant, "torch_cuda_arch_list": verdict.arch_list,
+    }
+
+
+def summary(combo: Combo, verdict: Verdict, facts: Facts) -> str:
+    """`lmi check`'s one line for a valid combination (its notes in parentheses)."""
+    profile = facts.profiles.get(combo.profile)
+    cuda = f"CUDA {facts.toolkits[combo.cuda].patch}" if combo.cuda else "CPU"
+    parts = ", ".join(f"{profile.TITLES[k]} {combo.part(k)}" for k in profile.COMPONENTS)
+    line = (f"ok: {combo.family} can run {parts}, "
+            f"torch {combo.torch}+{verdict.wheel_variant}, {cuda}, Python {combo.python}, {combo.os}")
+    return line + (f" ({'; '.join(verdict.notes)})" if verdict.notes else "")

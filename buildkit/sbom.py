@@ -25,10 +25,11 @@ import re
 import subprocess
 import tarfile
 import uuid
+from collections.abc import Iterable
 from datetime import datetime, timezone
 
-from . import profiles
 from .errors import LmiError
+from .interface import Profile
 
 MEDIA_TYPE = "application/vnd.cyclonedx+json"
 SPEC_VERSION = "1.5"
@@ -44,8 +45,8 @@ print(json.dumps([{"name": d.metadata["Name"], "version": d.version,
 """
 
 
-def _dists_script() -> str:
-    prefixes = sorted({p for profile in profiles.PROFILES.values() for p in profile.SBOM_FILES})
+def _dists_script(profiles: Iterable[Profile]) -> str:
+    prefixes = sorted({p for profile in profiles for p in profile.SBOM_FILES})
     return _DISTS.replace("PREFIXES", repr(json.dumps(prefixes)))
 VENV = "/opt/venv"
 # Files copied out of the image (no process of the image runs for these; a path may be absent).
@@ -58,7 +59,7 @@ class SbomError(LmiError):
     """The image could not be inventoried, or its SBOM did not validate (exit 1)."""
 
 
-def inventory(docker: str, image: str, timeout: float = 300) -> dict:
+def inventory(docker: str, image: str, profiles: Iterable[Profile], timeout: float = 300) -> dict:
     """What is installed in `image` (an ID or reference): files copied out of a created (never started)
     container, then the Python distributions read by the image's own venv Python, network off. An image
     without that venv (not built by lmi) has its Python inventory marked as not taken, not as empty."""
@@ -79,7 +80,7 @@ def inventory(docker: str, image: str, timeout: float = 300) -> dict:
     inv["dists"], inv["python_inventory"] = [], f"not taken: {VENV}/pyvenv.cfg is absent (not an lmi image)"
     if inv.pop("venv") is not None:
         result = subprocess.run([docker, "run", "--rm", "--network=none", "--entrypoint", f"{VENV}/bin/python", image,
-                                 "-c", _dists_script()], capture_output=True, text=True, timeout=timeout)
+                                 "-c", _dists_script(profiles)], capture_output=True, text=True, timeout=timeout)
         if result.returncode:
             tail = (result.stderr.strip().splitlines() or ["no output"])[-1][:300]
             raise SbomError(f"{image}: cannot list its Python distributions ({VENV}/bin/python failed: {tail})")
@@ -149,9 +150,10 @@ def canonical(name: str) -> str:
     return str(canonicalize_name(name))
 
 
-def build(inv: dict, facts: dict, name: str, digest: str | None = None, base_digest: str | None = None) -> str:
+def build(inv: dict, facts: dict, name: str, digest: str | None = None, base_digest: str | None = None, *,
+          profiles: Iterable[Profile]) -> str:
     """The CycloneDX 1.5 JSON of one image, validated. `name` is its repository; `digest` its manifest
-    digest once pushed (the subject the SBOM describes)."""
+    digest once pushed (the subject the SBOM describes); `profiles`: the image's own (their roles and properties)."""
     from cyclonedx.model import HashAlgorithm, HashType, Property
     from cyclonedx.model.bom import Bom
     from cyclonedx.model.component import Component, ComponentType
@@ -183,7 +185,7 @@ def build(inv: dict, facts: dict, name: str, digest: str | None = None, base_dig
         arch = pkg.get("Architecture") or None
         purl = PackageURL("deb", distro_id, pkg["Package"], pkg.get("Version"),
                           {k: v for k, v in (("arch", arch), ("distro", distro)) if v})
-        role = _deb_role(pkg["Package"])
+        role = _deb_role(pkg["Package"], profiles)
         properties = prop(role) if role else []
         if pkg.get("Source"):
             properties.append(Property(name="lmi:deb:source", value=pkg["Source"]))
@@ -207,7 +209,7 @@ def build(inv: dict, facts: dict, name: str, digest: str | None = None, base_dig
         else:
             properties.append(Property(name="lmi:lock", value="none (installed by the venv or not locked)"
                                        if not lock_entry else f"{lock_entry[2]} pins {lock_entry[0]}"))
-        for profile in profiles.PROFILES.values():  # each names its own distributions only
+        for profile in profiles:  # each names its own distributions only
             properties += [Property(name=k, value=v)
                            for k, v in profile.sbom_properties(key, list(dist.get("ops") or []), claims)]
         components.append(Component(name=dist["name"], version=dist["version"], purl=purl, bom_ref=purl.to_string(),
@@ -244,8 +246,8 @@ def validate(text: str) -> None:
         raise SbomError(f"the SBOM does not validate against CycloneDX {SPEC_VERSION}: {str(error)[:300]}")
 
 
-def _deb_role(package: str) -> str | None:
-    for profile in profiles.PROFILES.values():
+def _deb_role(package: str, profiles: Iterable[Profile]) -> str | None:
+    for profile in profiles:
         role = next((r for pattern, r in profile.DEB_ROLES.items() if re.fullmatch(pattern, package)), None)
         if role:
             return role

@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -35,80 +35,17 @@ from typing import TYPE_CHECKING
 
 from . import __version__, engine
 from .errors import UserError
+from .interface import CHECK_DIR, CHECK_MODULE, MODEL_DIR, Client, ServingWay  # the profiles' serving ways
 
-if TYPE_CHECKING:  # not imported at run time: the profiles' smoke modules import this one
+if TYPE_CHECKING:
     from .spec import ImageSpec
 
 TIERS = ("cpu", "gpu", "serving")
 RECORD_SCHEMA = 1
 RECORD_DIR = Path(".lmi/smoke")
-CHECKER = Path(__file__).parent / "resources" / "check" / "lmi_check.py"  # the in-image checks, not in the image
-CHECK_DIR = "/opt/lmi-check"  # where test containers see it, read-only, with the profiles' checks beside it
-CHECK_MODULE = f"{CHECK_DIR}/lmi_check.py"
-MODEL_DIR = "/opt/ml/model"  # where the serving tier mounts its tiny model (SageMaker's model directory)
+CHECKER = Path(__file__).parent / "resources" / "check" / "lmi_check.py"  # the in-image checks, kept out of the image
 RUN_LABEL = "io.lmi.smoke-run"
 ENTRYPOINT = "/usr/local/bin/dockerd-entrypoint.sh"
-
-
-def tiny_model_command(prompt: str, max_new_tokens: int, heads: int = 8) -> list[str]:
-    """Run in the image: save lmi_check's tiny Llama at MODEL_DIR and print plain Transformers' greedy continuation
-    of `prompt` ({"reference": [text]})."""
-    return ["python", CHECK_MODULE, "--make-tiny-model", MODEL_DIR, "--prompt", prompt,
-            "--max-new-tokens", str(max_new_tokens), "--heads", str(heads)]
-
-
-class Client:
-    """A running serving container, asked from inside (it has no network but its own loopback)."""
-
-    def __init__(self, container) -> None:
-        self.container = container
-
-    def post(self, payload: dict, *curl: str) -> tuple[str, str]:
-        """POST JSON to /invocations on port 8080 (extra curl arguments after it): (HTTP status, body)."""
-        _, out = self.container.exec_run(["curl", "-sS", "-X", "POST", "-H", "Content-Type: application/json",
-                                          "-d", json.dumps(payload), "-w", "\n%{http_code}", *curl,
-                                          "http://127.0.0.1:8080/invocations"])
-        body, _, status = out.decode(errors="replace").rpartition("\n")
-        return status, body
-
-    def run(self, argv: list[str]) -> tuple[int, str]:
-        """Run a command in the container: (exit code, stdout and stderr)."""
-        code, out = self.container.exec_run(argv)
-        return code, out.decode(errors="replace")
-
-
-@dataclass(frozen=True)
-class Ask:
-    """One serving check: a request to the running server and the check of its answer,
-    `ask(client, reference, ranks) -> (passed, message)` (`reference`: what the tiny model's command printed)."""
-
-    check: str
-    ask: Callable[[Client, object, int], tuple[bool, str]]
-
-
-@dataclass(frozen=True)
-class Setup:
-    """How one way starts: its ranks, the files written beside the tiny model, the serving container's env."""
-
-    ranks: int = 1
-    files: Mapping[str, str] = field(default_factory=dict)
-    env: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ServingWay:
-    """One way a profile's image serves, and the serving checks that report it."""
-
-    name: str
-    model: tuple[str, ...]  # run in the image with MODEL_DIR mounted writable: make the model, print its reference
-    setup: Callable[..., Setup]  # setup(spec, gpu, gpus) -> Setup
-    asks: tuple[Ask, ...]
-    ping: str | None = None  # a check of its own for GET /ping (else a /ping that never answers fails the asks)
-    needs_gpu: bool = False  # skipped, with the reason, where no GPU is usable
-
-    @property
-    def checks(self) -> tuple[str, ...]:
-        return ((self.ping,) if self.ping else ()) + tuple(a.check for a in self.asks)
 
 
 @dataclass(frozen=True)
@@ -158,6 +95,25 @@ def generate(spec: ImageSpec, tiers: tuple[str, ...]) -> list[Check]:
     if "serving" in tiers:
         checks += [Check(name, "serving", "serving") for way in profile.SERVING_WAYS for name in way.checks]
     return checks
+
+
+def tiers_of(text: str) -> tuple[str, ...]:
+    """--tier as a tuple of known tiers (comma-separated), else a UserError naming the unknown ones."""
+    tiers = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in tiers if t not in TIERS]
+    if unknown or not tiers:
+        raise UserError(f"--tier {text}: unknown tier {', '.join(unknown) or '(none)'}; choose from {', '.join(TIERS)}")
+    return tiers
+
+
+def gpu_for(mode: str, tiers: tuple[str, ...]) -> tuple[bool, str]:
+    """--gpu auto|required|off: whether the gpu and serving tiers use GPUs here, and why not."""
+    if mode == "off" or not {"gpu", "serving"} & set(tiers):  # serving uses the GPUs where usable too
+        return False, "--gpu off"
+    gpu, reason = gpu_runtime()
+    if mode == "required" and not gpu:
+        raise UserError(f"--gpu required, but no GPU runtime is usable here: {reason}")
+    return gpu, reason
 
 
 # --- GPU runtime detection -----------------------------------------------------------------------------
@@ -507,3 +463,29 @@ def junit(records: list[Record], path: Path) -> None:
     ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
 
 
+def run(images: list[tuple[ImageSpec, str]], tiers: tuple[str, ...], gpu: bool, reason: str, records: list[Record],
+        *, check_timeout: float, serving_timeout: float, junit_path: Path | None, verbose: bool,
+        say: Callable[[str], None]) -> None:
+    """`lmi test`: smoke-test each (spec, image reference) in turn into `records`, saying each failed check (every
+    check if verbose); the test containers are removed and the JUnit file written even when interrupted."""
+    runner = Runner(check_timeout=check_timeout, serving_timeout=serving_timeout)
+    try:
+        for spec, image in images:
+            say(f"testing {spec.id} ({image}): tiers {', '.join(tiers)}")
+            record = smoke_image(runner, image, spec, tiers, gpu, reason)
+            records.append(record)
+            for o in record.outcomes:
+                if o["passed"] is False or verbose:
+                    state = {True: "pass", False: "FAIL", None: "skip"}[o["passed"]]
+                    say(f"  {state} {o['tier']}/{o['name']}: {o['message']}")
+    finally:
+        runner.cleanup()
+        if junit_path and records:
+            junit(records, junit_path)
+
+
+def summary_rows(records: list[Record]) -> list[list[str]]:
+    """One row per record: image, result, passed, failed and skipped checks, image id."""
+    return [[r.spec_id, "passed" if r.passed else "FAILED", str(sum(o["passed"] is True for o in r.outcomes)),
+             str(sum(o["passed"] is False for o in r.outcomes)), str(sum(o["passed"] is None for o in r.outcomes)),
+             r.image_id.split(":")[-1][:12]] for r in records]

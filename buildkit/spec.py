@@ -7,12 +7,13 @@ import fnmatch
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from . import profiles, versions
+from . import versions
 from .errors import UserError, where
 from .facts import Facts, Family, OperatingSystem, sm_name
+from .interface import Profile
 from .matrix import Image, Matrix
 from .rules import evaluate
 
@@ -54,7 +55,7 @@ class ImageSpec:
     line: str
     family: Family
     repository: str
-    engine: object  # the profile's spec (buildkit/profiles/<name>.py Spec): its versions and what it builds
+    stack: object  # its serving stack: the profile's spec (buildkit/profiles/<name>.py Spec), its versions and builds
     torch: str
     cuda: str | None  # toolkit major.minor; None for CPU images
     cuda_patch: str | None
@@ -78,15 +79,13 @@ class ImageSpec:
     tag_suffix: str = ""
     toolkit_compat_pin: str | None = None
     wheel_platform: str = "x86_64-manylinux_2_17"  # the wheels that run on the image's OS and arch
-
-    @property
-    def profile(self):
-        return profiles.of(self)
+    # its profile (buildkit/interface.py Profile), from the registry the facts were loaded with
+    profile: Profile = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     @property
     def versions(self) -> dict[str, str]:
         """The engine's versioned components, by matrix key (e.g. what `lmi uri` filters on)."""
-        return dict(self.engine.versions)
+        return dict(self.stack.versions)
 
     @property
     def tag(self) -> str:
@@ -105,7 +104,7 @@ class ImageSpec:
 
     @property
     def bases(self) -> tuple[str, ...]:
-        return (*self.engine.bases, self.runtime_image)
+        return (*self.stack.bases, self.runtime_image)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -180,7 +179,7 @@ def resolve(matrix: Matrix, facts: Facts) -> list[ImageSpec]:
 
 def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
     combo, family = image.combo, facts.families[image.family]
-    profile = profiles.get(combo.engine)
+    profile = facts.profiles.get(combo.profile)
     system = facts.systems[combo.os]
     toolkit = facts.toolkits.get(combo.cuda) if family.is_gpu else None
     release = facts.torch_release(combo.torch)
@@ -191,7 +190,7 @@ def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
         image.bases["runtime"] if image.bases else toolkit.base_image("base", system.ubuntu))
     return ImageSpec(
         id=image.id, line=image.line, family=family, repository=repository,
-        engine=profile.engine_spec(image, facts, facts.engines[combo.engine], verdict, toolkit, system),
+        stack=profile.stack_spec(image, facts, facts.stacks[combo.profile], verdict, toolkit, system),
         torch=combo.torch,
         cuda=toolkit.version if toolkit else None, cuda_patch=toolkit.patch if toolkit else None,
         python=combo.python, os=system, libraries=dict(image.libraries), pip=image.pip,
@@ -204,12 +203,27 @@ def _spec(image: Image, repository: str, facts: Facts, verdict) -> ImageSpec:
         notes=tuple(verdict.notes),
         checks=image.checks, size_budget_gb=image.size_budget_gb, tag_suffix=image.tag_suffix,
         toolkit_compat_pin=toolkit.compat_pin if toolkit else None,
-        wheel_platform=system.wheel_platform(family.arch),
+        wheel_platform=system.wheel_platform(family.arch), profile=profile,
     )
 
 
+def select(specs: list[ImageSpec], families: Sequence[str], patterns: Sequence[str]) -> list[ImageSpec]:
+    """Images whose family is one of `families` (if any) and whose id matches a glob (if any)."""
+    known = {s.family.name for s in specs}
+    for name in families:
+        if name not in known:
+            raise UserError(f"--instance {name}: no image of the matrix is for that family; "
+                            f"{versions.did_you_mean(name, sorted(known))}")
+    chosen = [s for s in specs if (not families or s.family.name in families)
+              and (not patterns or any(fnmatch.fnmatchcase(s.id, p) for p in patterns))]
+    if not chosen:
+        wanted = " ".join([*(f"--instance {i}" for i in families), *patterns])
+        raise UserError(f"no image matches {wanted}; `lmi matrix` lists the image ids")
+    return chosen
+
+
 def _newness(spec: ImageSpec) -> tuple:
-    return (spec.engine.name, spec.profile.newness(spec), versions.key(spec.torch), versions.key(spec.cuda or "0"),
+    return (spec.stack.name, spec.profile.newness(spec), versions.key(spec.torch), versions.key(spec.cuda or "0"),
             spec.id)
 
 

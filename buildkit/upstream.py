@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -23,8 +22,10 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from packaging.tags import Tag
@@ -34,6 +35,7 @@ from packaging.version import InvalidVersion, Version
 from . import versions, wheelfacts
 from .errors import UserError
 from .facts import DATA_DIR
+from .interface import Registry
 
 DEFAULT_INDEX = "https://pypi.org/simple"
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".lmi" / "upstream"
@@ -117,6 +119,23 @@ def released(files: list[IndexFile]) -> list[Version]:
         if not version.is_prerelease and not version.is_devrelease:
             found.add(version)
     return sorted(found)
+
+
+def torch_pythons(files: list[str]) -> dict[str, set[tuple[int, int]]]:
+    """torch version -> the CPython versions it has manylinux x86_64 wheels for (free-threaded ones aside)."""
+    found: dict[str, set[tuple[int, int]]] = defaultdict(set)
+    for name in files:
+        if not name.endswith(".whl"):
+            continue
+        try:
+            _, version, _, tags = parse_wheel_filename(name)
+        except ValueError:
+            continue
+        for tag in tags:
+            match = re.fullmatch(r"cp3(\d+)", tag.interpreter)
+            if match and tag.abi == tag.interpreter and "manylinux" in tag.platform and "x86_64" in tag.platform:
+                found[version.base_version].add((3, int(match.group(1))))
+    return found
 
 
 def pick_wheel(files: list[IndexFile], project: str, version: str, python: str = PYTHON) -> IndexFile:
@@ -241,34 +260,25 @@ def derive_torch(path: Path, source: dict) -> tuple[dict, list[str]]:
     return record, unread
 
 
-def readers() -> dict[str, object]:
-    """component -> the module that reads its wheels: an engine profile's <profile>_facts module, if it has one
-    (buildkit/profiles); torch is read here."""
-    from . import profiles
-
-    found = {}
-    for name in profiles.PROFILES:
-        try:
-            module = importlib.import_module(f"{profiles.__name__}.{name}_facts")
-        except ModuleNotFoundError:
-            continue
-        found[module.COMPONENT] = module
-    return found
+def readers(profiles: Registry) -> dict[str, Any]:
+    """component -> the module that reads its wheels: a profile's <profile>_facts module, as the registry lists
+    them (buildkit/profiles); torch is read here."""
+    return dict(profiles.readers)
 
 
-def components() -> tuple[str, ...]:
-    return ("torch", *readers())
+def components(profiles: Registry) -> tuple[str, ...]:
+    return ("torch", *readers(profiles))
 
 
-def rederive(component: str, path: Path, file: IndexFile, today: str) -> tuple[dict, list[str]]:
+def rederive(component: str, path: Path, file: IndexFile, today: str, profiles: Registry) -> tuple[dict, list[str]]:
     source = _source(file, path, today)
-    return derive_torch(path, source) if component == "torch" else readers()[component].derive(path, source)
+    return derive_torch(path, source) if component == "torch" else readers(profiles)[component].derive(path, source)
 
 
-def derive(component: str, version: str, *, base: str | None = None, cache: Path | None = None,
+def derive(component: str, version: str, *, profiles: Registry, base: str | None = None, cache: Path | None = None,
            today: str | None = None) -> tuple[dict, list[str]]:
-    if component not in components():
-        raise UpstreamError(f"`lmi facts add` reads the wheels of {', '.join(components())}, not '{component}' "
+    if component not in components(profiles):
+        raise UpstreamError(f"`lmi facts add` reads the wheels of {', '.join(components(profiles))}, not '{component}' "
                             "(a component shipped as an sdist has its facts read from its sources: docs/matrix.md)")
     try:
         Version(version)
@@ -276,7 +286,7 @@ def derive(component: str, version: str, *, base: str | None = None, cache: Path
         raise UpstreamError(f"'{version}' is not a version (e.g. 0.32.0)") from exc
     file = pick_wheel(listing(component, base), component, version)
     path = fetch(file, cache)
-    return rederive(component, path, file, today or datetime.date.today().isoformat())
+    return rederive(component, path, file, today or datetime.date.today().isoformat(), profiles)
 
 
 # --- writing the data files ----------------------------------------------------------------------------------
@@ -368,10 +378,10 @@ class Added:
     path: Path
 
 
-def add(component: str, version: str, *, base: str | None = None, cache: Path | None = None,
+def add(component: str, version: str, *, profiles: Registry, base: str | None = None, cache: Path | None = None,
         data_dir: Path | None = None, today: str | None = None) -> Added:
     """Derive a release's record and write it (and, for a release new to the data, its `releases:` entry)."""
-    record, unread = derive(component, version, base=base, cache=cache, today=today)
+    record, unread = derive(component, version, profiles=profiles, base=base, cache=cache, today=today)
     path = data_path(component, data_dir)
     text = path.read_text(encoding="utf-8")
     records = derived_records(text)
@@ -381,7 +391,7 @@ def add(component: str, version: str, *, base: str | None = None, cache: Path | 
     if component != "torch":
         torch_records = derived_records(data_path("torch", data_dir).read_text(encoding="utf-8"))
         if version not in doc.get("releases", {}):
-            entry, missing = readers()[component].release_entry(version, record, torch_records)
+            entry, missing = readers(profiles)[component].release_entry(version, record, torch_records)
             if entry:
                 text = insert_entry(text, "releases", version, entry,
                                     f"{component} {version}: written by `lmi facts add` from the derived record below")
@@ -390,8 +400,6 @@ def add(component: str, version: str, *, base: str | None = None, cache: Path | 
         minor = versions.minor(version)
         release = doc.get("releases", {}).get(minor)
         if release is None:
-            from .verify import torch_pythons
-
             pythons = torch_pythons([f.filename for f in listing("torch", base)]).get(version, set())
             entry, missing = torch_release(version, record, pythons)
             if entry:
@@ -419,10 +427,10 @@ def new_releases(component: str, *, base: str | None = None, data_dir: Path | No
     return [str(v) for v in released(listing(component, base)) if v > newest]
 
 
-def matrix_line(matrix_text: str, component: str, version: str, entry: dict) -> tuple[str, str]:
+def matrix_line(matrix_text: str, component: str, version: str, entry: dict, profiles: Registry) -> tuple[str, str]:
     """The matrix with a new line for an engine release: a copy of the engine's last line with the versions
     the release sets (its reader's line_versions), the copy's excludes dropped (the rules decide again)."""
-    reader = readers()[component]
+    reader = readers(profiles)[component]
     doc = yaml.safe_load(matrix_text)
     lines = doc.get("lines") or {}
     model = next((n for n in reversed(list(lines)) if lines[n].get("engine") == reader.ENGINE), None)
@@ -446,14 +454,14 @@ def matrix_line(matrix_text: str, component: str, version: str, entry: dict) -> 
     return text, name
 
 
-def refused_families(matrix_path: Path, line: str) -> dict[str, str]:
+def refused_families(matrix_path: Path, line: str, profiles: Registry) -> dict[str, str]:
     """family -> the rules' reasons, for the families of `line` the rules refuse (facts as now on disk)."""
     from . import facts as facts_mod
     from . import matrix as matrix_mod
     from . import rules
 
     facts_mod.load.cache_clear()
-    f = facts_mod.load()
+    f = facts_mod.load(profiles)
     m = matrix_mod.load(matrix_path, f)
     out = {}
     for image in m.images:
@@ -473,40 +481,42 @@ def with_excludes(matrix_text: str, line: str, refused: dict[str, str]) -> str:
     return matrix_text.rstrip("\n") + "\n" + "".join("    " + row for row in block.splitlines(keepends=True))
 
 
-def run(*, base: str | None = None, data_dir: Path | None = None, matrix_path: Path | None = None,
-        cache: Path | None = None, today: str | None = None) -> list[str]:
+def run(*, profiles: Registry, base: str | None = None, data_dir: Path | None = None,
+        matrix_path: Path | None = None, cache: Path | None = None, today: str | None = None) -> list[str]:
     """The scheduled job: new torch and engine releases on the index become derived records and release entries;
     each engine release whose entry could be written becomes a matrix line (its refused families excluded with
     the rules' reasons). Returns one line per thing done or not done; locking and rendering come after."""
     report: list[str] = []
-    news = {component: new_releases(component, base=base, data_dir=data_dir) for component in components()}
+    news = {component: new_releases(component, base=base, data_dir=data_dir) for component in components(profiles)}
+    again = {"profiles": profiles, "base": base, "cache": cache, "data_dir": data_dir, "today": today}
     for version in sorted(news["torch"], key=Version):
-        report.append(_said(add("torch", version, base=base, cache=cache, data_dir=data_dir, today=today)))
-    for component in components()[1:]:
+        report.append(said(add("torch", version, **again)))
+    for component in components(profiles)[1:]:
         for version in news[component]:
-            added = add(component, version, base=base, cache=cache, data_dir=data_dir, today=today)
+            added = add(component, version, **again)
             pin = added.record.get("pins", {}).get("torch")
             if not added.release_written and pin and any(f"facts add torch {pin}" in m for m in added.release_missing):
                 # the torch it pins is older than the newest known and not in the data yet: read it, then again
-                report.append(_said(add("torch", pin, base=base, cache=cache, data_dir=data_dir, today=today)))
-                added = add(component, version, base=base, cache=cache, data_dir=data_dir, today=today)
-            report.append(_said(added))
+                report.append(said(add("torch", pin, **again)))
+                added = add(component, version, **again)
+            report.append(said(added))
             if not added.release_written or matrix_path is None:
                 continue
             entry = yaml.safe_load(added.path.read_text(encoding="utf-8"))["releases"][version]
-            text, line = matrix_line(matrix_path.read_text(encoding="utf-8"), component, version, entry)
+            text, line = matrix_line(matrix_path.read_text(encoding="utf-8"), component, version, entry, profiles)
             matrix_path.write_text(text, encoding="utf-8")
-            refused = refused_families(matrix_path, line)
+            refused = refused_families(matrix_path, line, profiles)
             matrix_path.write_text(with_excludes(text, line, refused), encoding="utf-8")
             report.append(f"matrix: line {line} added to {matrix_path.name}"
                           + (f"; the rules refuse {', '.join(sorted(refused))} (excluded with the reasons)"
                              if refused else ""))
     if not any(news.values()):
-        report.append("nothing new on the index for " + " and ".join(components()))
+        report.append("nothing new on the index for " + " and ".join(components(profiles)))
     return report
 
 
-def _said(added: Added) -> str:
+def said(added: Added) -> str:
+    """One line saying what `add` wrote and what it could not."""
     head = f"{added.component} {added.version}: derived record written to {added.path.name}"
     if added.release_written:
         head += "; release entry written"

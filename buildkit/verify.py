@@ -12,7 +12,6 @@ import os
 import re
 import urllib.error
 import urllib.request
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import yaml
@@ -20,9 +19,11 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
 from packaging.version import Version
 
-from . import profiles
+from . import upstream
 from .errors import UserError
 from .facts import Facts
+from .interface import Registry
+from .upstream import torch_pythons
 
 DEFAULT_INDEX = "https://pypi.org/simple"
 TIMEOUT_S = 30
@@ -57,23 +58,6 @@ def fetch_files(project: str, base: str | None = None) -> list[str]:
     return re.findall(r'<a [^>]*>([^<]+)</a>', body.decode("utf-8", "replace"))
 
 
-def torch_pythons(files: list[str]) -> dict[str, set[tuple[int, int]]]:
-    """torch version -> the CPython versions it has manylinux x86_64 wheels for (free-threaded ones aside)."""
-    found: dict[str, set[tuple[int, int]]] = defaultdict(set)
-    for name in files:
-        if not name.endswith(".whl"):
-            continue
-        try:
-            _, version, _, tags = parse_wheel_filename(name)
-        except ValueError:
-            continue
-        for tag in tags:
-            match = re.fullmatch(r"cp3(\d+)", tag.interpreter)
-            if match and tag.abi == tag.interpreter and "manylinux" in tag.platform and "x86_64" in tag.platform:
-                found[version.base_version].add((3, int(match.group(1))))
-    return found
-
-
 def _released(files: list[str]) -> set[Version]:
     """Versions a project has files for (wheels and sdists)."""
     versions = set()
@@ -85,9 +69,15 @@ def _released(files: list[str]) -> set[Version]:
     return versions
 
 
+def matrix_pins(m) -> list[str]:
+    """name==version of every library and pip pin the matrix's images install (what `lmi facts verify` checks)."""
+    return sorted({f"{name}=={version}" for image in m.images for name, version in image.libraries.items()}
+                  | {pin for image in m.images for pin in image.pip})
+
+
 def verify(facts: Facts, requirements: list[str], base: str | None = None) -> tuple[list[str], int]:
     """(drift lines, facts checked). `requirements` are name==version pins the matrix installs."""
-    engines = {name: profile.index_versions(facts.engines[name]) for name, profile in profiles.PROFILES.items()}
+    engines = {name: profile.index_versions(facts.stacks[name]) for name, profile in facts.profiles.items()}
     projects = {"torch", *(project for listed in engines.values() for project in listed),
                 *(Requirement(r).name for r in requirements)}
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -150,18 +140,16 @@ def _same(a: object, b: object) -> bool:
     return (str(a) if a is not None else None) == (str(b) if b is not None else None)
 
 
-def verify_derived(*, wheels: bool = False, base: str | None = None, data_dir=None, cache=None,
+def verify_derived(*, profiles: Registry, wheels: bool = False, base: str | None = None, data_dir=None, cache=None,
                    today: str | None = None) -> tuple[list[str], int]:
     """(drift lines, facts checked) for the derived records of torch.yaml and the engines' files: each agrees with the
     hand-read entries it backs; its file is on the index with the recorded sha256; with `wheels`, the record
     re-derived from that file (fetched by hash, cached) is the committed one."""
-    from . import upstream
-
-    readers = upstream.readers()
+    readers = upstream.readers(profiles)
     docs = {c: yaml.safe_load(upstream.data_path(c, data_dir).read_text(encoding="utf-8"))
-            for c in upstream.components()}
+            for c in upstream.components(profiles)}
     drift, checked = [], 0
-    for component in upstream.components():
+    for component in upstream.components(profiles):
         records = docs[component].get("derived") or {}
         files = {f.filename: f for f in upstream.listing(component, base)} if records else {}
         for version, record in records.items():
@@ -187,7 +175,7 @@ def verify_derived(*, wheels: bool = False, base: str | None = None, data_dir=No
             if not wheels:
                 continue
             path = upstream.fetch(listed, cache)
-            again, _ = upstream.rederive(component, path, listed, source.get("read") or today or "")
+            again, _ = upstream.rederive(component, path, listed, source.get("read") or today or "", profiles)
             for key in sorted(set(record) | set(again)):
                 if key == "source":
                     continue

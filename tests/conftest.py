@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from buildkit import facts as facts_mod
+from buildkit.profiles import REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
 LMI = Path(sys.executable).parent / "lmi"
@@ -84,7 +85,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 
 @pytest.fixture(scope="session")
 def facts():
-    return facts_mod.load()
+    return facts_mod.load(REGISTRY)
 
 
 @pytest.fixture
@@ -105,7 +106,7 @@ def production_images() -> tuple:
     a family or a line the way the README says breaks no test that did not mean to pin it."""
     from buildkit import matrix
 
-    return matrix.load(ROOT / "matrix.yaml", facts_mod.load()).images
+    return matrix.load(ROOT / "matrix.yaml", facts_mod.load(REGISTRY)).images
 
 
 # A bound for one `lmi` run, sized for the heaviest work a test asks of it (a cold build of the local image,

@@ -25,7 +25,7 @@ def production(facts):
 
 
 def _one(production, name: str, gpu: bool = True):
-    return next(s for s in production.values() if s.engine.name == name and s.family.is_gpu == gpu)
+    return next(s for s in production.values() if s.stack.name == name and s.family.is_gpu == gpu)
 
 
 def _by_tier(checks) -> dict[str, list[str]]:
@@ -50,7 +50,7 @@ DEEPSPEED_BEFORE = {
 
 
 def test_deepspeed_checks_are_what_they_were(production) -> None:
-    for spec in (s for s in production.values() if s.engine.name == "deepspeed"):
+    for spec in (s for s in production.values() if s.stack.name == "deepspeed"):
         tiers = _by_tier(smoke.generate(spec, smoke.TIERS))
         want = DEEPSPEED_BEFORE if spec.family.is_gpu else {t: n for t, n in DEEPSPEED_BEFORE.items() if t != "gpu"}
         assert tiers == want, spec.id

@@ -11,6 +11,7 @@ from conftest import LINE_027, ROOT, lmi, production_images
 
 from buildkit import facts, index, profiles
 from buildkit.errors import UserError
+from buildkit.profiles import REGISTRY
 
 CHECK = ["check", "--instance", "g5", "--cuda", "12.4", "--torch", "2.4.0", "--deepspeed", "0.15.1",
          "--djl", "0.30.0", "--python", "3.10", "--os", "ubuntu22.04"]
@@ -104,8 +105,8 @@ def test_matrix_table_json_and_selectors() -> None:
     assert sorted(rows) == sorted(i.id for i in g5)
     for image in g5:  # the engine and its versions under their matrix keys, whatever the engine
         row = rows[image.id]
-        assert row[6] == image.combo.engine
-        assert row[7] == ",".join(f"{k}={image.combo.part(k)}" for k in profiles.get(image.combo.engine).COMPONENTS)
+        assert row[6] == image.combo.profile
+        assert row[7] == ",".join(f"{k}={image.combo.part(k)}" for k in profiles.get(image.combo.profile).COMPONENTS)
     data = json.loads(lmi("matrix", "--json", "djl0.36-p5*").stdout)
     assert [d["id"] for d in data] == ["djl0.36-p5", "djl0.36-p5e", "djl0.36-p5en"]
     both = json.loads(lmi("matrix", "--json", "--instance", "g5", "--instance", "cpu").stdout)
@@ -126,7 +127,7 @@ def test_plan_json_has_tags_hashes_and_args() -> None:
     for p in plan:
         assert len(p["content_hash"]) == 64 and p["hash_tag"] == f"hash-{p['content_hash'][:16]}"
         # the family's SM where the engine compiles CUDA code; nothing where its kernels come built
-        compiles = profiles.get(p5[p["id"]].combo.engine).COMPILES
+        compiles = profiles.get(p5[p["id"]].combo.profile).COMPILES
         assert p["torch_cuda_arch_list"] == ("9.0" if compiles else None)
     again = json.loads(lmi("plan", "--json", "--instance", "p5").stdout)
     assert again == plan  # deterministic across processes
@@ -272,7 +273,7 @@ def test_uri_chooses_among_engines(tmp_path) -> None:
                _entry(4, "g6e", "vllm", "2.14.0", "13.0.2", vllm="0.33.0"),
                _entry(5, "g6", "vllm", "2.14.0", "13.0.2", vllm="0.33.0")]
     path = tmp_path / "images.json"
-    index.update(path, entries)
+    index.update(path, entries, REGISTRY)
     assert json.loads(path.read_text())["schema"] == index.SCHEMA
     at = ("--index", str(path))
     vllm = lmi("uri", "--instance", "g6e", "--engine", "vllm", *at)
@@ -321,7 +322,7 @@ def test_an_old_index_still_answers_and_merges_forward(tmp_path) -> None:
     data = json.loads(lmi("uri", "--instance", "g5", "--json", *at).stdout)
     assert data["engine"] == "deepspeed" and data["components"]["djl"] == "0.27.0"
     assert "djl_serving" not in data["components"]
-    index.update(path, [_entry(2, "g6e", "vllm", "2.14.0", "13.0.2", vllm="0.33.0")])
+    index.update(path, [_entry(2, "g6e", "vllm", "2.14.0", "13.0.2", vllm="0.33.0")], REGISTRY)
     merged = json.loads(path.read_text())
     assert merged["schema"] == index.SCHEMA
     assert {e["id"]: (e["engine"], sorted(e["components"])[:3]) for e in merged["images"]} == {
@@ -342,7 +343,7 @@ def test_render_warns_what_the_profile_warns(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     g5 = [i for i in production_images() if i.family == "g5"]
-    djl = facts.load().engines["deepspeed"].djl
+    djl = facts.load(REGISTRY).stacks["deepspeed"].djl
     versions = {i.combo.part("djl") for i in g5} - {None}
     expected = sorted(v for v in versions if djl[v].sha256 is None)
     assert [w.split("DJL Serving ")[1].split()[0] for w in warnings] == expected

@@ -50,15 +50,15 @@ def test_known_facts_from_the_reference(facts) -> None:
     assert "24.04" not in facts.toolkits["12.4"].ubuntu
     assert facts.families["g5"].sm == "8.6" and facts.families["p6-b200"].sm == "10.0"
     assert facts.torch["2.1"].pypi_variant == "cu121"
-    assert facts.engines["deepspeed"].deepspeed_release("0.16.4").accepted_cuda12_minors("0.16.4")[-1] == "12.8"
-    assert "12.8" not in facts.engines["deepspeed"].deepspeed_release("0.16.3").accepted_cuda12_minors("0.16.3")
+    assert facts.stacks["deepspeed"].deepspeed_release("0.16.4").accepted_cuda12_minors("0.16.4")[-1] == "12.8"
+    assert "12.8" not in facts.stacks["deepspeed"].deepspeed_release("0.16.3").accepted_cuda12_minors("0.16.3")
 
 
 def test_djl_checksums_are_real_or_explained(facts) -> None:
-    for rel in facts.engines["deepspeed"].djl.values():
+    for rel in facts.stacks["deepspeed"].djl.values():
         assert rel.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", rel.sha256)
-    assert "sha256sum" in facts.engines["deepspeed"].djl_checksum_unknown
-    assert "{version}" in facts.engines["deepspeed"].djl_package_url
+    assert "sha256sum" in facts.stacks["deepspeed"].djl_checksum_unknown
+    assert "{version}" in facts.stacks["deepspeed"].djl_package_url
 
 
 def test_nearest_versions() -> None:
@@ -102,14 +102,14 @@ def test_facts_verify_finds_drift_on_a_local_index(facts, tmp_path) -> None:
     from buildkit import verify
 
     files = {"torch": [], "deepspeed": [], "numpy": ["numpy-1.26.4.tar.gz"],
-             "vllm": [f"vllm-{v}-cp38-abi3-manylinux_2_28_x86_64.whl" for v in facts.engines["vllm"].releases]}
+             "vllm": [f"vllm-{v}-cp38-abi3-manylinux_2_28_x86_64.whl" for v in facts.stacks["vllm"].releases]}
     for release in facts.torch.values():
         for version in release.versions:
             lo, hi = release.python
             top = 11 if version.startswith("2.2.") else int(hi.split(".")[1])
             files["torch"] += [f"torch-{version}-cp3{m}-cp3{m}-manylinux_2_28_x86_64.whl"
                                for m in range(int(lo.split(".")[1]), top + 1)]
-    known = facts.engines["deepspeed"].deepspeed_versions
+    known = facts.stacks["deepspeed"].deepspeed_versions
     files["deepspeed"] = [f"deepspeed-{v}.tar.gz" for v in known if v != "0.12.6"]
 
     class Index(http.server.BaseHTTPRequestHandler):

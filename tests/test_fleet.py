@@ -22,7 +22,7 @@ SERVING_OPS = {"transformer_inference", "spatial_inference"}
 def _rendered(facts, path):
     m = matrix.load(path, facts)
     renderer = render.Renderer(m.templates, lock.load(lock.lock_path(m.path)), m.build_args)
-    return [(s, renderer.render(s).files) for s in resolve(m, facts) if s.engine.name == "deepspeed"]
+    return [(s, renderer.render(s).files) for s in resolve(m, facts) if s.stack.name == "deepspeed"]
 
 
 @pytest.fixture(scope="module", params=["matrix.yaml", "tests/matrix.gpu-local.yaml"])
@@ -97,7 +97,7 @@ def test_families_of_a_line_differ_only_after_the_marked_line(gpu_lines) -> None
 def test_only_the_serving_ops_are_prebuilt(gpu_lines, facts) -> None:
     for images in gpu_lines.values():
         for spec, files in images:
-            e = spec.engine
+            e = spec.stack
             built = set(e.ds_ops_built)
             assert built == SERVING_OPS, (spec.id, built)  # both exist from 0.10.0 and build for sm_60+
             assert {op for op, _, _ in e.ds_ops_on} == built
@@ -112,7 +112,7 @@ def test_only_the_serving_ops_are_prebuilt(gpu_lines, facts) -> None:
             assert "git_version_info_installed" in step and '-name "*.so"' in step and "/ops/RECORD" in step
             claims = json.loads(files["image.json"])["deepspeed_ops"]
             assert set(claims["prebuilt"]) == built
-            assert set(claims["absent"]) == {op.name for op in facts.engines["deepspeed"].ops_of(e.deepspeed)} - built
+            assert set(claims["absent"]) == {op.name for op in facts.stacks["deepspeed"].ops_of(e.deepspeed)} - built
             for op in ("cpu_adam", "fused_adam", "transformer", "quantizer", "inference_core_ops"):
                 if op in claims["absent"]:
                     assert "JIT-built at first use" in claims["absent"][op], (spec.id, op, claims["absent"][op])

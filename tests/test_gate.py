@@ -22,6 +22,7 @@ from buildkit import facts as facts_mod
 from buildkit import gate, index, registry
 from buildkit import matrix as matrix_mod
 from buildkit.errors import UserError
+from buildkit.profiles import REGISTRY
 from buildkit.spec import resolve
 
 MATRIX = ROOT / "tests" / "matrix.local.yaml"
@@ -30,7 +31,7 @@ ACCOUNT, REGION = "123456789012", "us-west-2"
 
 @pytest.fixture(scope="module")
 def spec():
-    f = facts_mod.load()
+    f = facts_mod.load(REGISTRY)
     return resolve(matrix_mod.load(MATRIX, f), f)[0]
 
 
@@ -248,7 +249,7 @@ def index_with(path: Path, spec, digest: str, url: str) -> None:
     address = registry.parse(url)
     entry = {"id": spec.id, "family": spec.family.name, "repository": spec.repository, "tag": spec.tag,
              "tags": [spec.tag], "digest": digest, "built": "2026-12-01T00:00:00Z",
-             "engine": spec.engine.name,
+             "engine": spec.stack.name,
              "components": {**spec.versions, "torch": spec.torch, "cuda": None, "python": spec.python,
                             "os": spec.os.name},
              "smoke": {"passed": True}, "registries": [{"url": url, "kind": address.kind, "region": address.region,

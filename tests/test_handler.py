@@ -29,6 +29,7 @@ from lmi_deepspeed import OptionError, Reply, Request, RequestError, parse_optio
 
 from buildkit import engine
 from buildkit import facts as facts_mod
+from buildkit.profiles import REGISTRY
 from tests.local import prepare
 
 # Their prerequisites (mpirun, DeepSpeed, Accelerate, Diffusers, the registry) are the project's to provide:
@@ -207,7 +208,7 @@ def test_a_batch_is_decoded_and_answered_by_batch_index_as_djl_encodes_it(monkey
 
 
 def test_the_stand_ins_behaviour_table_is_the_cited_djl_facts_per_version(tmp_path) -> None:
-    f = facts_mod.load().engines["deepspeed"]  # DJL Serving's facts are the DeepSpeed profile's
+    f = facts_mod.load(REGISTRY).stacks["deepspeed"]  # DJL Serving's facts are the DeepSpeed profile's
     for b in f.djl_behaviour.values():  # every behaviour cites DJL's own file at a tag it was read at
         assert b.source.startswith("deepjavalibrary/djl-serving@") and b.checked, b.name
         assert any(part in b.source for part in (".java", ".py")), b.name

@@ -10,8 +10,9 @@ import pytest
 from conftest import lmi
 
 from buildkit import facts, index
+from buildkit.profiles import REGISTRY
 
-F = facts.load()
+F = facts.load(REGISTRY)
 
 
 @pytest.mark.parametrize("text", ["ml.g5.12xlarge", "g5.12xlarge", "ML.G5.12XLARGE", " ml.g5.12xlarge "])
@@ -75,7 +76,7 @@ def _index(tmp_path) -> tuple[str, str]:
                         "registries": [{"url": "oci://r.example/ml", "kind": "oci", "region": None,
                                         "uri": f"r.example/ml/lmi@{digest}"}]})
     path = tmp_path / "images.json"
-    index.update(path, entries)
+    index.update(path, entries, REGISTRY)
     return "--index", str(path)
 
 

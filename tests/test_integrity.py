@@ -20,6 +20,7 @@ from conftest import ROOT, lmi
 
 from buildkit import index, profiles, publish, registry
 from buildkit.errors import UserError
+from buildkit.profiles import REGISTRY
 
 
 class Server:
@@ -137,22 +138,22 @@ def test_digests_are_validated_on_read_and_write(tmp_path, digest) -> None:
     path = tmp_path / "images.json"
     path.write_text(json.dumps({"schema": index.SCHEMA, "generated": None, "images": [bad]}))
     with pytest.raises(UserError, match="not sha256:<64 hex>"):
-        index.load(path)
+        index.load(path, REGISTRY)
     with pytest.raises(UserError, match="not sha256:<64 hex>"):
-        index.merge(index.empty(), [bad])
+        index.merge(index.empty(), [bad], REGISTRY)
 
 
 def test_an_immutable_tag_never_names_two_digests() -> None:
-    one = index.merge(index.empty(), [entry(1, tag="0.36.0-g5-r1")])
+    one = index.merge(index.empty(), [entry(1, tag="0.36.0-g5-r1")], REGISTRY)
     moved = entry(2, tag="0.36.0-g5-r1")
     with pytest.raises(UserError) as err:
-        index.merge(one, [moved], "fragment.json")
+        index.merge(one, [moved], REGISTRY, "fragment.json")
     assert one["images"][0]["digest"] in str(err.value) and moved["digest"] in str(err.value)
     assert "fragment.json" in str(err.value)
     # Aliases float: the same alias on another digest is fine, the bare tuple tag (an alias of its newest
     # revision) included.
-    assert len(index.merge(one, [entry(3)])["images"]) == 2
-    assert len(index.merge(one, [entry(4, tag="0.36.0-g5")])["images"]) == 2
+    assert len(index.merge(one, [entry(3)], REGISTRY)["images"]) == 2
+    assert len(index.merge(one, [entry(4, tag="0.36.0-g5")], REGISTRY)["images"]) == 2
 
 
 def test_an_entry_records_its_engine_and_versions_by_matrix_key(tmp_path) -> None:
@@ -161,23 +162,23 @@ def test_an_entry_records_its_engine_and_versions_by_matrix_key(tmp_path) -> Non
     from buildkit import facts, matrix, smoke
     from buildkit.spec import resolve
 
-    f = facts.load()
+    f = facts.load(REGISTRY)
     specs = resolve(matrix.load(ROOT / "matrix.yaml", f), f)
     record = smoke.Record(schema=1, image="x", image_id="sha256:" + "1" * 64, content_hash=None, spec_id="x",
                           tiers=["cpu"], passed=True, outcomes=[], started="s", finished="f")
     address = registry.parse("oci://r.example/ml")
     entries = []
-    for name in sorted({s.engine.name for s in specs}):
-        spec = next(s for s in specs if s.engine.name == name and s.family.name == "g6e")
+    for name in sorted({s.stack.name for s in specs}):
+        spec = next(s for s in specs if s.stack.name == name and s.family.name == "g6e")
         digest = "sha256:" + hashlib.sha256(spec.id.encode()).hexdigest()
         e = publish.Published(spec, record.image_id, digest, address, [spec.tag], None, "2026", record,
-                              f"{spec.tag}-r1", 1).entry()
+                              f"{spec.tag}-r1", 1).entry(f)
         assert e["engine"] == name and e["components"] == {
             **spec.versions, "torch": spec.torch, "cuda": spec.cuda_patch, "python": spec.python,
             "os": spec.os.name, **spec.libraries}
         entries.append(e)
     path = tmp_path / "images.json"
-    index.update(path, entries)
+    index.update(path, entries, REGISTRY)
     for e in entries:
         flags = [f"--{k}={e['components'][k]}" for k in (*profiles.component_keys(), *index.FILTERS)
                  if k in e["components"]]
@@ -207,9 +208,9 @@ def test_twenty_concurrent_merges_keep_twenty_entries(tmp_path) -> None:
 
 def test_index_files_keep_their_mode(tmp_path) -> None:
     path = tmp_path / "images.json"
-    index.write(path, index.empty())
+    index.write(path, index.empty(), REGISTRY)
     os.chmod(path, 0o644)
-    index.update(path, [entry(1)])
+    index.update(path, [entry(1)], REGISTRY)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
@@ -232,10 +233,10 @@ def test_a_tampered_published_index_is_refused(monkeypatch) -> None:
     server = Server(Registry)
     try:
         address = registry.parse(f"oci://127.0.0.1:{server.port}/ml")
-        assert publish.fetch_index(address, "lmi")["images"][0]["id"] == "line1-g5"
+        assert publish.fetch_index(address, "lmi", REGISTRY)["images"][0]["id"] == "line1-g5"
         state["blob"] = good.replace(b"line1-g5", b"evil1-g5")
         with pytest.raises(publish.PublishError, match="does not match its digest"):
-            publish.fetch_index(address, "lmi")
+            publish.fetch_index(address, "lmi", REGISTRY)
     finally:
         server.close()
 
@@ -246,7 +247,7 @@ def test_package_index_credentials_travel_as_a_secret_only(tmp_path, monkeypatch
     from buildkit.spec import resolve
 
     url = "https://ci:t0ps3cret@pypi.internal.example/simple"
-    f = facts_mod.load()
+    f = facts_mod.load(REGISTRY)
     spec = resolve(matrix.load(ROOT / "matrix.yaml", f), f)[0]
     options = build.BuildOptions(pip_index_url=url)
     args = build.host_args(spec, options, {}, None)
@@ -280,7 +281,7 @@ def test_index_latest_is_not_overwritten_when_it_moved(tmp_path, monkeypatch) ->
 
     monkeypatch.setattr(publish, "_index_target", lambda address: Target())
     path = tmp_path / "images.json"
-    index.write(path, index.empty())
+    index.write(path, index.empty(), REGISTRY)
     address = registry.parse("oci://r.example/ml")
     with pytest.raises(publish.IndexMoved, match="moved while merging"):
         publish.publish_index(path, [address], "lmi", {address.url: "sha256:" + "a" * 64})
@@ -296,7 +297,7 @@ def test_base_mirrors_and_provenance_follow_the_profiles_bases() -> None:
     from buildkit import facts as facts_mod
     from buildkit.spec import resolve
 
-    f = facts_mod.load()
+    f = facts_mod.load(REGISTRY)
     options = build.BuildOptions(base_mirror="mirror.example/hub")
     seen = set()
     for spec in resolve(matrix.load(ROOT / "matrix.yaml", f), f):
@@ -306,6 +307,6 @@ def test_base_mirrors_and_provenance_follow_the_profiles_bases() -> None:
         args = build.host_args(spec, options, {}, None)
         assert {k: v for k, v in args.items() if k.endswith("_IMAGE")} == {
             f"{role.upper()}_IMAGE": engine.mirrored(ref, "mirror.example/hub") for role, ref in roles.items()}
-        seen.add((spec.engine.name, tuple(roles)))
+        seen.add((spec.stack.name, tuple(roles)))
     assert ("deepspeed", ("builder", "runtime")) in seen and ("deepspeed", ("runtime",)) in seen  # GPU, CPU
     assert ("vllm", ("runtime",)) in seen

@@ -8,6 +8,7 @@ import pytest
 from conftest import ROOT
 
 from buildkit import facts, matrix
+from buildkit.profiles import REGISTRY
 from tests.local import prepare
 
 LOCAL_MATRICES = sorted((ROOT / "tests").glob("matrix.*local*.yaml"))
@@ -20,7 +21,7 @@ def test_every_local_matrix_is_found() -> None:
 
 @pytest.mark.parametrize("path", LOCAL_MATRICES, ids=lambda p: p.name)
 def test_every_base_a_local_matrix_builds_on_has_a_recipe(path) -> None:
-    f = facts.load()
+    f = facts.load(REGISTRY)
     m = matrix.load(path, f)
     wanted = prepare.bases_wanted(m, f)
     assert wanted, f"{path.name}: no base image at all"
@@ -30,6 +31,6 @@ def test_every_base_a_local_matrix_builds_on_has_a_recipe(path) -> None:
 
 
 def test_a_lines_bases_are_its_images_not_their_roles() -> None:
-    f = facts.load()
+    f = facts.load(REGISTRY)
     m = matrix.load(ROOT / "tests" / "matrix.vllm-local.yaml", f)
     assert prepare.bases_wanted(m, f) == ["debian:12"]

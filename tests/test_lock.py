@@ -50,26 +50,26 @@ def test_every_input_changes_the_fingerprint(production) -> None:
     base = lock.inputs_of(spec, m.build_args).fingerprint
     for change in ({"libraries": {**spec.libraries, "accelerate": "1.12.0"}}, {"python": "3.11"},
                    {"wheel_platform": "x86_64-manylinux_2_35"}, {"pip": ("numpy==1.26.4",)},
-                   {"engine": replace(spec.engine, deepspeed="0.18.8")},
-                   {"engine": replace(spec.engine, deepspeed_requires=(*spec.engine.deepspeed_requires, "extra"))}):
+                   {"stack": replace(spec.stack, deepspeed="0.18.8")},
+                   {"stack": replace(spec.stack, deepspeed_requires=(*spec.stack.deepspeed_requires, "extra"))}):
         assert lock.inputs_of(replace(spec, **change), m.build_args).fingerprint != base, change
     assert lock.inputs_of(spec, {"TORCH_INDEX_URL": "https://example.org/whl"}).fingerprint != base
 
 
 def test_deepspeed_requirements_come_from_its_tags(facts) -> None:
-    assert facts.engines["deepspeed"].deepspeed_requirements("0.12.6", cuda=True) == (
+    assert facts.stacks["deepspeed"].deepspeed_requirements("0.12.6", cuda=True) == (
         "hjson", "ninja", "numpy", "packaging>=20.0", "psutil", "py-cpuinfo", "pydantic", "pynvml", "torch", "tqdm")
-    assert facts.engines["deepspeed"].deepspeed_requirements("0.18.9", cuda=False)[-1] == "tqdm"
-    assert facts.engines["deepspeed"].deepspeed_requirements("0.18.9", cuda=True)[-1] == "nvidia-ml-py"
-    assert "pydantic<2.0.0" in facts.engines["deepspeed"].deepspeed_requirements("0.10.3", cuda=True)
-    assert facts.engines["deepspeed"].deepspeed_requirements("0.19.8", cuda=True) is None  # newer than the tags read
+    assert facts.stacks["deepspeed"].deepspeed_requirements("0.18.9", cuda=False)[-1] == "tqdm"
+    assert facts.stacks["deepspeed"].deepspeed_requirements("0.18.9", cuda=True)[-1] == "nvidia-ml-py"
+    assert "pydantic<2.0.0" in facts.stacks["deepspeed"].deepspeed_requirements("0.10.3", cuda=True)
+    assert facts.stacks["deepspeed"].deepspeed_requirements("0.19.8", cuda=True) is None  # newer than the tags read
 
 
 def test_an_unread_deepspeed_release_cannot_be_locked(production) -> None:
     m, specs = production
     with pytest.raises(UserError, match="DeepSpeed 0.19.8's requirements are not recorded"):
         spec = specs["djl0.36-g5"]
-        lock.inputs_of(replace(spec, engine=replace(spec.engine, deepspeed="0.19.8", deepspeed_requires=None)))
+        lock.inputs_of(replace(spec, stack=replace(spec.stack, deepspeed="0.19.8", deepspeed_requires=None)))
 
 
 # --- splitting a resolution -----------------------------------------------------------------------

@@ -1,12 +1,16 @@
-"""Engine profiles (buildkit/profiles): the core names no engine, every registered profile is complete, and each
-profile's lines validate, lock and render as its facts say. The tests of one profile's own behaviour live with
+"""Profiles (buildkit/profiles): the dependency direction holds (import-linter's contracts, and an upward import
+breaks them), every registered profile is complete, and each profile's lines validate, lock and render as its
+facts say. The tests of one profile's own behaviour live with
 the module that tests that behaviour (test_rules, test_render, test_handler...); these run for every profile."""
 
 from __future__ import annotations
 
+import ast
 import json
-import re
+import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,34 +18,116 @@ from conftest import ROOT
 
 from buildkit import lock, matrix, profiles, render
 from buildkit.errors import UserError
+from buildkit.interface import Profile
 from buildkit.rules import Combo, evaluate
 from buildkit.spec import resolve
 
-# The core: every module of the package but the profiles and the code that runs inside images (resources/).
-ENGINE_WORDS = re.compile("|".join(sorted({*profiles.PROFILES, *profiles.component_keys()})), re.IGNORECASE)
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")  # import-linter, a dev dependency
 
 
-def _core_files() -> list[Path]:
-    package = ROOT / "buildkit"
-    return [p for p in sorted(package.rglob("*.py"))
-            if not {"profiles", "resources"} & set(p.relative_to(package).parts)]
+def _lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """import-linter over the package under `root` with the contracts of `root`/pyproject.toml."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache", "--no-logo"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
 
 
-def test_the_core_names_no_engine() -> None:
-    """The done-when of issue #19: `grep -il deepspeed` (or any engine or component name) over the core finds
-    nothing; the core meets engines only through buildkit/profiles."""
-    assert len(_core_files()) > 20
-    found = [f"{p.relative_to(ROOT)}:{n}: {line.strip()[:100]}" for p in _core_files()
-             for n, line in enumerate(p.read_text().splitlines(), 1) if ENGINE_WORDS.search(line)]
-    assert not found, "\n".join(found)
-    for name in ("Dockerfile.j2", "entrypoint.sh.j2"):  # the core templates too
-        assert not ENGINE_WORDS.search((ROOT / "templates" / name).read_text()), name
+def test_the_import_contracts_hold() -> None:
+    """The dependency direction of pyproject.toml's [tool.importlinter] (also run by `make lint`): the CLI above
+    the profiles above the commands above the core above the bottom; no core module imports a profile; a profile
+    imports no command; the profiles are independent; no import cycle; no host module imports the code that runs
+    inside images."""
+    result = _lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Contracts: 6 kept, 0 broken." in result.stdout, result.stdout
 
 
-def test_grep_agrees() -> None:
-    """The same as the issue asks it, with grep itself."""
-    result = subprocess.run(["grep", "-il", "deepspeed", *map(str, _core_files())], capture_output=True, text=True)
-    assert result.returncode == 1 and result.stdout == "", result.stdout
+@pytest.mark.parametrize(("module", "injected", "broken"), [
+    ("facts.py", "from . import profiles", ("cli above profiles", "the core and the bottom import no profile")),
+    ("rules.py", "from . import spec", ("cli above profiles",)),  # an upward import inside the core
+    ("profiles/vllm.py", "from .. import smoke", ("a profile imports the core and the bottom only",)),
+    ("profiles/vllm.py", "from . import deepspeed", ("the profiles are independent",)),
+    ("index.py", "from . import publish", ("no import cycle",)),  # publish imports index
+    ("smoke.py", "import lmi_check", ("no host module imports the code that runs inside images",)),
+])
+def test_an_upward_import_breaks_them(tmp_path, module, injected, broken) -> None:
+    """A copy of the package with one import added fails the contracts it breaks (where the import also
+    closes a longer chain, others may break too)."""
+    shutil.copytree(ROOT / "buildkit", tmp_path / "buildkit", ignore=shutil.ignore_patterns("__pycache__", "data"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    target = tmp_path / "buildkit" / module
+    text = target.read_text()
+    head, sep, rest = text.partition("\nfrom __future__ import annotations\n")
+    target.write_text(head + sep + injected + "  # noqa\n" + rest if sep else injected + "\n" + text)
+    result = _lint_imports(tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for name in broken:
+        verdict = [line for line in lines if line.startswith(name)]
+        assert verdict and " BROKEN" in verdict[0] and " KEPT" not in verdict[0], (name, result.stdout)
+    assert "Contracts: 6 kept" not in result.stdout
+
+
+IMAGE_CODE = ROOT / "buildkit" / "resources"
+
+
+def _imports(path: Path) -> set[str]:
+    """The modules a file imports (absolute names; relative ones as "." + name)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            names |= {base} | {f"{base}.{a.name}" if node.module else f"{base}{a.name}" for a in node.names}
+    return names
+
+
+def test_host_code_and_image_code_import_nothing_of_each_other() -> None:
+    """The code under buildkit/resources/ runs inside images, imported flat from /opt/lmi/python (or the test
+    container's checker folder): it imports nothing of the host package, and no host module imports it, by its
+    flat name (also import-linter's contract) or through the package path, which import-linter cannot see (no
+    __init__.py there: the folders are data to the host)."""
+    image_files = sorted(IMAGE_CODE.rglob("*.py"))
+    image_names = {p.stem for p in image_files}
+    assert {"lmi_deepspeed", "lmi_check", "sm_vllm", "deepspeed_check"} <= image_names
+    for path in image_files:
+        bad = {n for n in _imports(path) if n.split(".")[0] == "buildkit" or n.startswith(".")}
+        assert not bad, (path.relative_to(ROOT), bad)
+    host = [p for p in sorted((ROOT / "buildkit").rglob("*.py")) if IMAGE_CODE not in p.parents]
+    assert len(host) > 30
+    for path in host:
+        bad = {n for n in _imports(path)
+               if n.split(".")[0] in image_names or n.lstrip(".").startswith("resources")
+               or n.startswith("buildkit.resources")}
+        assert not bad, (path.relative_to(ROOT), bad)
+
+
+def test_the_separation_test_can_fail(tmp_path) -> None:
+    """The checks above find an import through the package path, which import-linter misses."""
+    text = "from __future__ import annotations\nfrom buildkit.resources.image import lmi_deepspeed\n"
+    (tmp_path / "x.py").write_text(text)
+    assert "buildkit.resources.image.lmi_deepspeed" in _imports(tmp_path / "x.py")
+    (tmp_path / "y.py").write_text("from .resources.check import lmi_check\n")
+    assert ".resources.check.lmi_check" in _imports(tmp_path / "y.py")
+
+
+def test_the_index_loads_no_profile() -> None:
+    """`import buildkit.index` (behind the public image_uri()) loads no profile and no smoke runner."""
+    code = "import buildkit.index, json, sys; print(json.dumps(sorted(m for m in sys.modules if 'buildkit' in m)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    loaded = json.loads(out)
+    assert "buildkit.index" in loaded and "buildkit.interface" in loaded
+    assert not [m for m in loaded if m.startswith(("buildkit.profiles", "buildkit.smoke", "buildkit.engine"))], loaded
+
+
+def test_every_profile_has_every_member_of_the_interface() -> None:
+    """At run time too (mypy checks the types in `make lint`): each member the Profile protocol declares."""
+    members = {n for n in dir(Profile) if not n.startswith("_")}
+    assert {"NAME", "RULES", "LAYERS", "ALONE", "OPTION_HELP", "labels", "claims", "lock_problem"} <= members
+    for p in profiles.PROFILES.values():
+        assert not [m for m in sorted(members) if not hasattr(p, m)], p.NAME
 
 
 @pytest.mark.parametrize("name", sorted(profiles.PROFILES))
@@ -134,13 +220,13 @@ def test_vllm_refusals_name_rule_and_source(facts) -> None:
 
 def test_vllm_line_of_the_production_matrix(facts) -> None:
     m = matrix.load(ROOT / "matrix.yaml", facts)
-    specs = [s for s in resolve(m, facts) if s.engine.name == "vllm"]
+    specs = [s for s in resolve(m, facts) if s.stack.name == "vllm"]
     assert specs and {s.family.name for s in specs} == {
         name for name, fam in facts.families.items() if fam.is_gpu and fam.sm != "7.0"} & {
         i.family for i in m.images}
     renderer = render.for_matrix(m)
     for spec in specs:
-        assert spec.tag.startswith(f"vllm{spec.engine.vllm}-torch2.14.0-cu130-")
+        assert spec.tag.startswith(f"vllm{spec.stack.vllm}-torch2.14.0-cu130-")
         assert set(spec.aliases) <= {f"vllm0.33-{spec.family.name}", f"vllm-{spec.family.name}-latest"}
         assert spec.bases == (spec.runtime_image,) and spec.arch_list is None  # nothing is compiled
         assert spec.driver and spec.labels["io.lmi.host-driver"] == spec.driver  # the AMI the line names

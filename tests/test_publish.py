@@ -20,6 +20,7 @@ from conftest import ROOT, docker, free_port, lmi, local_matrix, local_registry
 from buildkit import engine, index, registry, smoke
 from buildkit import facts as facts_mod
 from buildkit import matrix as matrix_mod
+from buildkit.profiles import REGISTRY
 from buildkit.publish import docker_login
 from buildkit.spec import IMMUTABLE_FILTERS, resolve
 
@@ -89,7 +90,7 @@ def tested(local, tmp_path_factory):  # noqa: F811
     """The spec of the local matrix in a repository of its own, with a small image under its tag."""
     repo = f"lmi-pub-{secrets.token_hex(4)}"
     matrix = local_matrix(local["dir"], repo)
-    f = facts_mod.load()
+    f = facts_mod.load(REGISTRY)
     spec = resolve(matrix_mod.load(matrix, f), f)[0]
     info = {"repo": repo, "matrix": matrix, "spec": spec, "dir": tmp_path_factory.mktemp("small")}
     small_image(info, "v1")
@@ -489,9 +490,9 @@ def test_index_merge_is_by_image_and_atomic(tmp_path) -> None:
              "components": {"djl_serving": "0.27.0", "deepspeed": "0.12.6", "torch": "2.1.2", "cuda": "12.1.1",
                             "python": "3.10", "os": "ubuntu22.04"},
              "registries": [{"url": "oci://a", "kind": "oci", "region": None, "uri": f"a/x@{digest}"}]}
-    index.update(path, [entry])
+    index.update(path, [entry], REGISTRY)
     other = {**entry, "registries": [{"url": "oci://b", "kind": "oci", "region": None, "uri": f"b/x@{digest}"}]}
-    index.update(path, [other])
+    index.update(path, [other], REGISTRY)
     data = json.loads(path.read_text())
     assert len(data["images"]) == 1 and {r["url"] for r in data["images"][0]["registries"]} == {"oci://a", "oci://b"}
     # no temp files left (the writers' lock file stays, empty)

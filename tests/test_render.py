@@ -300,7 +300,7 @@ def test_every_download_step_takes_the_ca_as_a_secret(production) -> None:
 
 def _of(production, profile_name: str):
     """The production contexts of one profile (for tests of what that profile renders)."""
-    found = [(spec, ctx) for spec, ctx in production if spec.engine.name == profile_name]
+    found = [(spec, ctx) for spec, ctx in production if spec.stack.name == profile_name]
     assert found, profile_name
     return found
 
@@ -315,16 +315,16 @@ def test_deepspeed_ops_prebuilt_for_the_family_sm_only(production) -> None:
             assert f'TORCH_CUDA_ARCH_LIST="{spec.family.sm}"' in step
             assert '/lib64/stubs' in step  # ops link -lcuda: the driver stub stands in
             switched_on = set(re.findall(r"(DS_BUILD_[A-Z_]+)=1", step))  # the serving ops only
-            assert switched_on == {switch for _, switch, _ in spec.engine.ds_ops_on}, spec.id
+            assert switched_on == {switch for _, switch, _ in spec.stack.ds_ops_on}, spec.id
             assert not {"DS_BUILD_RAGGED_DEVICE_OPS", "DS_BUILD_CUTLASS_OPS", "DS_BUILD_SPARSE_ATTN",
                         "DS_BUILD_EVOFORMER_ATTN", "DS_BUILD_CPU_ADAM"} & switched_on
             assert "DS_BUILD_TRANSFORMER_INFERENCE" in switched_on and "DS_BUILD_RAGGED_OPS" not in switched_on
             claims = json.loads(ctx.files["image.json"])["deepspeed_ops"]
-            assert set(claims["prebuilt"]) == set(spec.engine.ds_ops_built)
+            assert set(claims["prebuilt"]) == set(spec.stack.ds_ops_built)
             assert "transformer_inference" in claims["prebuilt"]
             assert "--no-build-isolation" in step
             assert "--mount=type=bind,from=deepspeed-builder" in dockerfile
-            assert "FROM ${BUILDER_IMAGE}" in dockerfile and spec.engine.builder_image.endswith(
+            assert "FROM ${BUILDER_IMAGE}" in dockerfile and spec.stack.builder_image.endswith(
                 f"devel-ubuntu{spec.os.ubuntu}")
             assert spec.runtime_image.endswith(f"base-ubuntu{spec.os.ubuntu}")
         else:
@@ -358,7 +358,7 @@ def test_image_json_carries_the_claims(production) -> None:
 def test_djl_download_is_verified_or_warns(production) -> None:
     for spec, ctx in _of(production, "deepspeed"):
         dockerfile = ctx.files["Dockerfile"].decode()
-        assert f"ARG DJL_SERVING_SHA256={spec.engine.djl_sha256 or ''}\n" in dockerfile
+        assert f"ARG DJL_SERVING_SHA256={spec.stack.djl_sha256 or ''}\n" in dockerfile
         assert 'sha256sum -c -' in dockerfile and "WARNING: no sha256 is recorded for DJL Serving" in dockerfile
 
 

@@ -166,9 +166,9 @@ def test_deepspeed_classifiers_are_evidence_not_a_limit(facts) -> None:
     assert "python-range" not in {e.rule for e in verdict.errors}
     assert any("DeepSpeed 0.16.2's classifiers name Python 3.6-3.10, not 3.12" in n for n in verdict.notes)
     # From 0.16.3 the classifiers name 3.8-3.12 (setup.py at the tag): no note (the old data said 3.6-3.10).
-    assert facts.engines["deepspeed"].deepspeed_release("0.16.3").classifiers("0.16.3") == ("3.8", "3.12")
-    assert facts.engines["deepspeed"].deepspeed_release("0.16.9").classifiers("0.16.9") == ("3.8", "3.12")
-    assert facts.engines["deepspeed"].deepspeed_release("0.16.2").classifiers("0.16.2") == ("3.6", "3.10")
+    assert facts.stacks["deepspeed"].deepspeed_release("0.16.3").classifiers("0.16.3") == ("3.8", "3.12")
+    assert facts.stacks["deepspeed"].deepspeed_release("0.16.9").classifiers("0.16.9") == ("3.8", "3.12")
+    assert facts.stacks["deepspeed"].deepspeed_release("0.16.2").classifiers("0.16.2") == ("3.6", "3.10")
 
 
 def test_python_outside_torch_range(facts) -> None:
@@ -201,7 +201,7 @@ def test_djl_python_is_an_observation_not_a_requirement(facts) -> None:
     verdict = evaluate(Combo("g5", "0.31.0", "0.15.1", "2.5.1", "12.4", "3.10", "ubuntu22.04"), facts)
     assert verdict.ok, verdict.errors
     assert verdict.observations == ["AWS shipped DJL Serving 0.31.0 with Python 3.11 (this is 3.10)"]
-    assert facts.engines["deepspeed"].djl["0.32.0"].aws_python == "3.11"
+    assert facts.stacks["deepspeed"].djl["0.32.0"].aws_python == "3.11"
 
 
 # What AWS shipped as LMI DeepSpeed images (DJL 0.23-0.27), each with its own OS and Python.
@@ -290,25 +290,25 @@ def test_deepspeed_0189_op_switches_per_family(facts, family, below_floor) -> No
     verdict = evaluate(Combo(family, "0.36.0", "0.18.9", "2.9.1", "12.8", "3.12", "ubuntu24.04",
                              driver="570.124.06"), facts)
     assert verdict.ok, verdict.errors
-    assert set(verdict.engine["ops"]["skipped"]) == below_floor
-    assert set(verdict.engine["ops"]["built"]) == BUILT_0189
-    assert set(verdict.engine["ops"]["off"]) == NEEDS_0189 | NOT_SERVING_0189
-    assert "training only" in verdict.engine["ops"]["off"]["cpu_adam"]
+    assert set(verdict.stack["ops"]["skipped"]) == below_floor
+    assert set(verdict.stack["ops"]["built"]) == BUILT_0189
+    assert set(verdict.stack["ops"]["off"]) == NEEDS_0189 | NOT_SERVING_0189
+    assert "training only" in verdict.stack["ops"]["off"]["cpu_adam"]
     for op in below_floor:
-        assert "needs sm_80+" in verdict.engine["ops"]["off"][op] and family in verdict.engine["ops"]["off"][op]
-    ragged = verdict.engine["ops"]["off"]["ragged_device_ops"]
+        assert "needs sm_80+" in verdict.stack["ops"]["off"][op] and family in verdict.stack["ops"]["off"][op]
+    ragged = verdict.stack["ops"]["off"]["ragged_device_ops"]
     assert "dskernels" in ragged or "sm_80" in ragged
-    assert "ragged_ops" not in verdict.engine["ops"]["skipped"]  # floor 6.0 (ragged_utils.py), not the 8.0 device op
+    assert "ragged_ops" not in verdict.stack["ops"]["skipped"]  # floor 6.0 (ragged_utils.py), not the 8.0 device op
 
 
 def test_deepspeed_0126_has_no_utils_gds_or_fp_quantizer(facts) -> None:
     verdict = evaluate(Combo("g5", "0.27.0", "0.12.6", "2.1.2", "12.1", "3.10", "ubuntu22.04",
                              driver="535.104.05"), facts)
     assert verdict.ok, verdict.errors
-    assert set(verdict.engine["ops"]["built"]) == BUILT_0189  # the serving ops exist from 0.10.0
-    assert set(verdict.engine["ops"]["off"]) == ({"cutlass_ops", "ragged_device_ops", "evoformer_attn", "sparse_attn"}
+    assert set(verdict.stack["ops"]["built"]) == BUILT_0189  # the serving ops exist from 0.10.0
+    assert set(verdict.stack["ops"]["off"]) == ({"cutlass_ops", "ragged_device_ops", "evoformer_attn", "sparse_attn"}
                                                  | NOT_SERVING_0189 - {"utils"})
-    names = {op.name: op for op in facts.engines["deepspeed"].ops_of("0.12.6")}
+    names = {op.name: op for op in facts.stacks["deepspeed"].ops_of("0.12.6")}
     assert names["ragged_device_ops"].build_var == "DS_BUILD_RAGGED_DEVICE_OPS"
     assert names["ragged_ops"].build_var == "DS_BUILD_RAGGED_OPS" and names["ragged_ops"].sm == "6.0"
     assert names["cutlass_ops"].build_var == "DS_BUILD_CUTLASS_OPS" and names["cutlass_ops"].sm == "8.0"
@@ -319,7 +319,7 @@ def test_deepspeed_0126_has_no_utils_gds_or_fp_quantizer(facts) -> None:
 
 def test_java_floor_is_met_by_every_os(facts) -> None:
     for system in facts.systems.values():
-        for djl in facts.engines["deepspeed"].djl.values():
+        for djl in facts.stacks["deepspeed"].djl.values():
             assert int(system.java) >= int(djl.java)
 
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, docker, lmi, local_matrix
 
 from buildkit import provenance, registry, sbom, smoke
+from buildkit.profiles import REGISTRY
 
 DPKG = """Package: zlib1g
 Status: install ok installed
@@ -61,8 +62,9 @@ def test_bom_from_an_inventory_validates_with_purls_and_hashes() -> None:
              "labels": {"org.opencontainers.image.base.name": "nvidia/cuda:12.8.1-base-ubuntu24.04",
                         "io.lmi.cuda": "12.8.1", "org.opencontainers.image.version": "t1"}}
     digest = "sha256:" + "d" * 64
-    text = sbom.build(inv, facts, "127.0.0.1:5000/lmi", digest, "sha256:" + "f" * 64)
-    assert text == sbom.build(inv, facts, "127.0.0.1:5000/lmi", digest, "sha256:" + "f" * 64)  # deterministic
+    text = sbom.build(inv, facts, "127.0.0.1:5000/lmi", digest, "sha256:" + "f" * 64, profiles=REGISTRY.values())
+    again = sbom.build(inv, facts, "127.0.0.1:5000/lmi", digest, "sha256:" + "f" * 64, profiles=REGISTRY.values())
+    assert text == again  # deterministic
     doc = json.loads(text)
     assert doc["specVersion"] == "1.5" and doc["metadata"]["timestamp"].startswith("2026-12-01T10:00:00")
     by = {c["name"]: c for c in doc["components"]}
@@ -111,7 +113,7 @@ def spec_of(matrix):
     from buildkit import matrix as matrix_mod
     from buildkit.spec import resolve
 
-    f = facts_mod.load()
+    f = facts_mod.load(REGISTRY)
     return resolve(matrix_mod.load(matrix, f), f)[0]
 
 

@@ -25,6 +25,7 @@ from conftest import ROOT, lmi
 from buildkit import facts as facts_mod
 from buildkit import upstream, verify, wheelfacts
 from buildkit.facts import coverage
+from buildkit.profiles import REGISTRY
 
 FATBIN = ROOT / "tests" / "data" / "fatbin"
 TODAY = "2026-12-07"
@@ -168,8 +169,8 @@ def world(tmp_path: Path, monkeypatch):
 
 
 def _add(world, component: str, version: str) -> upstream.Added:
-    return upstream.add(component, version, base=world["index"].url, cache=world["cache"], data_dir=world["data"],
-                        today=TODAY)
+    return upstream.add(component, version, profiles=REGISTRY, base=world["index"].url, cache=world["cache"],
+                        data_dir=world["data"], today=TODAY)
 
 
 def test_facts_add_reads_torch_then_vllm_and_writes_loadable_data(world) -> None:
@@ -195,9 +196,9 @@ def test_facts_add_reads_torch_then_vllm_and_writes_loadable_data(world) -> None
     assert text.startswith(before.split("\n", 1)[0]) and "# How the kernel SMs were read" in text  # comments kept
     old, new = yaml.safe_load(before), yaml.safe_load(text)
     assert new["releases"]["0.33.0"] == old["releases"]["0.33.0"] and new["aws_sagemaker"] == old["aws_sagemaker"]
-    f = facts_mod.load()
+    f = facts_mod.load(REGISTRY)
     assert "2.90.0" in f.torch_versions and f.torch["2.90"].variants["cu130"].archs["x86_64"]
-    release = f.engines["vllm"].releases["0.91.0"]
+    release = f.stacks["vllm"].releases["0.91.0"]
     assert release.torch == "2.90.0" and release.torch_variant == "cu130" and release.min_glibc == "2.28"
     # coverage from the derived SMs: a V100 (7.0) has no code, an A10G (8.6) runs the sm_80 cubins, an H100
     # (9.0) has no general cubin (9.0a is arch-specific, kept apart) and JITs the compute_90 PTX
@@ -241,7 +242,7 @@ def test_verify_rederives_and_catches_a_hand_edit(world) -> None:
     _add(world, "torch", "2.90.0")
     _add(world, "vllm", "0.91.0")
     kwargs = {"base": world["index"].url, "data_dir": world["data"], "cache": world["cache"]}
-    drift, checked = verify.verify_derived(wheels=True, **kwargs)
+    drift, checked = verify.verify_derived(profiles=REGISTRY, wheels=True, **kwargs)
     assert checked > 20 and not [d for d in drift if "0.91.0" in d or "2.90.0" in d]
     path = world["data"] / "vllm.yaml"
     text = path.read_text()
@@ -251,7 +252,7 @@ def test_verify_rederives_and_catches_a_hand_edit(world) -> None:
     mistyped = derived[:at] + derived[at:].replace('sm: ["7.5", "8.0",', 'sm: ["7.0", "8.0",', 1)
     assert mistyped != derived
     path.write_text(text[:tail] + mistyped)
-    drift, _ = verify.verify_derived(wheels=True, **kwargs)
+    drift, _ = verify.verify_derived(profiles=REGISTRY, wheels=True, **kwargs)
     assert any("vllm 0.91.0 sm:" in d and "re-derived" in d for d in drift)  # the record against its wheel
     assert any("vllm 0.91.0 sm:" in d and "the data says" in d for d in drift)  # the entry against the record
 
@@ -262,7 +263,7 @@ def test_upstream_finds_the_newer_release_and_adds_a_line(world) -> None:
     assert upstream.new_releases("vllm", base=world["index"].url, data_dir=world["data"]) == ["0.91.0"]
     matrix = world["tmp"] / "matrix.yaml"
     shutil.copy(ROOT / "matrix.yaml", matrix)
-    report = upstream.run(base=world["index"].url, data_dir=world["data"], matrix_path=matrix,
+    report = upstream.run(profiles=REGISTRY, base=world["index"].url, data_dir=world["data"], matrix_path=matrix,
                           cache=world["cache"], today=TODAY)
     assert any(r.startswith("vllm 0.91.0: derived record written") for r in report), report
     doc = yaml.safe_load(matrix.read_text())
@@ -271,7 +272,7 @@ def test_upstream_finds_the_newer_release_and_adds_a_line(world) -> None:
     assert "p3" in line["exclude"] and "sm_70" in line["exclude"]["p3"]  # the rules' reason, from the derived SMs
     assert "cpu" in line["exclude"]
     assert "g5" not in line["exclude"]
-    assert upstream.run(base=world["index"].url, data_dir=world["data"], cache=world["cache"]) == [
+    assert upstream.run(profiles=REGISTRY, base=world["index"].url, data_dir=world["data"], cache=world["cache"]) == [
         "nothing new on the index for torch and vllm"]
 
 
@@ -282,7 +283,8 @@ def test_upstream_reads_the_older_torch_a_new_vllm_pins(world) -> None:
     world["index"].publish()
     _add(world, "torch", "2.90.0")
     _add(world, "vllm", "0.91.0")
-    report = upstream.run(base=world["index"].url, data_dir=world["data"], cache=world["cache"], today=TODAY)
+    report = upstream.run(profiles=REGISTRY, base=world["index"].url, data_dir=world["data"], cache=world["cache"],
+                          today=TODAY)
     assert any(r.startswith("torch 2.14.1: derived record written") for r in report), report
     assert report[-1].startswith("vllm 0.95.0: derived record written to vllm.yaml; release entry written"), report
     doc = yaml.safe_load((world["data"] / "vllm.yaml").read_text())

@@ -25,6 +25,7 @@ import sm_vllm
 from conftest import ROOT, free_port
 
 from buildkit import facts, profiles
+from buildkit.profiles import REGISTRY
 
 streamer = pytest.importorskip("runai_model_streamer", reason="the Run:ai model streamer is a host extra "
                                "(pip install -e '.[host]'); the vLLM lock pins it")
@@ -169,7 +170,7 @@ def test_dry_run_of_a_hub_id_keeps_the_token_off_argv(tmp_path) -> None:
 def test_the_vllm_line_locks_the_streamer_and_checks_it_in_the_image() -> None:
     """The lock roots carry the streamer with its S3 backend, every vLLM lock pins both (the versions the host
     extras install for the test above), and the image's cpu tier checks that it imports and streams."""
-    release = facts.load().engines["vllm"].releases["0.33.0"]
+    release = facts.load(REGISTRY).stacks["vllm"].releases["0.33.0"]
     assert "runai-model-streamer[s3]>=0.15.7" in release.extra_roots
     from importlib import metadata
 

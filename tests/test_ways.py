@@ -18,6 +18,7 @@ from conftest import ROOT
 from lmi_deepspeed import OptionError, Reply, Request, RequestError
 
 from buildkit import facts as facts_mod
+from buildkit.profiles import REGISTRY
 
 # Their prerequisites (mpirun, DeepSpeed, Accelerate, Diffusers, the registry) are the project's to provide:
 # under CI a skip here fails the run (tests/conftest.py).
@@ -156,7 +157,7 @@ def test_a_map_that_cannot_load_is_one_line(accel, tiny, props, message) -> None
 
 
 def gpu_families() -> list:
-    return [f for f in facts_mod.load().families.values() if f.is_gpu]
+    return [f for f in facts_mod.load(REGISTRY).families.values() if f.is_gpu]
 
 
 def gpu_memory_mib(family) -> int:

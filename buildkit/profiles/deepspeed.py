@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import versions
 from ..facts import sm_name
-from ..smoke import Ask, Client, ServingWay, Setup, tiny_model_command
+from ..interface import Ask, Client, ServingWay, Setup, tiny_model_command
 
 NAME = "deepspeed"
 COMPONENTS = ("djl", "deepspeed")
@@ -199,7 +199,7 @@ def load_facts(docs: dict[str, dict]) -> Facts:
 
 
 def _known(ctx) -> None:
-    c, e = ctx.combo, ctx.engine
+    c, e = ctx.combo, ctx.stack
     for fld, known, source in (("djl", list(e.djl), e.source("djl", "package")),
                                ("deepspeed", e.deepspeed_versions, e.source("deepspeed", "tags"))):
         value = c.part(fld)
@@ -211,7 +211,7 @@ def _known(ctx) -> None:
 def _python_evidence(ctx) -> None:
     """DeepSpeed's classifiers are evidence (a note), DJL Serving declares no Python requirement, and what
     AWS shipped is an observation (a note under -v)."""
-    c, e = ctx.combo, ctx.engine
+    c, e = ctx.combo, ctx.stack
     ds = e.deepspeed_release(c.part("deepspeed"))
     if ds and not versions.in_range(c.python, ds.classifiers(c.part("deepspeed"))):
         lo, hi = ds.classifiers(c.part("deepspeed"))
@@ -227,7 +227,7 @@ def _python_evidence(ctx) -> None:
 
 def _deepspeed_cuda(ctx) -> None:
     """DeepSpeed builds its ops with nvcc against torch: their CUDA versions must agree."""
-    c, e, fam, tk, var = ctx.combo, ctx.engine, ctx.family, ctx.toolkit, ctx.variant
+    c, e, fam, tk, var = ctx.combo, ctx.stack, ctx.family, ctx.toolkit, ctx.variant
     version = c.part("deepspeed")
     ds = e.deepspeed_release(version)
     if fam is None or not fam.is_gpu or tk is None or var is None or ds is None:
@@ -248,7 +248,7 @@ def _deepspeed_cuda(ctx) -> None:
             ctx.error("deepspeed-cuda", "deepspeed",
                       f"DeepSpeed {version} refuses nvcc {tk.version} with torch built for CUDA {torch_cuda}",
                       e.source("deepspeed", "tags"), fix)
-    ops = ctx.verdict.engine.setdefault("ops", {"skipped": [], "off": {}, "built": []})
+    ops = ctx.verdict.stack.setdefault("ops", {"skipped": [], "off": {}, "built": []})
     for op in e.ops_of(version):
         if op.sm and versions.key(fam.sm) < versions.key(op.sm):
             ops["skipped"].append(op.name)
@@ -275,7 +275,7 @@ def _next_after(version: str) -> str:
 
 
 def _handler(ctx) -> None:
-    c, e = ctx.combo, ctx.engine
+    c, e = ctx.combo, ctx.stack
     djl = c.part("djl")
     if djl not in e.djl:
         return
@@ -294,7 +294,7 @@ def _handler(ctx) -> None:
 
 def _java(ctx) -> None:
     """DJL Serving needs a Java the OS provides."""
-    c, e = ctx.combo, ctx.engine
+    c, e = ctx.combo, ctx.stack
     djl, system = e.djl.get(c.part("djl")), ctx.facts.systems.get(c.os)
     if djl and system and not versions.at_least(system.java, djl.java):
         ctx.error("java", "os", f"DJL Serving {c.part('djl')} needs Java >= {djl.java}; {c.os} provides {system.java}",
@@ -310,7 +310,7 @@ RULES = (_known, _python_evidence, _deepspeed_cuda, _handler, _java)
 
 @dataclass(frozen=True)
 class Spec:
-    """What a DeepSpeed image needs beyond the core spec (templates read it as spec.engine)."""
+    """What a DeepSpeed image needs beyond the core spec (templates read it as spec.stack)."""
 
     djl: str
     deepspeed: str
@@ -349,55 +349,55 @@ class Spec:
         return (self.builder_image,) if self.builder_image else ()
 
 
-def engine_spec(image, facts, engine: Facts, verdict, toolkit, system) -> Spec:
+def stack_spec(image, facts, stack: Facts, verdict, toolkit, system) -> Spec:
     combo = image.combo
     djl_version, ds_version = combo.part("djl"), combo.part("deepspeed")
-    djl = engine.djl[djl_version]
-    switches = {op.name: op.build_var for op in engine.ops_of(ds_version)}
-    serving = {op.name: op.serving for op in engine.ops_of(ds_version)}
-    ops = verdict.engine.get("ops", {"skipped": [], "off": {}, "built": []})
+    djl = stack.djl[djl_version]
+    switches = {op.name: op.build_var for op in stack.ops_of(ds_version)}
+    serving = {op.name: op.serving for op in stack.ops_of(ds_version)}
+    ops = verdict.stack.get("ops", {"skipped": [], "off": {}, "built": []})
     builder = None
     if toolkit:
         builder = image.bases["builder"] if image.bases else toolkit.base_image("devel", system.ubuntu)
     return Spec(
         djl=djl_version, deepspeed=ds_version, java=system.java, builder_image=builder,
-        djl_url=engine.djl_package_url.format(version=djl_version), djl_sha256=djl.sha256,
-        djl_sha256_missing=None if djl.sha256 else engine.djl_checksum_unknown,
+        djl_url=stack.djl_package_url.format(version=djl_version), djl_sha256=djl.sha256,
+        djl_sha256_missing=None if djl.sha256 else stack.djl_checksum_unknown,
         skipped_ops=tuple(ops["skipped"]), ds_ops_built=tuple(sorted(ops["built"])),
         ds_ops_off=tuple((op, switches[op], why) for op, why in sorted(ops["off"].items())),
         ds_ops_on=tuple((op, switches[op], serving[op]) for op in sorted(ops["built"])),
-        handler=combo.part("handler") or default_handler(djl_version, engine),
-        deepspeed_requires=engine.deepspeed_requirements(ds_version, cuda=toolkit is not None),
+        handler=combo.part("handler") or default_handler(djl_version, stack),
+        deepspeed_requires=stack.deepspeed_requirements(ds_version, cuda=toolkit is not None),
     )
 
 
 def tag(spec) -> str:
     """The engine's part of the immutable tag (the core appends torch, variant, Python, OS and family)."""
-    return f"{spec.engine.djl}-deepspeed{spec.engine.deepspeed}"
+    return f"{spec.stack.djl}-deepspeed{spec.stack.deepspeed}"
 
 
 def aliases(spec, family: str) -> tuple[str, ...]:
-    e = spec.engine
+    e = spec.stack
     return (f"deepspeed{versions.minor(e.deepspeed)}-{family}", f"djl{versions.minor(e.djl)}-{family}",
             f"{family}-latest")
 
 
 def newness(spec) -> tuple:
-    return (versions.key(spec.engine.djl), versions.key(spec.engine.deepspeed))
+    return (versions.key(spec.stack.djl), versions.key(spec.stack.deepspeed))
 
 
 def labels(spec) -> dict[str, str]:
     """The engine's io.lmi.* labels (beside the core's)."""
-    return {"deepspeed": spec.engine.deepspeed, "djl-serving": spec.engine.djl, "java": spec.engine.java}
+    return {"deepspeed": spec.stack.deepspeed, "djl-serving": spec.stack.djl, "java": spec.stack.java}
 
 
 def description(spec) -> str:
-    return f"DJL Serving {spec.engine.djl} with DeepSpeed {spec.engine.deepspeed}"
+    return f"DJL Serving {spec.stack.djl} with DeepSpeed {spec.stack.deepspeed}"
 
 
 def claims(spec) -> tuple[dict[str, str], dict]:
     """(versions, further claims) the image's image.json adds for this engine."""
-    e = spec.engine
+    e = spec.stack
     return ({"djl_serving": e.djl, "deepspeed": e.deepspeed, "java": e.java},
             {"deepspeed_handler": e.handler, "entry_point": e.default_entry_point,
              "deepspeed_ops": {"prebuilt": list(e.ds_ops_built),
@@ -406,7 +406,7 @@ def claims(spec) -> tuple[dict[str, str], dict]:
 
 def lock_layers(spec) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """The lock layers after torch, with their roots."""
-    e = spec.engine
+    e = spec.stack
     runtime = (*(f"{n}=={v}" for n, v in sorted(spec.libraries.items())), *e.handler_requirements, *spec.pip,
                *e.deepspeed_requires)
     return (("build", tuple(e.build_requirements)), ("runtime", runtime), ("deepspeed", (f"deepspeed=={e.deepspeed}",)))
@@ -414,10 +414,10 @@ def lock_layers(spec) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 def lock_problem(spec) -> str | None:
     """Why this spec's dependency set cannot be planned yet, or None."""
-    if spec.engine.deepspeed_requires is None:
-        return (f"image {spec.id}: DeepSpeed {spec.engine.deepspeed}'s requirements are not recorded "
+    if spec.stack.deepspeed_requires is None:
+        return (f"image {spec.id}: DeepSpeed {spec.stack.deepspeed}'s requirements are not recorded "
                 "(buildkit/data/deepspeed.yaml `requires`, read through requires_read_through); read "
-                f"requirements/requirements.txt and setup.py at v{spec.engine.deepspeed} and add them")
+                f"requirements/requirements.txt and setup.py at v{spec.stack.deepspeed} and add them")
     return None
 CPU_SOURCE = ""  # (it has CPU images)
 
@@ -440,8 +440,8 @@ def warnings(specs) -> list[str]:
     downloaded without a recorded checksum."""
     missing: dict[str, list[str]] = {}
     for s in specs:
-        if s.engine.djl_sha256 is None:
-            missing.setdefault(s.engine.djl, []).append(s.id)
+        if s.stack.djl_sha256 is None:
+            missing.setdefault(s.stack.djl, []).append(s.id)
     return [f"no sha256 is recorded for DJL Serving {version} (buildkit/data/djl.yaml), used by {len(ids)} "
             "image(s): their builds warn and do not verify the package" for version, ids in sorted(missing.items())]
 
@@ -456,10 +456,10 @@ def sbom_properties(name: str, files: list[str], claims: dict) -> list[tuple[str
             ("lmi:deepspeed:sm", claims.get("sm") or "none")]
 
 
-def index_versions(engine) -> dict[str, tuple[list[str], str]]:
+def index_versions(stack) -> dict[str, tuple[list[str], str]]:
     """Project on the package index -> (the versions the facts name, the data file that names them), for
     `lmi facts verify`. DJL Serving is not on the index (its package comes from DJL's own download site)."""
-    return {"deepspeed": (engine.deepspeed_versions, "buildkit/data/deepspeed.yaml")}
+    return {"deepspeed": (stack.deepspeed_versions, "buildkit/data/deepspeed.yaml")}
 
 
 # --- `lmi test` (builtins per tier, the serving files, environment and ways) -----------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import versions
 from ..facts import ArchEntry, coverage, sm_name
-from ..smoke import Ask, Client, ServingWay, Setup, tiny_model_command
+from ..interface import Ask, Client, ServingWay, Setup, tiny_model_command
 
 NAME = "vllm"
 COMPONENTS = ("vllm",)
@@ -84,7 +84,7 @@ CPU_SOURCE = "vllm.yaml: the wheel's kernels link libcudart.so.13 (source: linke
 
 
 def _rules(ctx) -> None:
-    c, e, fam, tk = ctx.combo, ctx.engine, ctx.family, ctx.toolkit
+    c, e, fam, tk = ctx.combo, ctx.stack, ctx.family, ctx.toolkit
     version = c.part("vllm")
     release = e.releases.get(version)
     if release is None:
@@ -126,7 +126,7 @@ RULES = (_rules,)
 
 @dataclass(frozen=True)
 class Spec:
-    """What a vLLM image needs beyond the core spec (templates read it as spec.engine)."""
+    """What a vLLM image needs beyond the core spec (templates read it as spec.stack)."""
 
     vllm: str
     extra_roots: tuple[str, ...] = ()  # further lock roots the facts name for this release (vllm.yaml lock)
@@ -141,37 +141,37 @@ class Spec:
         return ()
 
 
-def engine_spec(image, facts, engine: Facts, verdict, toolkit, system) -> Spec:
+def stack_spec(image, facts, stack: Facts, verdict, toolkit, system) -> Spec:
     version = image.combo.part("vllm")
-    return Spec(vllm=version, extra_roots=engine.releases[version].extra_roots)
+    return Spec(vllm=version, extra_roots=stack.releases[version].extra_roots)
 
 
 def tag(spec) -> str:
-    return f"vllm{spec.engine.vllm}"
+    return f"vllm{spec.stack.vllm}"
 
 
 def aliases(spec, family: str) -> tuple[str, ...]:
-    return (f"vllm{versions.minor(spec.engine.vllm)}-{family}", f"vllm-{family}-latest")
+    return (f"vllm{versions.minor(spec.stack.vllm)}-{family}", f"vllm-{family}-latest")
 
 
 def newness(spec) -> tuple:
-    return (versions.key(spec.engine.vllm),)
+    return (versions.key(spec.stack.vllm),)
 
 
 def labels(spec) -> dict[str, str]:
-    return {"vllm": spec.engine.vllm}
+    return {"vllm": spec.stack.vllm}
 
 
 def description(spec) -> str:
-    return f"vLLM {spec.engine.vllm} (its OpenAI-compatible server on SageMaker's /ping and /invocations)"
+    return f"vLLM {spec.stack.vllm} (its OpenAI-compatible server on SageMaker's /ping and /invocations)"
 
 
 def claims(spec) -> tuple[dict[str, str], dict]:
-    return {"vllm": spec.engine.vllm}, {}
+    return {"vllm": spec.stack.vllm}, {}
 
 
 def lock_layers(spec) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    return (("runtime", (f"vllm=={spec.engine.vllm}", *spec.engine.extra_roots,
+    return (("runtime", (f"vllm=={spec.stack.vllm}", *spec.stack.extra_roots,
                          *(f"{n}=={v}" for n, v in sorted(spec.libraries.items())), *spec.pip)),)
 
 
@@ -195,8 +195,8 @@ def sbom_properties(name: str, files: list[str], claims: dict) -> list[tuple[str
     return [("lmi:role", "vllm")] if name == "vllm" else []
 
 
-def index_versions(engine) -> dict[str, tuple[list[str], str]]:
-    return {"vllm": (list(engine.releases), "buildkit/data/vllm.yaml")}
+def index_versions(stack) -> dict[str, tuple[list[str], str]]:
+    return {"vllm": (list(stack.releases), "buildkit/data/vllm.yaml")}
 
 
 # --- `lmi test` (builtins per tier, the serving files, environment and ways) -----------------------------

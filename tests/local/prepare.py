@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from buildkit import engine, facts, matrix  # noqa: E402
+from buildkit.profiles import REGISTRY  # noqa: E402
 
 LOCAL_MATRIX = ROOT / "tests" / "matrix.local.yaml"
 STANDIN = Path(__file__).with_name("djl_serving_standin.py")
@@ -80,7 +81,7 @@ def ensure_base(image: str, mirror: str) -> str:
 
 def standin_facts(version: str) -> dict:
     """What the stand-in reads to behave as DJL Serving <version> does (buildkit/data/djl.yaml, behaviour)."""
-    return {"version": version, "behaviour": facts.load().engines["deepspeed"].djl_behaviour_at(version)}
+    return {"version": version, "behaviour": facts.load(REGISTRY).stacks["deepspeed"].djl_behaviour_at(version)}
 
 
 def standin_deb(version: str, out_dir: Path = PACKAGES) -> Path:
@@ -165,7 +166,7 @@ def has_recipe(ref: str) -> bool:
 
 def prepare(matrix_path: Path) -> dict:
     """Everything the given local matrix needs; returns where the stand-in is served from."""
-    f = facts.load()
+    f = facts.load(REGISTRY)
     m = matrix.load(matrix_path, f)
     engine.ensure_engine()
     made = [ensure_base(ref, m.base_mirror or "lmi-local") for ref in bases_wanted(m, f)]
