@@ -139,7 +139,7 @@ def main() -> None:
         if doomed:
             subprocess.run([docker, "rmi", "-f", *doomed], capture_output=True)
 
-    lines = [MARKER + " (issue #3, local test matrix)", "",
+    lines = [MARKER + " (local test matrix)", "",
              f"Measured {datetime.now(timezone.utc):%Y-%m-%d} by `make bench` (bench/build_bench.py), in one run "
              "on this machine (2 cores), Docker 20.10 with BuildKit.", "",
              "| what | result |", "|---|---|"]

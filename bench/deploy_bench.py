@@ -42,7 +42,7 @@ from tests.local import prepare  # noqa: E402
 STANDIN = ROOT / "tests" / "local" / "djl_serving_standin.py"
 STANDIN_LIB = ROOT / "tests" / "local" / "standin"
 BUCKET, PREFIX = "lmi-bench", "llama-1g"
-MARKER = "## Deploying from S3 (issue #24)"
+MARKER = "## Deploying from S3"
 
 
 def make_model(path: Path) -> int:

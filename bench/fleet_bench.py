@@ -100,7 +100,7 @@ def main() -> None:
     line, families, sms = production_gpu_families(f)
     before, after = fleet(before_layers(), families), fleet(after_layers, families)
     per_family_goal = (GOAL - 1) * after["shared"] / (families - GOAL)
-    lines = [MARKER + " (issue #29 item 1: GPU families of one line, tests/matrix.gpu-local.yaml)", "",
+    lines = [MARKER + " (GPU families of one line, tests/matrix.gpu-local.yaml)", "",
              f"Measured {datetime.now(timezone.utc):%Y-%m-%d} by `make bench-fleet` (bench/fleet_bench.py) from the "
              f"engine's layers of {', '.join(after_layers)} as `make test-gpu-stack` built them (one BuildKit "
              f"cache, this 2-core machine); before: the layer table of bench/results.md at {BEFORE_REV} (every "

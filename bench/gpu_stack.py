@@ -1,4 +1,4 @@
-"""GPU-stack measurements (issue #9), from the images `make test-gpu-stack` built and their build logs:
+"""GPU-stack measurements, from the images `make test-gpu-stack` built and their build logs:
 
 - build time per image: the whole build, the DeepSpeed op compile, the torch downloads;
 - image size by layer, for each family;
@@ -212,7 +212,7 @@ def main() -> None:
     # could be shared.
     unique_before = prefix_unique(lambda k: k in ("base image", "OS + Python", "torch + NVIDIA libraries"))
     n = len(per_image)
-    lines = [MARKER + " (issue #9, tests/matrix.gpu-local.yaml)", "",
+    lines = [MARKER + " (tests/matrix.gpu-local.yaml)", "",
              f"Measured {datetime.now(timezone.utc):%Y-%m-%d} by `make test-gpu-stack` (bench/gpu_stack.py) on this "
              "machine (2 cores, no GPU), Docker 20.10 with BuildKit; CUDA 12.4 toolchain base made from Debian "
              "packages, torch 2.9.1 cu128 and its NVIDIA wheels from the package index, DeepSpeed 0.18.9 ops "

@@ -1,4 +1,4 @@
-"""The DeepSpeed handler on CPU (issue #10), side by side in one run:
+"""The DeepSpeed handler on CPU, side by side in one run:
 
 - model load time and generation throughput of the tiny model with tp=1 (one process) and tp=2 (two
   ranks under mpirun, gloo + DeepSpeed's shm all-reduce), i.e. what partitioning costs on one machine;
@@ -114,7 +114,7 @@ def main() -> None:
     ratio = min(results[1]["times"]) / min(results[2]["times"])
     mpi = added_by("openmpi-bin", "mpi4py==4.1.2")
     jit = added_by("python3-dev g++")
-    lines = [MARKER + " (issue #10, CPU)", "",
+    lines = [MARKER + " (CPU)", "",
              f"Measured {datetime.now(timezone.utc):%Y-%m-%d} by `python bench/handler_bench.py` on this machine "
              f"(2 cores), DeepSpeed 0.18.9, torch 2.13 CPU; the tiny Llama of the tests (2 layers, hidden 64, "
              f"8 heads), {len(PROMPTS)} prompts x {NEW_TOKENS} new tokens, greedy, best of {ROUNDS} after a warm-up; "

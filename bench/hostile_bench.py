@@ -25,7 +25,7 @@ sys.path[1:1] = [str(IMAGE_CODE), str(ROOT / "buildkit" / "resources" / "check")
 
 from bench.results_md import write_section  # noqa: E402
 
-MARKER = "## Hostile requests (issue #25, CPU)"
+MARKER = "## Hostile requests (CPU)"
 BEFORE = os.environ.get("BEFORE", "4609e9e")
 LIMIT_S = float(os.environ.get("LIMIT_S", "60"))
 LIMIT_MIB = float(os.environ.get("LIMIT_MIB", "4096"))

@@ -15,7 +15,7 @@ Figures, each the median of several runs on this machine:
 
 With `--baseline REV`, the CLI figures are also measured for the toolkit as it was at git revision REV
 (its `buildkit/`, extracted to a temporary directory), runs interleaved with this tree's, so the two are
-compared under the same load. Goals (issue #29): validate + render under 1 s, the no-op build under 2 s.
+compared under the same load. Goals: validate + render under 1 s, the no-op build under 2 s.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from buildkit import facts, matrix, render  # noqa: E402
 from buildkit.profiles import REGISTRY  # noqa: E402
 from buildkit.spec import resolve  # noqa: E402
 
-MARKER = "## CLI speed (issue #29)"
+MARKER = "## CLI speed"
 RUNS_IN_PROCESS = 20
 RUNS_CLI = 10
 RUNS_BUILD = 7

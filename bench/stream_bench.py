@@ -159,7 +159,7 @@ def main() -> None:
     plain_end = statistics.median(results["one process, not streaming"][1])
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     section = (
-        f"{MARKER} (issue #28)\n\n"
+        f"{MARKER}\n\n"
         f"Measured {now} by `make bench-stream` (bench/stream_bench.py) on this machine (2 cores, shared), CPU, "
         f"through the DJL stand-in (worker socket, chunked HTTP) as a client reads it: a random Llama of 8 layers, "
         f"hidden 512, with the tests' character tokenizer (one token a character), \"{PROMPT}\" -> "

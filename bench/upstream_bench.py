@@ -49,7 +49,7 @@ from buildkit import cli, facts, matrix, rules, upstream, verify, versions, whee
 from buildkit.profiles import REGISTRY  # noqa: E402
 
 SCRATCH = ROOT / ".lmi" / "upstream-bench"
-MARKER = "## Upstream releases to locked lines (issue #27)"
+MARKER = "## Upstream releases to locked lines"
 READING = """Reading (of the 2026-12-07 runs): the reader and cuobjdump list the same images in every library; every
 derived record (vLLM 0.32.0 and 0.33.0, torch 2.13.0, 2.14.0 and 2.15.0) re-reads to itself and agrees with
 the hand-read entries it backs, after one correction the re-derivation found: torch 2.13's PyPI wheel is the

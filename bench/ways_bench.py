@@ -1,4 +1,4 @@
-"""The handler's Accelerate and Diffusion ways on CPU (issue #17), on the tiny models of the tests:
+"""The handler's Accelerate and Diffusion ways on CPU, on the tiny models of the tests:
 cold load time (a fresh process: imports, planning the device map, reading the weights) and request
 latency, for
 - Accelerate with the whole model in memory, and with the second decoder layer and the head offloaded to
@@ -92,7 +92,7 @@ def main() -> None:
             ("Diffusion, image-to-image (strength 0.6)", f"64x64 PNG, {int(STEPS * 0.6)} of {STEPS} steps",
              run("lmi_diffusion", {"model_id": pipe}, sd, img2img=True)),
         ]
-    lines = [MARKER + " (issue #17, CPU)", "",
+    lines = [MARKER + " (CPU)", "",
              f"Measured {datetime.now(timezone.utc):%Y-%m-%d} by `python bench/ways_bench.py` on this machine "
              "(2 cores, shared), torch 2.13 CPU, Transformers 4.57.3, Accelerate 1.11.0, Diffusers 0.35.2, fp32. "
              "Models: the tiny Llama of the tests (2 layers, hidden 64) and the tiny random Stable Diffusion "
@@ -109,7 +109,7 @@ def main() -> None:
               "Disk offload reads the offloaded weights from the checkpoint at every forward pass: it trades "
                   "speed for fitting a model at all. What the two ways add to an image: "
                   f"lmi_accelerate.py {kb['lmi_accelerate']:.0f} kB and lmi_diffusion.py {kb['lmi_diffusion']:.0f} "
-                  "kB; Accelerate and Diffusers are already in every image (issue #17)."]
+                  "kB; Accelerate and Diffusers are already in every image."]
     section = "\n".join(lines) + "\n"
     write_section(MARKER, section)
     print(section)

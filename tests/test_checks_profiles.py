@@ -1,4 +1,4 @@
-"""The smoke checks per profile (issue #19): what `lmi test` generates for each engine's images, the builtins
+"""The smoke checks per profile: what `lmi test` generates for each engine's images, the builtins
 each profile names and where they are defined, and how the checker (lmi_check.py) loads a profile's
 checks from a file, as it does when `lmi test` mounts both in a test container."""
 
@@ -36,7 +36,7 @@ def _by_tier(checks) -> dict[str, list[str]]:
 
 
 # What `lmi test` generated for a DeepSpeed GPU image before the profiles existed (smoke.py at the commit
-# before issue #19's step 7), in order: the profile refactor must not change it.
+# before the profiles existed), in order: the profile refactor must not change it.
 DEEPSPEED_BEFORE = {
     "cpu": ["python-version", "torch-version", "torch-cuda", "deepspeed-version", "transformers-version",
             "diffusers-version", "accelerate-version", "djl-serving-version", "java-version", "pip-check", "imports",
