@@ -30,7 +30,7 @@ MODEL_DIR = "/opt/ml/model"  # where the serving tier mounts its tiny model (Sag
 
 
 def tiny_model_command(prompt: str, max_new_tokens: int, heads: int = 8) -> list[str]:
-    """Run in the image: save incheck's tiny Llama at MODEL_DIR and print plain Transformers' greedy continuation
+    """Run in the image: save lmi_check's tiny Llama at MODEL_DIR and print plain Transformers' greedy continuation
     of `prompt` ({"reference": [text]})."""
     return ["python", CHECK_MODULE, "--make-tiny-model", MODEL_DIR, "--prompt", prompt,
             "--max-new-tokens", str(max_new_tokens), "--heads", str(heads)]

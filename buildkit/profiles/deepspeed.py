@@ -1,8 +1,8 @@
 """The DeepSpeed profile: DJL Serving in front, DeepSpeed (or Accelerate, or a diffusion pipeline) behind it,
-served by the toolkit's handler (buildkit/lmi_deepspeed.py) where DJL has none of its own (0.28.0 on).
+served by the toolkit's handler (buildkit/resources/image/lmi_deepspeed.py) where DJL has none of its own (0.28.0 on).
 
 Facts: buildkit/data/deepspeed.yaml and djl.yaml. Template: templates/profiles/deepspeed/. In-image checks:
-buildkit/profiles/deepspeed_check.py.
+buildkit/resources/check/deepspeed_check.py.
 """
 
 from __future__ import annotations
@@ -464,7 +464,7 @@ def index_versions(stack) -> dict[str, tuple[list[str], str]]:
 
 # --- `lmi test` (builtins per tier, the serving files, environment and ways) -----------------------------
 # What `lmi test` checks in a DeepSpeed image (buildkit/smoke.py asks the profile): its builtins per tier (core ones
-# from buildkit/incheck.py, its own from deepspeed_check.py), DJL Serving's configuration file and environment, and
+# from buildkit/resources/check/lmi_check.py, its own from deepspeed_check.py beside it), DJL Serving's configuration file and environment, and
 # the three ways the toolkit's handler serves (DeepSpeed, Accelerate, a diffusion pipeline), each with its tiny
 # model, its serving.properties and the answer plain Transformers or Diffusers gives.
 
@@ -490,7 +490,7 @@ SERVING_ENV = {"MODEL_SERVER_HOME": "/opt/djl"}
 SERVING_PROMPT = "the lmi smoke test"
 SERVING_TOKENS = 8
 SERVING_SEED, SERVING_STEPS, SERVING_MAX_STEPS = 7, 2, 4  # the diffusion way: a bound the tier exceeds once
-# The Accelerate way on CPU: the tiny Llama's second decoder layer goes to the disk (incheck.make_tiny_model).
+# The Accelerate way on CPU: the tiny Llama's second decoder layer goes to the disk (lmi_check.make_tiny_model).
 ACCELERATE_OFFLOAD_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                           "model.norm": "cpu", "lm_head": "cpu"}
 # Run in the image (its own Diffusers, the handler's lmi_diffusion on PYTHONPATH): make the tiny pipeline and

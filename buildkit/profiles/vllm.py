@@ -1,12 +1,12 @@
 """The vLLM profile: vLLM's own OpenAI-compatible server under SageMaker's contract, as AWS's SageMaker vLLM
 containers ship it (aws/deep-learning-containers docker/vllm): port 8080, `/ping` and `/invocations` served by
-vLLM itself, `SM_VLLM_*` settings mapped to `vllm serve` flags by buildkit/sm_vllm.py, the model from
+vLLM itself, `SM_VLLM_*` settings mapped to `vllm serve` flags by buildkit/resources/image/sm_vllm.py, the model from
 /opt/ml/model. No DJL front: that would need DJL's own vLLM handler (djl_python.lmi_vllm), which cannot be
 fetched here, and it is the glue that breaks on vLLM's API churn. No Java, no builder stage: vLLM and its
 torch are wheels.
 
 Facts: buildkit/data/vllm.yaml (read from the released wheel). Template: templates/profiles/vllm/.
-In-image checks: buildkit/profiles/vllm_check.py.
+In-image checks: buildkit/resources/check/vllm_check.py.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def index_versions(stack) -> dict[str, tuple[list[str], str]]:
 
 # --- `lmi test` (builtins per tier, the serving files, environment and ways) -----------------------------
 # What `lmi test` checks in a vLLM image (buildkit/smoke.py asks the profile): its builtins per tier (core ones from
-# buildkit/incheck.py, its own from vllm_check.py), the entry point that maps SM_VLLM_* to `vllm serve`, the
+# buildkit/resources/check/lmi_check.py, its own from vllm_check.py beside it), the entry point that maps SM_VLLM_* to `vllm serve`, the
 # environment its image sets, and how it serves: vLLM's own server under SageMaker's contract (port 8080, GET /ping,
 # POST /invocations routed by the body's shape: an OpenAI chat body and a completion body). vLLM's kernels need a
 # GPU (its wheel links libcudart.so.13; buildkit/data/vllm.yaml, source `linked`): the serving tier runs where one
@@ -221,7 +221,7 @@ def checks(spec) -> dict[str, tuple[str, ...]]:
     return CHECKS
 
 
-# The image's own mapping of SM_VLLM_* to `vllm serve` flags (buildkit/sm_vllm.py, a verbatim file of the profile).
+# The image's own mapping of SM_VLLM_* to `vllm serve` flags (buildkit/resources/image/sm_vllm.py, a verbatim file of the profile).
 SERVING_FILES = (("serving-config", {"path": "/opt/lmi/python/sm_vllm.py", "contains": r"SM_VLLM_"}),)
 # An endpoint sends nothing to vLLM's authors (vllm/usage/usage_lib.py reads both).
 SERVING_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}

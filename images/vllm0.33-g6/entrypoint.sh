@@ -28,7 +28,7 @@ fi
 
 if [[ "${1:-}" == "serve" ]]; then
   shift
-  # vLLM's own server (port 8080, /ping, /invocations), its flags from SM_VLLM_* (buildkit/sm_vllm.py);
+  # vLLM's own server (port 8080, /ping, /invocations), its flags from SM_VLLM_* (buildkit/resources/image/sm_vllm.py);
   # `serve --dry-run` prints the command instead of running it.
   exec python /opt/lmi/python/sm_vllm.py "$@"
 fi
