@@ -464,9 +464,10 @@ def index_versions(stack) -> dict[str, tuple[list[str], str]]:
 
 # --- `lmi test` (builtins per tier, the serving files, environment and ways) -----------------------------
 # What `lmi test` checks in a DeepSpeed image (buildkit/smoke.py asks the profile): its builtins per tier (core ones
-# from buildkit/resources/check/lmi_check.py, its own from deepspeed_check.py beside it), DJL Serving's configuration file and environment, and
-# the three ways the toolkit's handler serves (DeepSpeed, Accelerate, a diffusion pipeline), each with its tiny
-# model, its serving.properties and the answer plain Transformers or Diffusers gives.
+# from buildkit/resources/check/lmi_check.py, its own from deepspeed_check.py beside it), DJL Serving's
+# configuration file and environment, and the three ways the toolkit's handler serves (DeepSpeed, Accelerate, a
+# diffusion pipeline), each with its tiny model, its serving.properties and the answer plain Transformers or
+# Diffusers gives.
 
 CHECKS = {
     "cpu": ("python-version", "torch-version", "torch-cuda", "deepspeed-version", "transformers-version",

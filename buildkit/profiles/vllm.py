@@ -201,10 +201,10 @@ def index_versions(stack) -> dict[str, tuple[list[str], str]]:
 
 # --- `lmi test` (builtins per tier, the serving files, environment and ways) -----------------------------
 # What `lmi test` checks in a vLLM image (buildkit/smoke.py asks the profile): its builtins per tier (core ones from
-# buildkit/resources/check/lmi_check.py, its own from vllm_check.py beside it), the entry point that maps SM_VLLM_* to `vllm serve`, the
-# environment its image sets, and how it serves: vLLM's own server under SageMaker's contract (port 8080, GET /ping,
-# POST /invocations routed by the body's shape: an OpenAI chat body and a completion body). vLLM's kernels need a
-# GPU (its wheel links libcudart.so.13; buildkit/data/vllm.yaml, source `linked`): the serving tier runs where one
+# buildkit/resources/check/lmi_check.py, its own from vllm_check.py beside it), the entry point that maps
+# SM_VLLM_* to `vllm serve`, the environment its image sets, and how it serves: vLLM's own server under
+# SageMaker's contract (port 8080, GET /ping, POST /invocations routed by the body's shape: an OpenAI chat body
+# and a completion body). vLLM's kernels need a GPU (its wheel links libcudart.so.13; buildkit/data/vllm.yaml, source `linked`): the serving tier runs where one
 # is usable and is skipped, with the reason, elsewhere. The cpu tier runs anywhere.
 
 CHECKS = {
@@ -221,7 +221,8 @@ def checks(spec) -> dict[str, tuple[str, ...]]:
     return CHECKS
 
 
-# The image's own mapping of SM_VLLM_* to `vllm serve` flags (buildkit/resources/image/sm_vllm.py, a verbatim file of the profile).
+# The image's own mapping of SM_VLLM_* to `vllm serve` flags (buildkit/resources/image/sm_vllm.py, a verbatim
+# file of the profile).
 SERVING_FILES = (("serving-config", {"path": "/opt/lmi/python/sm_vllm.py", "contains": r"SM_VLLM_"}),)
 # An endpoint sends nothing to vLLM's authors (vllm/usage/usage_lib.py reads both).
 SERVING_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
