@@ -201,11 +201,11 @@ def index_versions(stack) -> dict[str, tuple[list[str], str]]:
 
 # --- `lmi test` (builtins per tier, the serving files, environment and ways) -----------------------------
 # What `lmi test` checks in a vLLM image (buildkit/smoke.py asks the profile): its builtins per tier (core ones from
-# buildkit/resources/check/lmi_check.py, its own from vllm_check.py beside it), the entry point that maps
-# SM_VLLM_* to `vllm serve`, the environment its image sets, and how it serves: vLLM's own server under
-# SageMaker's contract (port 8080, GET /ping, POST /invocations routed by the body's shape: an OpenAI chat body
-# and a completion body). vLLM's kernels need a GPU (its wheel links libcudart.so.13; buildkit/data/vllm.yaml, source `linked`): the serving tier runs where one
-# is usable and is skipped, with the reason, elsewhere. The cpu tier runs anywhere.
+# buildkit/resources/check/lmi_check.py, its own from vllm_check.py beside it), the entry point that maps SM_VLLM_* to
+# `vllm serve`, the environment its image sets, and how it serves: vLLM's own server under SageMaker's contract (port
+# 8080, GET /ping, POST /invocations routed by the body's shape: an OpenAI chat body and a completion body). vLLM's
+# kernels need a GPU (its wheel links libcudart.so.13; buildkit/data/vllm.yaml, source `linked`): the serving tier runs
+# where one is usable and is skipped, with the reason, elsewhere. The cpu tier runs anywhere.
 
 CHECKS = {
     "cpu": ("python-version", "torch-version", "torch-cuda", "vllm-version", "pip-check", "installed-files-distinct",
