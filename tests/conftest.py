@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -81,6 +82,44 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         f"engine tier (engine, required_in_ci): {ran} of {len(outcomes)} ran "
         f"({counts['passed']} passed, {counts['failed']} failed), "
         f"{counts['error']} errors, {counts['skipped']} skipped" + (f" ({OPT_OUT}={opt_out})" if opt_out else ""))
+
+
+# DeepSpeed's CPU all-reduce (csrc/cpu/comm/shm.cpp at v0.18.9: shared_create) makes one 64 MiB buffer per
+# rank in /dev/shm, named after the master address and port, and nothing ever unlinks it: in a container the
+# buffers go with the container's /dev/shm, but ranks started on the host (the handler's tests) would leave
+# 128 MiB a two-rank run until /dev/shm (half the RAM) is full and the machine swaps. What this session made and
+# no live process maps any more is removed when it ends (20 s old at least: ranks attach to each other's buffers
+# within seconds).
+SHM = Path("/dev/shm")
+SHM_BUFFERS = "deepspeed_allreduce_buffer_*"
+_SESSION_START = time.time()
+
+
+def _mapped_shm() -> set[str]:
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            mapped |= {line.rsplit("/", 1)[-1].split()[0] for line in maps.read_text().splitlines()
+                       if "/dev/shm/deepspeed_allreduce_buffer_" in line}
+    return mapped
+
+
+def stale_shm_buffers(since: float, min_age: float = 20.0) -> list[Path]:
+    """DeepSpeed all-reduce buffers made since `since`, at least `min_age` s old, that no live process maps."""
+    now, mapped = time.time(), _mapped_shm()
+    found = []
+    for path in SHM.glob(SHM_BUFFERS):
+        with contextlib.suppress(OSError):
+            mtime = path.stat().st_mtime
+            if mtime >= since - 1 and now - mtime >= min_age and path.name not in mapped:
+                found.append(path)
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    for path in stale_shm_buffers(_SESSION_START):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 @pytest.fixture(scope="session")
