@@ -116,6 +116,23 @@ def stale_shm_buffers(since: float, min_age: float = 20.0) -> list[Path]:
     return found
 
 
+# torch's JIT builds (DeepSpeed's CPU ops, built at the first two-rank load) take a `lock` file in the extension's
+# build directory (torch/utils/file_baton.py) and every later load waits for it to go: a build killed midway (a
+# stand-in stopped while its ranks compile) leaves it, and every run after that hangs at the load. A build here
+# takes a few minutes; a lock older than 20 is such a leftover.
+def _stale_extension_locks(max_age: float = 1200.0) -> list[Path]:
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    now = time.time()
+    return [lock for lock in root.glob("**/lock") if now - lock.stat().st_mtime > max_age]
+
+
+def pytest_sessionstart(session) -> None:
+    for lock in _stale_extension_locks():
+        with contextlib.suppress(OSError):
+            lock.unlink()
+            print(f"removed a stale torch extension build lock: {lock}", file=sys.stderr)
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     for path in stale_shm_buffers(_SESSION_START):
         with contextlib.suppress(OSError):
