@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from bench.gpu_stack import layers  # noqa: E402
 from bench.results_md import RESULTS, write_section  # noqa: E402
 from buildkit import facts, matrix  # noqa: E402
+from buildkit.profiles import REGISTRY  # noqa: E402
 from buildkit.spec import resolve  # noqa: E402
 
 MATRIX = ROOT / "tests" / "matrix.gpu-local.yaml"
@@ -94,7 +95,7 @@ def row(label: str, n: dict[str, float]) -> str:
 
 
 def main() -> None:
-    f = facts.load()
+    f = facts.load(REGISTRY)
     specs = [s for s in resolve(matrix.load(MATRIX, f), f) if s.stack.name == "deepspeed" and s.family.is_gpu]
     after_layers = {s.id: [(diff, b) for diff, b, _ in layers(f"{s.repository}:{s.tag}")] for s in specs}
     line, families, sms = production_gpu_families(f)
