@@ -88,8 +88,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 # rank in /dev/shm, named after the master address and port, and nothing ever unlinks it: in a container the
 # buffers go with the container's /dev/shm, but ranks started on the host (the handler's tests) would leave
 # 128 MiB a two-rank run until /dev/shm (half the RAM) is full and the machine swaps. What this session made and
-# no live process maps any more is removed when it ends (20 s old at least: ranks attach to each other's buffers
-# within seconds).
+# no live process maps any more is removed when it ends (a rank maps its buffer in the call that creates it, and
+# every write to it moves its mtime: one untouched for 2 s and mapped by nobody is left over).
 SHM = Path("/dev/shm")
 SHM_BUFFERS = "deepspeed_allreduce_buffer_*"
 _SESSION_START = time.time()
@@ -104,7 +104,7 @@ def _mapped_shm() -> set[str]:
     return mapped
 
 
-def stale_shm_buffers(since: float, min_age: float = 20.0) -> list[Path]:
+def stale_shm_buffers(since: float, min_age: float = 2.0) -> list[Path]:
     """DeepSpeed all-reduce buffers made since `since`, at least `min_age` s old, that no live process maps."""
     now, mapped = time.time(), _mapped_shm()
     found = []
@@ -133,10 +133,25 @@ def pytest_sessionstart(session) -> None:
             print(f"removed a stale torch extension build lock: {lock}", file=sys.stderr)
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own, which tears the session's fixtures (the stand-ins) down
 def pytest_sessionfinish(session, exitstatus) -> None:
-    for path in stale_shm_buffers(_SESSION_START):
-        with contextlib.suppress(OSError):
-            path.unlink()
+    # A stopped stand-in's ranks take a moment to exit (and unmap their buffers): wait for them, 3 s at most
+    # (another session's live ranks keep theirs mapped, and those are left alone).
+    deadline = time.time() + 3
+    while True:
+        for path in stale_shm_buffers(_SESSION_START):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        mine = [p for p in SHM.glob(SHM_BUFFERS) if _made_since(p, _SESSION_START)]
+        if not mine or time.time() > deadline:
+            return
+        time.sleep(0.5)
+
+
+def _made_since(path: Path, since: float) -> bool:
+    with contextlib.suppress(OSError):
+        return path.stat().st_mtime >= since - 1
+    return False
 
 
 @pytest.fixture(scope="session")
