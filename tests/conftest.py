@@ -104,16 +104,21 @@ def _mapped_shm() -> set[str]:
     return mapped
 
 
-def stale_shm_buffers(since: float, min_age: float = 2.0) -> list[Path]:
-    """DeepSpeed all-reduce buffers made since `since`, at least `min_age` s old, that no live process maps."""
-    now, mapped = time.time(), _mapped_shm()
+def _buffers_since(since: float) -> list[tuple[Path, float]]:
+    """DeepSpeed all-reduce buffers written since `since`, with their mtime (one that goes meanwhile is left out)."""
     found = []
     for path in SHM.glob(SHM_BUFFERS):
         with contextlib.suppress(OSError):
             mtime = path.stat().st_mtime
-            if mtime >= since - 1 and now - mtime >= min_age and path.name not in mapped:
-                found.append(path)
+            if mtime >= since - 1:
+                found.append((path, mtime))
     return found
+
+
+def stale_shm_buffers(since: float, min_age: float = 2.0) -> list[Path]:
+    """DeepSpeed all-reduce buffers made since `since`, at least `min_age` s old, that no live process maps."""
+    now, mapped = time.time(), _mapped_shm()
+    return [path for path, mtime in _buffers_since(since) if now - mtime >= min_age and path.name not in mapped]
 
 
 # torch's JIT builds (DeepSpeed's CPU ops, built at the first two-rank load) take a `lock` file in the extension's
@@ -122,8 +127,12 @@ def stale_shm_buffers(since: float, min_age: float = 2.0) -> list[Path]:
 # takes a few minutes; a lock older than 20 is such a leftover.
 def _stale_extension_locks(max_age: float = 1200.0) -> list[Path]:
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    now = time.time()
-    return [lock for lock in root.glob("**/lock") if now - lock.stat().st_mtime > max_age]
+    now, found = time.time(), []
+    for lock in root.glob("**/lock"):
+        with contextlib.suppress(OSError):  # a build beside this session may finish and take its lock away
+            if now - lock.stat().st_mtime > max_age:
+                found.append(lock)
+    return found
 
 
 def pytest_sessionstart(session) -> None:
@@ -142,16 +151,9 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         for path in stale_shm_buffers(_SESSION_START):
             with contextlib.suppress(OSError):
                 path.unlink()
-        mine = [p for p in SHM.glob(SHM_BUFFERS) if _made_since(p, _SESSION_START)]
-        if not mine or time.time() > deadline:
+        if not _buffers_since(_SESSION_START) or time.time() > deadline:
             return
         time.sleep(0.5)
-
-
-def _made_since(path: Path, since: float) -> bool:
-    with contextlib.suppress(OSError):
-        return path.stat().st_mtime >= since - 1
-    return False
 
 
 @pytest.fixture(scope="session")
